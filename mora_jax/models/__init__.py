@@ -1,0 +1,1 @@
+"""Frozen backbones (Flax NNX CLIP) and their Hugging Face checkpoint mapping."""

@@ -1,0 +1,283 @@
+"""CLIP in Flax NNX, computing what Hugging Face's PyTorch `CLIPModel` computes.
+
+Module and parameter names follow Hugging Face (`text_model/encoder/layers/0/self_attn/q_proj/kernel` is
+`text_model.encoder.layers.0.self_attn.q_proj.weight` transposed), so checkpoint mapping is mechanical and
+adapter targets read as in PEFT. Every weight carries `logical_axes` metadata for `mora_jax.sharding`.
+
+Precision: weights are stored in `dtype` (bf16 halves the frozen backbone); matmuls run in the weight
+dtype, while LayerNorm and the attention softmax always run in float32.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mora_jax.models.config import CLIPConfig, TextConfig, VisionConfig
+
+_ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+  return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias, kernel [in, out] (Hugging Face's `weight` transposed)."""
+
+  def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], std: float,
+               use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), std, dtype), logical_axes=axes)
+    self.bias = nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=axes[1:]) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...]
+    y = x.astype(kernel.dtype) @ kernel
+    return y if self.bias is None else y + self.bias[...]
+
+
+class LayerNorm(nnx.Module):
+  """PyTorch LayerNorm (biased variance, eps inside the sqrt), always computed in float32."""
+
+  def __init__(self, features: int, eps: float):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((features,), jnp.float32), logical_axes=("norm",))
+    self.bias = nnx.Param(jnp.zeros((features,), jnp.float32), logical_axes=("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    return y.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, hidden: int, heads: int, layers: int, *, dtype, rngs: nnx.Rngs):
+    self.num_heads = heads
+    # Hugging Face CLIP initialisation (CLIPPreTrainedModel._init_weights).
+    in_std = hidden**-0.5 * (2 * layers)**-0.5
+    qkv = dict(axes=("embed", "joined_kv"), std=in_std, dtype=dtype, rngs=rngs)
+    self.q_proj = Linear(hidden, hidden, **qkv)
+    self.k_proj = Linear(hidden, hidden, **qkv)
+    self.v_proj = Linear(hidden, hidden, **qkv)
+    self.out_proj = Linear(hidden, hidden, axes=("joined_kv", "embed"), std=hidden**-0.5, dtype=dtype,
+                           rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """x [B, L, D]; mask bool, broadcastable to [B, heads, L, L], True where a query may attend a key."""
+    b, length, d = x.shape
+    head_dim = d // self.num_heads
+    split = lambda t: t.reshape(b, length, self.num_heads, head_dim)
+    q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, length, d)
+    return self.out_proj(out)
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, hidden: int, intermediate: int, layers: int, act: str, *, dtype, rngs: nnx.Rngs):
+    self.act = _ACTIVATIONS[act]
+    self.fc1 = Linear(hidden, intermediate, axes=("embed", "mlp"), std=(2 * hidden)**-0.5, dtype=dtype,
+                      rngs=rngs)
+    self.fc2 = Linear(intermediate, hidden, axes=("mlp", "embed"),
+                      std=hidden**-0.5 * (2 * layers)**-0.5, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nnx.Module):
+  """Pre-LN transformer block."""
+
+  def __init__(self, cfg: TextConfig | VisionConfig, *, dtype, rngs: nnx.Rngs):
+    d, n = cfg.hidden_size, cfg.num_hidden_layers
+    self.layer_norm1 = LayerNorm(d, cfg.layer_norm_eps)
+    self.self_attn = Attention(d, cfg.num_attention_heads, n, dtype=dtype, rngs=rngs)
+    self.layer_norm2 = LayerNorm(d, cfg.layer_norm_eps)
+    self.mlp = MLP(d, cfg.intermediate_size, n, cfg.hidden_act, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    x = x + self.self_attn(self.layer_norm1(x), mask)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nnx.Module):
+
+  def __init__(self, cfg: TextConfig | VisionConfig, *, dtype, rngs: nnx.Rngs):
+    self.layers = nnx.List([EncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Returns the last hidden state and all hidden states (the input, then each layer's output)."""
+    hidden_states = [x]
+    for layer in self.layers:
+      x = layer(x, mask)
+      hidden_states.append(x)
+    return x, tuple(hidden_states)
+
+
+class TowerOutput(NamedTuple):
+  last_hidden_state: jax.Array  # [B, L, D], before the final/post LayerNorm for vision (as Hugging Face)
+  pooler_output: jax.Array  # [B, D], LayerNormed pooled token, before the projection
+  hidden_states: tuple[jax.Array, ...]  # num_hidden_layers + 1 entries, as Hugging Face's hidden_states
+
+
+class Embedding(nnx.Module):
+
+  def __init__(self, num: int, features: int, *, axes: tuple[str, str], std: float, dtype, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(_normal(rngs, (num, features), std, dtype), logical_axes=axes)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class TextEmbeddings(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+    self.token_embedding = Embedding(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), std=0.02,
+                                     dtype=dtype, rngs=rngs)
+    self.position_embedding = Embedding(cfg.max_position_embeddings, cfg.hidden_size,
+                                        axes=("positions", "embed"), std=0.02, dtype=dtype, rngs=rngs)
+
+  def __call__(self, input_ids: jax.Array) -> jax.Array:
+    return self.token_embedding(input_ids) + self.position_embedding(jnp.arange(input_ids.shape[-1]))
+
+
+class TextTransformer(nnx.Module):
+  """Causal text tower pooled at the EOS token (`CLIPTextModel`)."""
+
+  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embeddings = TextEmbeddings(cfg, dtype=dtype, rngs=rngs)
+    self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
+    self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> TowerOutput:
+    length = input_ids.shape[-1]
+    if length > self.config.max_position_embeddings:
+      raise ValueError(f"input_ids has length {length}, longer than max_position_embeddings "
+                       f"{self.config.max_position_embeddings}.")
+    mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    if attention_mask is not None:
+      mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    x, hidden_states = self.encoder(self.embeddings(input_ids), mask)
+    x = self.final_layer_norm(x)
+    pooled = x[jnp.arange(x.shape[0]), self.eos_positions(input_ids)]
+    return TowerOutput(x, pooled, hidden_states)
+
+  def eos_positions(self, input_ids: jax.Array) -> jax.Array:
+    # Hugging Face's two branches: configs from before transformers PR #24773 say eos_token_id == 2 and
+    # pool at the largest id (OpenAI's EOT is the largest token); newer ones pool at the first EOS id.
+    if self.config.eos_token_id == 2:
+      return jnp.argmax(input_ids, axis=-1)
+    return jnp.argmax(input_ids == self.config.eos_token_id, axis=-1)
+
+
+class PatchEmbedding(nnx.Module):
+  """Conv2d(kernel = stride = patch, no bias) as one matmul over flattened patches; kernel in Flax HWIO."""
+
+  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+    self.config = cfg
+    p = cfg.patch_size
+    self.kernel = nnx.Param(_normal(rngs, (p, p, cfg.num_channels, cfg.hidden_size), 0.02, dtype),
+                            logical_axes=("patch_h", "patch_w", "channels", "embed"))
+
+  def __call__(self, pixel_values: jax.Array) -> jax.Array:
+    """NCHW pixels -> [B, num_patches, D], patches in row-major grid order (as torch's flatten(2))."""
+    cfg = self.config
+    b, c, h, w = pixel_values.shape
+    if (c, h, w) != (cfg.num_channels, cfg.image_size, cfg.image_size):
+      raise ValueError(f"pixel_values has shape {pixel_values.shape}; this model expects "
+                       f"[B, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}] (NCHW, as "
+                       "CLIPImageProcessor returns).")
+    kernel = self.kernel[...]
+    p, g = cfg.patch_size, cfg.image_size // cfg.patch_size
+    patches = pixel_values.astype(kernel.dtype).reshape(b, c, g, p, g, p).transpose(0, 2, 4, 3, 5, 1)
+    return patches.reshape(b, g * g, p * p * c) @ kernel.reshape(p * p * c, -1)
+
+
+class VisionEmbeddings(nnx.Module):
+
+  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.class_embedding = nnx.Param(_normal(rngs, (d,), d**-0.5, dtype), logical_axes=("embed",))
+    self.patch_embedding = PatchEmbedding(cfg, dtype=dtype, rngs=rngs)
+    self.position_embedding = Embedding(cfg.num_patches + 1, d, axes=("positions", "embed"), std=0.02,
+                                        dtype=dtype, rngs=rngs)
+
+  def __call__(self, pixel_values: jax.Array) -> jax.Array:
+    patches = self.patch_embedding(pixel_values)
+    cls = jnp.broadcast_to(self.class_embedding[...], (patches.shape[0], 1, patches.shape[-1]))
+    return jnp.concatenate([cls, patches], axis=1) + self.position_embedding.embedding[...]
+
+
+class VisionTransformer(nnx.Module):
+  """ViT image tower pooled at the class token (`CLIPVisionModel`)."""
+
+  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+    self.embeddings = VisionEmbeddings(cfg, dtype=dtype, rngs=rngs)
+    self.pre_layrnorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)  # sic: Hugging Face's spelling
+    self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
+    self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+
+  def __call__(self, pixel_values: jax.Array) -> TowerOutput:
+    x, hidden_states = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)), None)
+    return TowerOutput(x, self.post_layernorm(x[:, 0]), hidden_states)
+
+
+class CLIP(nnx.Module):
+  """Two-tower CLIP with Hugging Face `CLIPModel`'s parameters and methods."""
+
+  def __init__(self, config: CLIPConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.config = config
+    self.text_model = TextTransformer(config.text, dtype=dtype, rngs=rngs)
+    self.vision_model = VisionTransformer(config.vision, dtype=dtype, rngs=rngs)
+    self.visual_projection = Linear(config.vision.hidden_size, config.projection_dim, use_bias=False,
+                                    axes=("embed", "proj"), std=config.vision.hidden_size**-0.5, dtype=dtype,
+                                    rngs=rngs)
+    self.text_projection = Linear(config.text.hidden_size, config.projection_dim, use_bias=False,
+                                  axes=("embed", "proj"), std=config.text.hidden_size**-0.5, dtype=dtype,
+                                  rngs=rngs)
+    self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, jnp.float32), logical_axes=())
+
+  def get_image_features(self, pixel_values: jax.Array) -> jax.Array:
+    """pixel_values float [B, 3, H, W] (NCHW, as CLIPImageProcessor returns) -> float32 [B, projection_dim]."""
+    pooled = self.vision_model(pixel_values).pooler_output
+    return self.visual_projection(pooled).astype(jnp.float32)
+
+  def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    """input_ids int [B, L], attention_mask {0,1} [B, L] -> float32 [B, projection_dim]."""
+    pooled = self.text_model(input_ids, attention_mask).pooler_output
+    return self.text_projection(pooled).astype(jnp.float32)
+
+  def __call__(self, pixel_values: jax.Array, input_ids: jax.Array,
+               attention_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(logits_per_image [B_img, B_txt], logits_per_text) from L2-normalised features, as CLIPModel."""
+    image = self.get_image_features(pixel_values)
+    text = self.get_text_features(input_ids, attention_mask)
+    image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
+    text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+    logits_per_text = jnp.exp(self.logit_scale[...]) * text @ image.T
+    return logits_per_text.T, logits_per_text
+
+
+def init(config: CLIPConfig, seed: int = 0, dtype=jnp.float32) -> CLIP:
+  """A randomly initialised CLIP (Hugging Face's initialisation scheme)."""
+  return CLIP(config, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def count_params(module: nnx.Module) -> int:
+  return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(module, nnx.Param)))

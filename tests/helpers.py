@@ -1,0 +1,47 @@
+"""Shared test utilities: random Hugging Face CLIP checkpoints and jitted feature functions."""
+
+import dataclasses
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mora_jax import clip
+
+
+def tiny_config(**text_overrides) -> clip.CLIPConfig:
+  cfg = clip.preset("tiny")
+  return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, **text_overrides))
+
+
+def random_inputs(cfg: clip.CLIPConfig, batch: int = 3, length: int = 12, seed: int = 0):
+  """NCHW pixels, and token ids that end with EOS followed by EOS-padding (as OpenAI's tokenizer pads)."""
+  rng = np.random.RandomState(seed)
+  v = cfg.vision
+  pixels = rng.randn(batch, v.num_channels, v.image_size, v.image_size).astype(np.float32)
+  eos = cfg.text.eos_token_id
+  ids = rng.randint(3, cfg.text.vocab_size - 1, size=(batch, length))
+  ids[ids == eos] = 3
+  mask = np.ones((batch, length), np.int64)
+  for b in range(batch):
+    end = length - 1 - 2 * b  # different text lengths per row, the first row unpadded
+    ids[b, end] = eos if eos != 2 else cfg.text.vocab_size - 1
+    ids[b, end + 1:] = ids[b, end]
+    mask[b, end + 1:] = 0
+  return pixels, ids, mask
+
+
+def jit_features(model: clip.CLIP):
+  """Jitted (image, text) feature functions over the model's current state."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def image(state, pixels):
+    return nnx.merge(graphdef, state).get_image_features(pixels)
+
+  @jax.jit
+  def text(state, ids, mask):
+    return nnx.merge(graphdef, state).get_text_features(ids, mask)
+
+  return (lambda pixels: np.asarray(image(state, pixels)),
+          lambda ids, mask: np.asarray(text(state, ids, mask)))

@@ -1,0 +1,18 @@
+"""The benchmark scripts run (smallest settings); their numbers are measured by hand, not asserted here."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_features_bench_runs():
+  pytest.importorskip("torch", reason="the benchmark's peer is PyTorch")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "bench/features.py", "--configs", "tiny", "--repeats", "1", "--batch", "4"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+  row = next(line for line in out.splitlines() if line.startswith("| tiny |"))
+  assert row.count("x |") == 2, out

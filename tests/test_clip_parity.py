@@ -1,0 +1,121 @@
+"""Parity of our Flax CLIP with Hugging Face's PyTorch CLIPModel (random weights, float32, eager attention).
+
+Tolerances: float32 rounds at ~6e-8 relative, and the two frameworks order their sums differently. Measured
+on this machine (2-core x86 CPU): tiny features differ by <= 1.2e-6, ViT-B/16 features (magnitude ~3.5) by
+<= 3.1e-6. The bounds (1e-4 tiny, 2e-4 ViT-B/16) leave room for other BLAS builds and thread counts while
+still catching any real difference: a wrong mask, activation, eps or pooling index moves features by > 1e-2.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from mora_jax import clip
+from tests import helpers
+
+torch = pytest.importorskip("torch", reason="parity tests need torch (not installed on the Python 3.12 leg)")
+transformers = pytest.importorskip("transformers")
+
+
+def torch_clip(cfg: clip.CLIPConfig, seed: int = 0):
+  torch.manual_seed(seed)
+  hf_cfg = transformers.CLIPConfig(**cfg.to_hf_dict())
+  model = transformers.CLIPModel._from_config(hf_cfg, attn_implementation="eager")  # pylint: disable=protected-access
+  assert model.config._attn_implementation == "eager"  # pylint: disable=protected-access
+  return model.eval().to(torch.float32)
+
+
+def save_torch(model, path) -> str:
+  model.save_pretrained(path)
+  return str(path)
+
+
+def hf_outputs(model, pixels, ids, mask):
+  with torch.no_grad():
+    px, ids_t, mask_t = torch.tensor(pixels), torch.tensor(ids), torch.tensor(mask)
+    vision = model.vision_model(pixel_values=px, output_hidden_states=True)
+    text = model.text_model(input_ids=ids_t, attention_mask=mask_t, output_hidden_states=True)
+    return dict(
+        image=model.get_image_features(pixel_values=px).pooler_output.numpy(),
+        text=model.get_text_features(input_ids=ids_t, attention_mask=mask_t).pooler_output.numpy(),
+        vision_hidden=[h.numpy() for h in vision.hidden_states],
+        text_hidden=[h.numpy() for h in text.hidden_states],
+        text_pooled=text.pooler_output.numpy())
+
+
+def max_diff(a, b) -> float:
+  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+@pytest.mark.parametrize("cfg", [
+    helpers.tiny_config(),  # eos 127: first-EOS branch, which here is also the largest id
+    helpers.tiny_config(eos_token_id=100),  # first-EOS branch where argmax of ids would pick another token
+    helpers.tiny_config(eos_token_id=2),  # old-config branch: pool at the largest id
+    dataclasses.replace(helpers.tiny_config(), vision=dataclasses.replace(
+        clip.preset("tiny").vision, hidden_act="gelu")),
+], ids=["eos127", "eos100", "eos2-argmax", "gelu-vision"])
+def test_tiny_parity_features_and_hidden_states(cfg, tmp_path):
+  if cfg.vision.hidden_act == "gelu":
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, hidden_act="gelu"))
+  model = torch_clip(cfg)
+  ours = clip.from_pretrained(save_torch(model, tmp_path))
+  pixels, ids, mask = helpers.random_inputs(cfg)
+  ref = hf_outputs(model, pixels, ids, mask)
+
+  vision = ours.vision_model(pixels)
+  text = ours.text_model(ids, mask)
+  assert len(vision.hidden_states) == len(ref["vision_hidden"]) == cfg.vision.num_hidden_layers + 1
+  assert len(text.hidden_states) == len(ref["text_hidden"]) == cfg.text.num_hidden_layers + 1
+  for i, (a, b) in enumerate(zip(vision.hidden_states, ref["vision_hidden"])):
+    assert max_diff(a, b) <= 1e-4, f"vision hidden state {i}"
+  for i, (a, b) in enumerate(zip(text.hidden_states, ref["text_hidden"])):
+    assert max_diff(a, b) <= 1e-4, f"text hidden state {i}"
+  assert max_diff(text.pooler_output, ref["text_pooled"]) <= 1e-4
+  image_fn, text_fn = helpers.jit_features(ours)
+  assert max_diff(image_fn(pixels), ref["image"]) <= 1e-4
+  assert max_diff(text_fn(ids, mask), ref["text"]) <= 1e-4
+  # Eager (un-jitted) calls compute the same thing.
+  assert max_diff(ours.get_text_features(ids, mask), ref["text"]) <= 1e-4
+
+
+def test_eos_branches_pool_different_tokens():
+  """Guards the test above: with eos_token_id=100 the two pooling rules really disagree on these inputs."""
+  cfg = helpers.tiny_config(eos_token_id=100)
+  _, ids, _ = helpers.random_inputs(cfg)
+  first_eos = (ids == 100).argmax(-1)
+  assert np.any(first_eos != ids.argmax(-1))
+
+
+def test_vit_b16_parity(tmp_path):
+  cfg = clip.preset("ViT-B/16")
+  model = torch_clip(cfg)
+  ours = clip.from_pretrained(save_torch(model, tmp_path))
+  pixels, ids, mask = helpers.random_inputs(cfg, batch=2, length=77)
+  ref = hf_outputs(model, pixels, ids, mask)
+  image_fn, text_fn = helpers.jit_features(ours)
+  assert max_diff(image_fn(pixels), ref["image"]) <= 2e-4
+  assert max_diff(text_fn(ids, mask), ref["text"]) <= 2e-4
+
+
+def test_save_pretrained_round_trip_through_transformers(tmp_path):
+  cfg = helpers.tiny_config()
+  ours = clip.init(cfg, seed=3)
+  exported = clip.save_pretrained(ours, tmp_path / "export")
+  reloaded = transformers.CLIPModel.from_pretrained(exported, attn_implementation="eager").eval()
+  pixels, ids, mask = helpers.random_inputs(cfg)
+  ref = hf_outputs(reloaded, pixels, ids, mask)
+  image_fn, text_fn = helpers.jit_features(ours)
+  assert max_diff(image_fn(pixels), ref["image"]) <= 1e-4
+  assert max_diff(text_fn(ids, mask), ref["text"]) <= 1e-4
+  assert float(reloaded.logit_scale.detach()) == pytest.approx(float(ours.logit_scale[...]))
+
+
+def test_pytorch_bin_checkpoint_loads(tmp_path):
+  cfg = helpers.tiny_config()
+  model = torch_clip(cfg)
+  (tmp_path / "config.json").write_text(model.config.to_json_string())
+  torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+  ours = clip.from_pretrained(tmp_path)
+  pixels, ids, mask = helpers.random_inputs(cfg)
+  assert max_diff(ours.get_image_features(pixels), hf_outputs(model, pixels, ids, mask)["image"]) <= 1e-4
