@@ -38,7 +38,8 @@ class Linear(nnx.Module):
     self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), std, dtype), logical_axes=axes)
     self.bias = nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=axes[1:]) if use_bias else None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    del rngs  # frozen: no dropout; adapted replacements (mora_jax.adapters) use it
     kernel = self.kernel[...]
     y = x.astype(kernel.dtype) @ kernel
     return y if self.bias is None else y + self.bias[...]
@@ -73,18 +74,18 @@ class Attention(nnx.Module):
     self.out_proj = Linear(hidden, hidden, axes=("joined_kv", "embed"), std=hidden**-0.5, dtype=dtype,
                            rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None, rngs: nnx.Rngs | None = None) -> jax.Array:
     """x [B, L, D]; mask bool, broadcastable to [B, heads, L, L], True where a query may attend a key."""
     b, length, d = x.shape
     head_dim = d // self.num_heads
     split = lambda t: t.reshape(b, length, self.num_heads, head_dim)
-    q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+    q, k, v = (split(proj(x, rngs)) for proj in (self.q_proj, self.k_proj, self.v_proj))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, length, d)
-    return self.out_proj(out)
+    return self.out_proj(out, rngs)
 
 
 class MLP(nnx.Module):
@@ -96,8 +97,8 @@ class MLP(nnx.Module):
     self.fc2 = Linear(intermediate, hidden, axes=("mlp", "embed"),
                       std=hidden**-0.5 * (2 * layers)**-0.5, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(self.act(self.fc1(x)))
+  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    return self.fc2(self.act(self.fc1(x, rngs)), rngs)
 
 
 class EncoderLayer(nnx.Module):
@@ -110,9 +111,9 @@ class EncoderLayer(nnx.Module):
     self.layer_norm2 = LayerNorm(d, cfg.layer_norm_eps)
     self.mlp = MLP(d, cfg.intermediate_size, n, cfg.hidden_act, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    x = x + self.self_attn(self.layer_norm1(x), mask)
-    return x + self.mlp(self.layer_norm2(x))
+  def __call__(self, x: jax.Array, mask: jax.Array | None, rngs: nnx.Rngs | None = None) -> jax.Array:
+    x = x + self.self_attn(self.layer_norm1(x), mask, rngs)
+    return x + self.mlp(self.layer_norm2(x), rngs)
 
 
 class Encoder(nnx.Module):
@@ -120,11 +121,12 @@ class Encoder(nnx.Module):
   def __init__(self, cfg: TextConfig | VisionConfig, *, dtype, rngs: nnx.Rngs):
     self.layers = nnx.List([EncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  def __call__(self, x: jax.Array, mask: jax.Array | None,
+               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Returns the last hidden state and all hidden states (the input, then each layer's output)."""
     hidden_states = [x]
     for layer in self.layers:
-      x = layer(x, mask)
+      x = layer(x, mask, rngs)
       hidden_states.append(x)
     return x, tuple(hidden_states)
 
@@ -165,7 +167,8 @@ class TextTransformer(nnx.Module):
     self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
     self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> TowerOutput:
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               rngs: nnx.Rngs | None = None) -> TowerOutput:
     length = input_ids.shape[-1]
     if length > self.config.max_position_embeddings:
       raise ValueError(f"input_ids has length {length}, longer than max_position_embeddings "
@@ -173,7 +176,7 @@ class TextTransformer(nnx.Module):
     mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
     if attention_mask is not None:
       mask = mask & attention_mask.astype(bool)[:, None, None, :]
-    x, hidden_states = self.encoder(self.embeddings(input_ids), mask)
+    x, hidden_states = self.encoder(self.embeddings(input_ids), mask, rngs)
     x = self.final_layer_norm(x)
     pooled = x[jnp.arange(x.shape[0]), self.eos_positions(input_ids)]
     return TowerOutput(x, pooled, hidden_states)
@@ -233,8 +236,8 @@ class VisionTransformer(nnx.Module):
     self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
     self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
-  def __call__(self, pixel_values: jax.Array) -> TowerOutput:
-    x, hidden_states = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)), None)
+  def __call__(self, pixel_values: jax.Array, rngs: nnx.Rngs | None = None) -> TowerOutput:
+    x, hidden_states = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)), None, rngs)
     return TowerOutput(x, self.post_layernorm(x[:, 0]), hidden_states)
 
 
@@ -253,14 +256,18 @@ class CLIP(nnx.Module):
                                   rngs=rngs)
     self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, jnp.float32), logical_axes=())
 
-  def get_image_features(self, pixel_values: jax.Array) -> jax.Array:
-    """pixel_values float [B, 3, H, W] (NCHW, as CLIPImageProcessor returns) -> float32 [B, projection_dim]."""
-    pooled = self.vision_model(pixel_values).pooler_output
+  def get_image_features(self, pixel_values: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """pixel_values float [B, 3, H, W] (NCHW, as CLIPImageProcessor returns) -> float32 [B, projection_dim].
+
+    `rngs` (a `dropout` stream) only matters once adapters with dropout are applied; None is deterministic.
+    """
+    pooled = self.vision_model(pixel_values, rngs).pooler_output
     return self.visual_projection(pooled).astype(jnp.float32)
 
-  def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+  def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                        rngs: nnx.Rngs | None = None) -> jax.Array:
     """input_ids int [B, L], attention_mask {0,1} [B, L] -> float32 [B, projection_dim]."""
-    pooled = self.text_model(input_ids, attention_mask).pooler_output
+    pooled = self.text_model(input_ids, attention_mask, rngs).pooler_output
     return self.text_projection(pooled).astype(jnp.float32)
 
   def __call__(self, pixel_values: jax.Array, input_ids: jax.Array,

@@ -1,0 +1,21 @@
+"""Adapters on frozen CLIP towers: MoRA, LoRA, DoRA, or none (linear probe), on one partitioned tree.
+
+    from mora_jax import adapters, clip
+    cfg = adapters.MoRAConfig(targets=("q_proj", "v_proj"), start_layer=10, rank=4, alpha=0.01, dropout=0.1)
+    clf = adapters.build_classifier(clip.from_pretrained(path), cfg, num_classes=101, multi_label=False)
+    logits = clf(pixel_values, input_ids, attention_mask)   # deterministic unless rngs is given
+    adapters.count_parameters(clf)                          # {'backbone': N, 'trainable': M, 'per_partition': {...}}
+    merged = adapters.merge(clf)                            # towers are plain CLIP weights
+"""
+
+from mora_jax.adapters.classifier import Classifier, build_classifier, count_parameters, merge
+from mora_jax.adapters.common import AdapterConfig
+from mora_jax.adapters.dora import DoRAConfig
+from mora_jax.adapters.lora import LoRAConfig
+from mora_jax.adapters.mora import MoRAConfig
+from mora_jax.adapters.partition import PARTITIONS, join, split, trainable
+
+__all__ = [
+    "AdapterConfig", "Classifier", "DoRAConfig", "LoRAConfig", "MoRAConfig", "PARTITIONS", "build_classifier",
+    "count_parameters", "join", "merge", "split", "trainable",
+]

@@ -1,0 +1,100 @@
+"""The MoRA classifier: adapted CLIP towers -> concat(image feature, text feature) -> one linear head."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mora_jax.adapters import common, partition
+from mora_jax.adapters.dora import DoRAConfig, DoRALinear
+from mora_jax.adapters.lora import LoRAConfig, LoRALinear
+from mora_jax.adapters.mora import MoRACommon, MoRAConfig, MoRALinear
+from mora_jax.models.clip import CLIP
+
+ADAPTED = (MoRALinear, LoRALinear, DoRALinear)
+
+
+class HeadLinear(nnx.Module):
+  """Weights N(0, 0.02) (the authors' re-initialisation); bias U(+-1/sqrt(in)), PyTorch's Linear default."""
+
+  def __init__(self, d_in: int, num_classes: int, *, rngs: nnx.Rngs):
+    self.kernel = partition.Head(0.02 * jax.random.normal(rngs.params(), (d_in, num_classes), jnp.float32))
+    bound = d_in**-0.5
+    self.bias = partition.Head(jax.random.uniform(rngs.params(), (num_classes,), jnp.float32, -bound, bound))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32) @ self.kernel[...] + self.bias[...]
+
+
+class Classifier(nnx.Module):
+  """logits = head(concat(image_features, text_features)); features are not L2-normalised (MORA.md)."""
+
+  def __init__(self, backbone: CLIP, adapter: common.AdapterConfig | None, num_classes: int, multi_label: bool,
+               *, rngs: nnx.Rngs):
+    self.adapter = adapter
+    self.num_classes, self.multi_label = num_classes, multi_label
+    self.mora_common = nnx.Dict()
+    self.backbone = backbone
+    if adapter is not None:
+      _apply(self, adapter, rngs)
+    self.head = HeadLinear(2 * backbone.config.projection_dim, num_classes, rngs=rngs)
+
+  def features(self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    image = self.backbone.get_image_features(pixel_values, rngs)
+    text = self.backbone.get_text_features(input_ids, attention_mask, rngs)
+    return jnp.concatenate([image, text], axis=-1)
+
+  def __call__(self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Logits [B, num_classes]; deterministic unless `rngs` (with a `dropout` stream) is given."""
+    return self.head(self.features(pixel_values, input_ids, attention_mask, rngs))
+
+
+def _apply(clf: Classifier, cfg: common.AdapterConfig, rngs: nnx.Rngs) -> None:
+  backbone = clf.backbone
+  for tower, index, parent, name in common.targets(backbone, cfg):
+    base = getattr(parent, name)
+    if isinstance(cfg, MoRAConfig):
+      key = str(index)
+      if key not in clf.mora_common:
+        clf.mora_common[key] = MoRACommon(backbone.config.text.hidden_size, backbone.config.vision.hidden_size,
+                                          cfg.rank, rngs=rngs)
+      adapted = MoRALinear(base, clf.mora_common[key], tower, cfg, rngs=rngs)
+    elif isinstance(cfg, DoRAConfig):
+      adapted = DoRALinear(base, tower, cfg, rngs=rngs)
+    elif isinstance(cfg, LoRAConfig):
+      adapted = LoRALinear(base, tower, cfg, rngs=rngs)
+    else:
+      raise TypeError(f"Unknown adapter config {type(cfg).__name__}; use MoRAConfig, LoRAConfig, DoRAConfig "
+                      "or None (frozen towers, linear probe).")
+    setattr(parent, name, adapted)
+
+
+def build_classifier(backbone: CLIP, adapter: common.AdapterConfig | None, num_classes: int,
+                     multi_label: bool = False, seed: int = 0) -> Classifier:
+  """Wraps `backbone` (modified in place: its target projections become adapted ones) in a classifier.
+
+  adapter: MoRAConfig, LoRAConfig, DoRAConfig, or None for frozen towers + head (the linear probe).
+  """
+  return Classifier(backbone, adapter, num_classes, multi_label, rngs=nnx.Rngs(params=seed))
+
+
+def merge(clf: Classifier) -> Classifier:
+  """A copy of `clf` whose towers are plain CLIP weights with every adapter folded in."""
+  merged = nnx.clone(clf)
+  for _, _, parent, name in (common.targets(merged.backbone, clf.adapter) if clf.adapter else ()):
+    adapted = getattr(parent, name)
+    base = adapted.base
+    base.kernel.set_value(adapted.effective_kernel().astype(base.kernel.dtype))
+    setattr(parent, name, base)
+  merged.mora_common = nnx.Dict()
+  merged.adapter = None
+  return merged
+
+
+def count_parameters(clf: Classifier) -> dict:
+  """{'backbone': N, 'trainable': M, 'per_partition': {partition name: count}} (counts of scalar values)."""
+  _, params = partition.split(clf)
+  per = partition.count(params)
+  return {"backbone": per["backbone"], "trainable": sum(per[p] for p in partition.TRAINABLE_PARTITIONS),
+          "per_partition": per}

@@ -1,0 +1,50 @@
+"""LoRA (Hu et al. 2021) as in Hugging Face PEFT: y = x K + b + (alpha / r) * dropout(x) A B."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mora_jax.adapters import partition
+from mora_jax.adapters.common import AdapterConfig, dropout
+from mora_jax.models.clip import Linear
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig(AdapterConfig):
+  alpha: float = 8.0  # scale = alpha / rank, as PEFT's lora_alpha
+
+
+def kaiming_uniform_a(key, d_in: int, rank: int) -> jax.Array:
+  """PEFT's init of lora_A: kaiming_uniform_(a=sqrt(5)) on [r, in], i.e. U(-1/sqrt(in), 1/sqrt(in))."""
+  bound = d_in**-0.5
+  return jax.random.uniform(key, (d_in, rank), jnp.float32, -bound, bound)
+
+
+class LoRALinear(nnx.Module):
+  """The frozen Linear it wraps (`base`, which `merge` puts back) plus a low-rank branch."""
+
+  def __init__(self, base: Linear, tower: str, cfg: LoRAConfig, *, rngs: nnx.Rngs):
+    self.base = base
+    self.cfg = cfg
+    d_in, d_out = base.kernel.shape
+    specific = partition.SPECIFIC[tower]
+    self.lora_A = specific(kaiming_uniform_a(rngs.params(), d_in, cfg.rank))
+    self.lora_B = specific(jnp.zeros((cfg.rank, d_out), jnp.float32))
+
+  @property
+  def scale(self) -> float:
+    return self.cfg.alpha / self.cfg.rank
+
+  def delta(self) -> jax.Array:
+    """scale * A B: the update of the kernel [in, out]."""
+    return self.scale * (self.lora_A[...] @ self.lora_B[...])
+
+  def effective_kernel(self) -> jax.Array:
+    return self.base.kernel[...].astype(jnp.float32) + self.delta()
+
+  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    y = self.base(x)
+    branch = (dropout(x, self.cfg.dropout, rngs) @ self.lora_A[...]) @ self.lora_B[...]
+    return y + (self.scale * branch).astype(y.dtype)

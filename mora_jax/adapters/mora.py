@@ -1,0 +1,121 @@
+"""MoRA (arXiv 2511.06225): modality-common low-rank factors coupled through rank-space Gram matrices,
+plus modality-specific DoRA-style factors, exactly as `shared/spec/MORA.md` (the authors' code).
+
+Layout: MORA.md writes a projection as y = x W^T + b with W [out, in]; our kernel is K = W^T [in, out]. For the
+square projections MoRA adapts, every update of W (alpha * S^T, alpha * P^T) becomes K + alpha * S and
+K + alpha * P here, and MORA.md's per-input-column norms of W are per-row norms of K. A_p [in, r], B_p [r, out]
+and the common factors keep MORA.md's shapes, so parameters compare one to one with the PyTorch code.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mora_jax.adapters import partition
+from mora_jax.adapters.common import ATTENTION_TARGETS, AdapterConfig, dropout
+from mora_jax.models.clip import Linear
+
+_NORM_FLOOR = 1e-5  # MORA.md: V = N / max(colnorm(N), 1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoRAConfig(AdapterConfig):
+  """MoRA hyper-parameters. `rank` is r_c = r_vision = r_text, as in every published config."""
+  alpha: float = 0.01
+  form: str = "fused"  # "fused" (low-rank, no d x d temporaries) or "materialized" (W' then one matmul)
+  variant: str = "published"  # "published": W' ~= 2W at init; "identity_start": W' = W at init
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not set(self.targets) <= set(ATTENTION_TARGETS):
+      raise ValueError(f"MoRA adapts square attention projections only ({ATTENTION_TARGETS}); got {self.targets}.")
+    if self.form not in ("fused", "materialized"):
+      raise ValueError(f"MoRAConfig.form={self.form!r}: use 'fused' or 'materialized'.")
+    if self.variant not in ("published", "identity_start"):
+      raise ValueError(f"MoRAConfig.variant={self.variant!r}: use 'published' or 'identity_start'.")
+
+
+def _normal(key, shape, std):
+  return std * jax.random.normal(key, shape, jnp.float32)
+
+
+class MoRACommon(nnx.Module):
+  """One layer index's modality-common pair, read by both towers and every adapted projection there."""
+
+  def __init__(self, d_text: int, d_vision: int, rank: int, *, rngs: nnx.Rngs):
+    self.A_c = partition.Common(_normal(rngs.params(), (d_text, rank), rank**-0.5))
+    self.B_c = partition.Common(_normal(rngs.params(), (d_vision, rank), rank**-0.5))
+
+  def factors(self, tower: str) -> tuple[jax.Array, jax.Array]:
+    """(U, G) with S = U G U^T: the tower's own factor and the Gram matrix of the other tower's."""
+    a, b = self.A_c[...], self.B_c[...]
+    return (a, b.T @ b) if tower == "text" else (b, a.T @ a)
+
+
+def _row_norms(matrix: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.sum(jnp.square(matrix), axis=1))
+
+
+def _floored(norm_sq: jax.Array) -> jax.Array:
+  # max(||.||, 1e-5) written so that the gradient is finite (zero) below the floor.
+  return jnp.sqrt(jnp.maximum(norm_sq, _NORM_FLOOR**2))
+
+
+class MoRALinear(nnx.Module):
+  """The frozen Linear it wraps (`base`, which `merge` puts back) with MoRA's effective weight."""
+
+  def __init__(self, base: Linear, common: MoRACommon, tower: str, cfg: MoRAConfig, *, rngs: nnx.Rngs):
+    self.base, self.common, self.tower, self.cfg = base, common, tower, cfg
+    d_in, d_out = base.kernel.shape
+    specific = partition.SPECIFIC[tower]
+    self.A_p = specific(_normal(rngs.params(), (d_in, cfg.rank), cfg.rank**-0.5))
+    self.B_p = specific(jnp.zeros((cfg.rank, d_out), jnp.float32))
+    col_norm = _row_norms(base.kernel[...].astype(jnp.float32))
+    # Published: both magnitudes start at ||W||_col, so W' ~= 2W. identity_start: m_c = 0, m_p = ||W||_col,
+    # so W' = ||W|| * W / ||W|| = W exactly (P = 0), and m_c still gets a gradient (V_c != 0) to grow from.
+    self.m_c = specific(col_norm if cfg.variant == "published" else jnp.zeros_like(col_norm))
+    self.m_p = specific(col_norm)
+
+  def _terms(self):
+    kernel = self.base.kernel[...].astype(jnp.float32)
+    u, g = self.common.factors(self.tower)
+    return kernel, u, g, self.A_p[...], self.B_p[...]
+
+  def effective_kernel(self) -> jax.Array:
+    """W'^T [in, out], materialised (the reference form, and what `merge` writes into the backbone)."""
+    kernel, u, g, a_p, b_p = self._terms()
+    alpha = self.cfg.alpha
+    n_c_mat = kernel + alpha * (u @ g @ u.T)
+    n_p_mat = kernel + alpha * (a_p @ b_p)
+    c_c = self.m_c[...] / _floored(jnp.sum(jnp.square(n_c_mat), axis=1))
+    c_p = self.m_p[...] / _floored(jnp.sum(jnp.square(n_p_mat), axis=1))
+    return c_c[:, None] * n_c_mat + c_p[:, None] * n_p_mat
+
+  def _fused_scales(self, kernel, u, g, a_p, b_p):
+    """Per-input scales m/n with the norms from d x r products (MORA.md's low-rank form)."""
+    alpha = self.cfg.alpha
+    kk = jnp.sum(jnp.square(kernel), axis=1)
+    ug = u @ g
+    s_cross = jnp.sum(ug * (kernel @ u), axis=1)  # <K_j, S_j>
+    s_sq = jnp.sum((ug @ (u.T @ u)) * ug, axis=1)  # ||S_j||^2
+    p_cross = jnp.sum(a_p * (kernel @ b_p.T), axis=1)  # <K_j, P_j>
+    p_sq = jnp.sum((a_p @ (b_p @ b_p.T)) * a_p, axis=1)  # ||P_j||^2
+    n_c = _floored(kk + 2 * alpha * s_cross + alpha**2 * s_sq)
+    n_p = _floored(kk + 2 * alpha * p_cross + alpha**2 * p_sq)
+    return self.m_c[...] / n_c, self.m_p[...] / n_p
+
+  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    x = dropout(x, self.cfg.dropout, rngs)
+    bias = 0 if self.base.bias is None else self.base.bias[...]
+    if self.cfg.form == "materialized":
+      return x @ self.effective_kernel().astype(x.dtype) + bias
+    kernel, u, g, a_p, b_p = self._terms()
+    c_c, c_p = self._fused_scales(kernel, u, g, a_p, b_p)
+    frozen = self.base.kernel[...]
+    xc = x * c_c.astype(x.dtype)
+    xp = x * c_p.astype(x.dtype)
+    y = (xc + xp).astype(frozen.dtype) @ frozen
+    low_rank = ((xc @ u) @ g) @ u.T + (xp @ a_p) @ b_p
+    return y + (self.cfg.alpha * low_rank).astype(y.dtype) + bias
