@@ -32,7 +32,7 @@ class Classifier(nnx.Module):
                *, rngs: nnx.Rngs):
     self.adapter = adapter
     self.num_classes, self.multi_label = num_classes, multi_label
-    self.mora_common = nnx.Dict()
+    self.adapter_common = nnx.Dict()
     self.backbone = backbone
     if adapter is not None:
       _apply(self, adapter, rngs)
@@ -56,10 +56,10 @@ def _apply(clf: Classifier, cfg: common.AdapterConfig, rngs: nnx.Rngs) -> None:
     base = getattr(parent, name)
     if isinstance(cfg, MoRAConfig):
       key = str(index)
-      if key not in clf.mora_common:
-        clf.mora_common[key] = MoRACommon(backbone.config.text.hidden_size, backbone.config.vision.hidden_size,
+      if key not in clf.adapter_common:
+        clf.adapter_common[key] = MoRACommon(backbone.config.text.hidden_size, backbone.config.vision.hidden_size,
                                           cfg.rank, rngs=rngs)
-      adapted = MoRALinear(base, clf.mora_common[key], tower, cfg, rngs=rngs)
+      adapted = MoRALinear(base, clf.adapter_common[key], tower, cfg, rngs=rngs)
     elif isinstance(cfg, DoRAConfig):
       adapted = DoRALinear(base, tower, cfg, rngs=rngs)
     elif isinstance(cfg, LoRAConfig):
@@ -87,7 +87,7 @@ def merge(clf: Classifier) -> Classifier:
     base = adapted.base
     base.kernel.set_value(adapted.effective_kernel().astype(base.kernel.dtype))
     setattr(parent, name, base)
-  merged.mora_common = nnx.Dict()
+  merged.adapter_common = nnx.Dict()
   merged.adapter = None
   return merged
 
