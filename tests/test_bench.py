@@ -16,3 +16,14 @@ def test_features_bench_runs():
                        cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
   row = next(line for line in out.splitlines() if line.startswith("| tiny |"))
   assert row.count("x |") == 2, out
+
+
+def test_adapters_bench_runs():
+  pytest.importorskip("torch", reason="the benchmark's peer is PyTorch")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "bench/adapters.py", "--configs", "tiny", "--repeats", "1", "--batch", "4"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+  rows = [line.split("|") for line in out.splitlines() if line.startswith("| tiny | 4 |")]
+  assert [row[3].strip() for row in rows[:6]] == ["none", "lora", "dora", "mora-materialized", "mora-fused",
+                                                  "PyTorch MoRA peer"], out
+  assert rows[6][3].strip().endswith("x"), out  # merged inference / plain backbone

@@ -1,0 +1,196 @@
+"""Train-step time per adapter method, the PyTorch MoRA peer, and merged-MoRA inference, in one run.
+
+    python bench/adapters.py                          # tiny and ViT-B/16
+    python bench/adapters.py --configs tiny --repeats 2
+
+A train step is forward + backward + AdamW update on a batch of (image, 77-token text, label), the Food-101
+MoRA recipe's targets (q, v; layers >= 10, or >= 1 on the 2-layer tiny config; rank 4; 101 classes).
+The PyTorch peer is transformers.CLIPModel with the same projections replaced by MoRA layers written from
+shared/spec/MORA.md (materialized form), AdamW over the trainable parameters only, eager mode.
+Ratios are printed relative to our LoRA step and to the peer.
+"""
+
+import argparse
+import dataclasses
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import transformers
+from flax import nnx
+
+from mora_jax import adapters, clip
+from mora_jax.adapters import optim
+
+DEFAULT_BATCH = {"tiny": 32, "ViT-B/16": 8}
+NUM_CLASSES = 101
+
+
+def best_seconds(fn, repeats: int) -> float:
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def batch(cfg: clip.CLIPConfig, size: int):
+  rng = np.random.RandomState(0)
+  v, t = cfg.vision, cfg.text
+  length = min(77, t.max_position_embeddings)
+  ids = rng.randint(0, t.vocab_size - 1, (size, length))
+  ids[:, -1] = t.eos_token_id
+  return (rng.randn(size, 3, v.image_size, v.image_size).astype(np.float32), ids, np.ones_like(ids),
+          rng.randint(0, NUM_CLASSES, size))
+
+
+def jax_step_seconds(backbone_dir, adapter, data, repeats: int) -> float:
+  clf = adapters.build_classifier(clip.from_pretrained(backbone_dir), adapter, NUM_CLASSES)
+  graphdef, params = adapters.split(clf)
+  trainable = adapters.trainable(params)
+  tx = optim.adamw(1e-3, 0.02)
+  opt_state = tx.init(trainable)
+  pixels, ids, mask, labels = data
+
+  @jax.jit
+  def step(trainable, opt_state, backbone, key):
+    def loss_fn(trainable):
+      model = adapters.join(graphdef, {"backbone": backbone, **trainable})
+      logits = model(pixels, ids, mask, rngs=nnx.Rngs(dropout=key))
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  state = {"trainable": trainable, "opt": opt_state}
+
+  def run():
+    state["trainable"], state["opt"], loss = step(state["trainable"], state["opt"], params["backbone"],
+                                                  jax.random.key(0))
+    jax.block_until_ready(loss)
+
+  return best_seconds(run, repeats)
+
+
+def jax_inference_seconds(backbone_dir, adapter, data, repeats: int) -> float:
+  """Logits of the classifier: adapter None -> plain backbone; else the merged MoRA classifier."""
+  clf = adapters.build_classifier(clip.from_pretrained(backbone_dir), adapter, NUM_CLASSES)
+  if adapter is not None:
+    clf = adapters.merge(clf)
+  graphdef, state = nnx.split(clf)
+  forward = jax.jit(lambda state, *x: nnx.merge(graphdef, state)(*x))
+  pixels, ids, mask, _ = data
+  return best_seconds(lambda: jax.block_until_ready(forward(state, pixels, ids, mask)), repeats)
+
+
+class TorchMoRA(torch.nn.Module):
+  """MORA.md's layer in PyTorch layout (materialized), around a frozen nn.Linear."""
+
+  def __init__(self, base: torch.nn.Linear, a_c, b_c, tower: str, rank: int, alpha: float, dropout: float):
+    super().__init__()
+    self.base, self.a_c, self.b_c, self.tower, self.alpha = base, a_c, b_c, tower, alpha
+    d = base.weight.shape[0]
+    self.a_p = torch.nn.Parameter(torch.randn(d, rank) / rank**0.5)
+    self.b_p = torch.nn.Parameter(torch.zeros(rank, d))
+    norm = base.weight.norm(dim=0, keepdim=True).detach()
+    self.m_c = torch.nn.Parameter(norm.clone())
+    self.m_p = torch.nn.Parameter(norm.clone())
+    self.dropout = torch.nn.Dropout(dropout)
+
+  def forward(self, x):
+    w = self.base.weight
+    a, b = self.a_c, self.b_c
+    s = a @ (b.T @ b) @ a.T if self.tower == "text" else b @ (a.T @ a) @ b.T
+    n_c = w + self.alpha * s.T
+    n_p = w + self.alpha * (self.a_p @ self.b_p).T
+    v_c = n_c / n_c.norm(dim=0, keepdim=True).clamp(min=1e-5)
+    v_p = n_p / n_p.norm(dim=0, keepdim=True).clamp(min=1e-5)
+    return torch.nn.functional.linear(self.dropout(x), self.m_c * v_c + self.m_p * v_p, self.base.bias)
+
+
+def torch_step_seconds(hf_model, cfg: clip.CLIPConfig, mora: adapters.MoRAConfig, data, repeats: int) -> float:
+  for p in hf_model.parameters():
+    p.requires_grad_(False)
+  commons = {}
+  for tower, model in (("vision", hf_model.vision_model), ("text", hf_model.text_model)):
+    for index in range(mora.start_layer, len(model.encoder.layers)):
+      if index not in commons:
+        r = mora.rank
+        commons[index] = (torch.nn.Parameter(torch.randn(cfg.text.hidden_size, r) / r**0.5),
+                          torch.nn.Parameter(torch.randn(cfg.vision.hidden_size, r) / r**0.5))
+      attn = model.encoder.layers[index].self_attn
+      for name in mora.targets:
+        setattr(attn, name, TorchMoRA(getattr(attn, name), *commons[index], tower, mora.rank, mora.alpha,
+                                      mora.dropout))
+  head = torch.nn.Linear(2 * cfg.projection_dim, NUM_CLASSES)
+  hf_model.train()
+  trainable = [p for p in hf_model.parameters() if p.requires_grad] + list(head.parameters())
+  opt = torch.optim.AdamW(trainable, lr=1e-3, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.02)
+  pixels, ids, mask, labels = (torch.tensor(a) for a in data)
+
+  def run():
+    image = hf_model.get_image_features(pixel_values=pixels).pooler_output
+    text = hf_model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+    loss = torch.nn.functional.cross_entropy(head(torch.cat([image, text], -1)), labels)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+  return best_seconds(run, repeats)
+
+
+def bench_config(name: str, batch_size: int, repeats: int) -> dict:
+  cfg = clip.preset(name)
+  start = min(10, cfg.vision.num_hidden_layers - 1, cfg.text.num_hidden_layers - 1)
+  recipe = adapters.MoRAConfig(targets=("q_proj", "v_proj"), start_layer=start, rank=4, alpha=0.01, dropout=0.1)
+  methods = {
+      "none": None,
+      "lora": adapters.LoRAConfig(targets=recipe.targets, start_layer=start, rank=4),
+      "dora": adapters.DoRAConfig(targets=recipe.targets, start_layer=start, rank=4),
+      "mora-materialized": dataclasses.replace(recipe, form="materialized"),
+      "mora-fused": recipe,
+  }
+  data = batch(cfg, batch_size)
+  torch.manual_seed(0)
+  hf_model = transformers.CLIPModel._from_config(transformers.CLIPConfig(**cfg.to_hf_dict()))  # pylint: disable=protected-access
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_model.save_pretrained(tmp)
+    step = {m: jax_step_seconds(tmp, a, data, repeats) for m, a in methods.items()}
+    plain = jax_inference_seconds(tmp, None, data, repeats)
+    merged = jax_inference_seconds(tmp, recipe, data, repeats)
+  peer = torch_step_seconds(hf_model, cfg, recipe, data, repeats)
+  return dict(config=name, batch=batch_size, step=step, peer=peer, plain=plain, merged=merged)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--configs", nargs="+", default=list(DEFAULT_BATCH))
+  parser.add_argument("--batch", type=int, default=None, help="default: 32 tiny, 8 ViT-B/16")
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+  print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), best of {args.repeats}")
+  print("| config | batch | method | train step (ms) | / lora step | PyTorch MoRA peer / ours |")
+  print("|---|---|---|---|---|---|")
+  rows = [bench_config(n, args.batch or DEFAULT_BATCH.get(n, 8), args.repeats) for n in args.configs]
+  for r in rows:
+    for method, seconds in r["step"].items():
+      print(f"| {r['config']} | {r['batch']} | {method} | {1e3 * seconds:.1f} | "
+            f"{seconds / r['step']['lora']:.2f}x | {r['peer'] / seconds:.2f}x |")
+    print(f"| {r['config']} | {r['batch']} | PyTorch MoRA peer | {1e3 * r['peer']:.1f} | "
+          f"{r['peer'] / r['step']['lora']:.2f}x | 1.00x |")
+  print("\n| config | batch | merged MoRA inference / plain backbone |")
+  print("|---|---|---|")
+  for r in rows:
+    print(f"| {r['config']} | {r['batch']} | {r['merged'] / r['plain']:.3f}x |")
+
+
+if __name__ == "__main__":
+  main()
