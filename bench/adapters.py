@@ -13,11 +13,9 @@ Ratios are printed relative to our LoRA step and to the peer.
 import argparse
 import dataclasses
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import torch
 import transformers
@@ -25,29 +23,10 @@ from flax import nnx
 
 from mora_jax import adapters, clip
 from mora_jax.adapters import optim
+from timing import best_seconds, random_batch
 
 DEFAULT_BATCH = {"tiny": 32, "ViT-B/16": 8}
 NUM_CLASSES = 101
-
-
-def best_seconds(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
-
-
-def batch(cfg: clip.CLIPConfig, size: int):
-  rng = np.random.RandomState(0)
-  v, t = cfg.vision, cfg.text
-  length = min(77, t.max_position_embeddings)
-  ids = rng.randint(0, t.vocab_size - 1, (size, length))
-  ids[:, -1] = t.eos_token_id
-  return (rng.randn(size, 3, v.image_size, v.image_size).astype(np.float32), ids, np.ones_like(ids),
-          rng.randint(0, NUM_CLASSES, size))
 
 
 def jax_step_seconds(backbone_dir, adapter, data, repeats: int) -> float:
@@ -157,7 +136,7 @@ def bench_config(name: str, batch_size: int, repeats: int) -> dict:
       "mora-materialized": dataclasses.replace(recipe, form="materialized"),
       "mora-fused": recipe,
   }
-  data = batch(cfg, batch_size)
+  data = random_batch(cfg, batch_size, NUM_CLASSES)
   torch.manual_seed(0)
   hf_model = transformers.CLIPModel._from_config(transformers.CLIPConfig(**cfg.to_hf_dict()))  # pylint: disable=protected-access
   with tempfile.TemporaryDirectory() as tmp:

@@ -10,37 +10,16 @@ torch.compile) with its default SDPA attention and with its "eager" attention im
 
 import argparse
 import tempfile
-import time
 
 import jax
-import numpy as np
 import torch
 import transformers
 from flax import nnx
 
 from mora_jax import clip
+from timing import best_seconds, random_batch
 
 DEFAULT_BATCH = {"tiny": 64, "ViT-B/16": 8}
-
-
-def best_seconds(fn, repeats: int) -> float:
-  fn()  # warm-up (and compilation for jax)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
-
-
-def inputs(cfg: clip.CLIPConfig, batch: int):
-  rng = np.random.RandomState(0)
-  v, t = cfg.vision, cfg.text
-  length = min(77, t.max_position_embeddings)
-  pixels = rng.randn(batch, v.num_channels, v.image_size, v.image_size).astype(np.float32)
-  ids = rng.randint(0, t.vocab_size - 1, (batch, length))
-  ids[:, -1] = t.eos_token_id
-  return pixels, ids, np.ones_like(ids)
 
 
 def bench_config(name: str, batch: int, repeats: int) -> dict:
@@ -53,7 +32,7 @@ def bench_config(name: str, batch: int, repeats: int) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     peers["sdpa"].save_pretrained(tmp)
     model = clip.from_pretrained(tmp)
-  pixels, ids, mask = inputs(cfg, batch)
+  pixels, ids, mask, _ = random_batch(cfg, batch)
 
   graphdef, state = nnx.split(model)
 
