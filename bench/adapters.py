@@ -10,7 +10,6 @@ shared/spec/MORA.md (materialized form), AdamW over the trainable parameters onl
 Ratios are printed relative to our LoRA step and to the peer.
 """
 
-import argparse
 import dataclasses
 import tempfile
 
@@ -23,7 +22,7 @@ from flax import nnx
 
 from mora_jax import adapters, clip
 from mora_jax.adapters import optim
-from timing import best_seconds, random_batch
+from harness import best_seconds, parse_args, random_batch
 
 DEFAULT_BATCH = {"tiny": 32, "ViT-B/16": 8}
 NUM_CLASSES = 101
@@ -149,13 +148,7 @@ def bench_config(name: str, batch_size: int, repeats: int) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--configs", nargs="+", default=list(DEFAULT_BATCH))
-  parser.add_argument("--batch", type=int, default=None, help="default: 32 tiny, 8 ViT-B/16")
-  parser.add_argument("--repeats", type=int, default=3)
-  args = parser.parse_args()
-  print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), best of {args.repeats}")
+  args = parse_args(__doc__, DEFAULT_BATCH, repeats=3)
   print("| config | batch | method | train step (ms) | / lora step | PyTorch MoRA peer / ours |")
   print("|---|---|---|---|---|---|")
   rows = [bench_config(n, args.batch or DEFAULT_BATCH.get(n, 8), args.repeats) for n in args.configs]

@@ -8,7 +8,6 @@ same inputs; throughput is pairs/s for one image + one 77-token text. PyTorch ru
 torch.compile) with its default SDPA attention and with its "eager" attention implementation.
 """
 
-import argparse
 import tempfile
 
 import jax
@@ -17,7 +16,7 @@ import transformers
 from flax import nnx
 
 from mora_jax import clip
-from timing import best_seconds, random_batch
+from harness import best_seconds, parse_args, random_batch
 
 DEFAULT_BATCH = {"tiny": 64, "ViT-B/16": 8}
 
@@ -58,13 +57,7 @@ def bench_config(name: str, batch: int, repeats: int) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--configs", nargs="+", default=list(DEFAULT_BATCH))
-  parser.add_argument("--batch", type=int, default=None, help="default: 64 tiny, 8 ViT-B/16")
-  parser.add_argument("--repeats", type=int, default=5)
-  args = parser.parse_args()
-  print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), best of {args.repeats}")
+  args = parse_args(__doc__, DEFAULT_BATCH, repeats=5)
   print("| config | batch | ours (pairs/s) | torch sdpa (pairs/s) | torch eager-attn (pairs/s) "
         "| ours / torch sdpa | ours / torch eager-attn |")
   print("|---|---|---|---|---|---|---|")

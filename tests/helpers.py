@@ -3,10 +3,11 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mora_jax import clip
+from mora_jax import adapters, clip
 
 
 def tiny_config(**text_overrides) -> clip.CLIPConfig:
@@ -45,3 +46,13 @@ def jit_features(model: clip.CLIP):
 
   return (lambda pixels: np.asarray(image(state, pixels)),
           lambda ids, mask: np.asarray(text(state, ids, mask)))
+
+
+def perturb_trainables(clf: adapters.Classifier, seed: int = 1) -> None:
+  """Moves every trainable leaf off its init (non-zero B factors, magnitudes away from the column norms), so
+  that every term of an adapter's formula matters in a comparison."""
+  rng = np.random.RandomState(seed)
+  _, params = adapters.split(clf)
+  for variable in jax.tree.leaves(adapters.trainable(params), is_leaf=lambda v: isinstance(v, nnx.Variable)):
+    value = np.asarray(variable.get_value())
+    variable.set_value(jnp.asarray(value + 0.3 * rng.randn(*value.shape).astype(np.float32)))

@@ -22,13 +22,6 @@ def classifier(method: str | None, seed: int = 0, num_classes: int = 4):
   return adapters.build_classifier(clip.init(helpers.tiny_config(), seed=seed), METHODS.get(method), num_classes)
 
 
-def perturb(clf, seed: int = 1):
-  rng = np.random.RandomState(seed)
-  _, params = adapters.split(clf)
-  for v in jax.tree.leaves(adapters.trainable(params), is_leaf=optim.is_variable):
-    v.set_value(v.get_value() + 0.3 * jnp.asarray(rng.randn(*v.shape), jnp.float32))
-
-
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_lora_and_dora_start_exactly_at_the_frozen_model(method):
   pixels, ids, mask = helpers.random_inputs(helpers.tiny_config())
@@ -41,7 +34,7 @@ def test_lora_and_dora_start_exactly_at_the_frozen_model(method):
 @pytest.mark.parametrize("method", ["mora", "lora", "dora"])
 def test_merged_logits_equal_unmerged(method):
   clf = classifier(method)
-  perturb(clf)
+  helpers.perturb_trainables(clf)
   merged = adapters.merge(clf)
   pixels, ids, mask = helpers.random_inputs(clf.backbone.config)
   unmerged_logits = np.asarray(clf(pixels, ids, mask))
@@ -59,7 +52,7 @@ def test_merged_export_loads_in_transformers(method, tmp_path):
   torch = pytest.importorskip("torch", reason="checks the export in transformers.CLIPModel")
   transformers = pytest.importorskip("transformers")
   clf = classifier(method)
-  perturb(clf)
+  helpers.perturb_trainables(clf)
   merged = adapters.merge(clf)
   out = clip.save_pretrained(merged.backbone, tmp_path / "merged")
   hf = transformers.CLIPModel.from_pretrained(out, attn_implementation="eager").eval()

@@ -27,15 +27,6 @@ def mora_classifier(form: str = "fused", variant: str = "published", seed: int =
   return adapters.build_classifier(clip.init(helpers.tiny_config(), seed=seed), cfg, num_classes=4)
 
 
-def perturb_trainables(clf, seed: int = 1):
-  """Random non-zero B_p and magnitudes away from their init, so every term of the formula matters."""
-  rng = np.random.RandomState(seed)
-  _, params = adapters.split(clf)
-  for variable in jax.tree.leaves(adapters.trainable(params), is_leaf=lambda v: isinstance(v, nnx.Variable)):
-    value = np.asarray(variable.get_value())
-    variable.set_value(jnp.asarray(value + 0.3 * rng.randn(*value.shape).astype(np.float32)))
-
-
 def layer(clf, tower: str):
   return (clf.backbone.vision_model if tower == "vision" else clf.backbone.text_model).encoder.layers[1].self_attn.q_proj
 
@@ -77,7 +68,7 @@ def ours_value_and_grads(mora_layer, x, probe):
 def test_projection_and_gradients_match_spec(tower, form):
   torch = pytest.importorskip("torch", reason="the reference transcription runs in torch float64")
   clf = mora_classifier(form)
-  perturb_trainables(clf)
+  helpers.perturb_trainables(clf)
   mora_layer = layer(clf, tower)
   rng = np.random.RandomState(0)
   d = mora_layer.base.kernel.shape[0]
@@ -99,8 +90,8 @@ def test_projection_and_gradients_match_spec(tower, form):
 
 def test_fused_and_materialized_agree_in_outputs_and_gradients():
   fused, materialized = mora_classifier("fused"), mora_classifier("materialized")
-  perturb_trainables(fused)
-  perturb_trainables(materialized)
+  helpers.perturb_trainables(fused)
+  helpers.perturb_trainables(materialized)
   pixels, ids, mask = helpers.random_inputs(fused.backbone.config)
 
   def loss_and_grads(clf):

@@ -10,7 +10,6 @@ from collections.abc import Callable, Mapping
 
 import jax
 import optax
-from flax import nnx
 
 from mora_jax.adapters import partition
 
@@ -48,7 +47,3 @@ def adamw(learning_rate: float | Callable[[int], float], weight_decay: float, *,
     transforms[name] = optax.adamw(lambda step, mult=mult: mult * schedule(step), b1=b1, b2=b2, eps=eps,
                                    weight_decay=weight_decay * wd_mults.get(name, 1.0))
   return optax.partition(transforms, lambda trainable: labels(trainable, lr_mults))
-
-
-def is_variable(x) -> bool:
-  return isinstance(x, nnx.Variable)

@@ -1,0 +1,45 @@
+"""Shared by the benchmark scripts: command line, best-of-N timing, and one random CLIP batch."""
+
+import argparse
+import time
+
+import jax
+import numpy as np
+import torch
+
+from mora_jax import clip
+
+
+def parse_args(doc: str, default_batch: dict[str, int], repeats: int) -> argparse.Namespace:
+  """--configs/--batch/--repeats, and prints the software versions and threads the timings come from."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--configs", nargs="+", default=list(default_batch))
+  parser.add_argument("--batch", type=int, default=None,
+                      help="default: " + ", ".join(f"{b} {name}" for name, b in default_batch.items()))
+  parser.add_argument("--repeats", type=int, default=repeats)
+  args = parser.parse_args()
+  print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), best of {args.repeats}")
+  return args
+
+
+def best_seconds(fn, repeats: int) -> float:
+  """Minimum wall time of `fn()` over `repeats` calls, after one warm-up call (jax compiles there)."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def random_batch(cfg: clip.CLIPConfig, size: int, num_classes: int = 2):
+  """(pixels NCHW, ids ending with EOS, attention mask, labels), up to 77 tokens."""
+  rng = np.random.RandomState(0)
+  v, t = cfg.vision, cfg.text
+  length = min(77, t.max_position_embeddings)
+  pixels = rng.randn(size, v.num_channels, v.image_size, v.image_size).astype(np.float32)
+  ids = rng.randint(0, t.vocab_size - 1, (size, length))
+  ids[:, -1] = t.eos_token_id
+  return pixels, ids, np.ones_like(ids), rng.randint(0, num_classes, size)
