@@ -22,13 +22,14 @@ from flax import nnx
 
 from mora_jax import adapters, clip
 from mora_jax.adapters import optim
-from harness import best_seconds, parse_args, random_batch
+from harness import interleaved_best_seconds, parse_args, random_batch
 
 DEFAULT_BATCH = {"tiny": 32, "ViT-B/16": 8}
 NUM_CLASSES = 101
 
 
-def jax_step_seconds(backbone_dir, adapter, data, repeats: int) -> float:
+def jax_step(backbone_dir, adapter, data):
+  """A no-argument call running one jitted train step (state carried between calls)."""
   clf = adapters.build_classifier(clip.from_pretrained(backbone_dir), adapter, NUM_CLASSES)
   graphdef, params = adapters.split(clf)
   trainable = adapters.trainable(params)
@@ -54,18 +55,18 @@ def jax_step_seconds(backbone_dir, adapter, data, repeats: int) -> float:
                                                   jax.random.key(0))
     jax.block_until_ready(loss)
 
-  return best_seconds(run, repeats)
+  return run
 
 
-def jax_inference_seconds(backbone_dir, adapter, data, repeats: int) -> float:
-  """Logits of the classifier: adapter None -> plain backbone; else the merged MoRA classifier."""
+def jax_inference(backbone_dir, adapter, data):
+  """A no-argument call computing logits: adapter None -> plain backbone, else the merged classifier."""
   clf = adapters.build_classifier(clip.from_pretrained(backbone_dir), adapter, NUM_CLASSES)
   if adapter is not None:
     clf = adapters.merge(clf)
   graphdef, state = nnx.split(clf)
   forward = jax.jit(lambda state, *x: nnx.merge(graphdef, state)(*x))
   pixels, ids, mask, _ = data
-  return best_seconds(lambda: jax.block_until_ready(forward(state, pixels, ids, mask)), repeats)
+  return lambda: jax.block_until_ready(forward(state, pixels, ids, mask))
 
 
 class TorchMoRA(torch.nn.Module):
@@ -93,7 +94,8 @@ class TorchMoRA(torch.nn.Module):
     return torch.nn.functional.linear(self.dropout(x), self.m_c * v_c + self.m_p * v_p, self.base.bias)
 
 
-def torch_step_seconds(hf_model, cfg: clip.CLIPConfig, mora: adapters.MoRAConfig, data, repeats: int) -> float:
+def torch_step(hf_model, cfg: clip.CLIPConfig, mora: adapters.MoRAConfig, data):
+  """A no-argument call running one PyTorch train step of the MoRA peer."""
   for p in hf_model.parameters():
     p.requires_grad_(False)
   commons = {}
@@ -121,7 +123,7 @@ def torch_step_seconds(hf_model, cfg: clip.CLIPConfig, mora: adapters.MoRAConfig
     loss.backward()
     opt.step()
 
-  return best_seconds(run, repeats)
+  return run
 
 
 def bench_config(name: str, batch_size: int, repeats: int) -> dict:
@@ -133,18 +135,22 @@ def bench_config(name: str, batch_size: int, repeats: int) -> dict:
       "lora": adapters.LoRAConfig(targets=recipe.targets, start_layer=start, rank=4),
       "dora": adapters.DoRAConfig(targets=recipe.targets, start_layer=start, rank=4),
       "mora-materialized": dataclasses.replace(recipe, form="materialized"),
-      "mora-fused": recipe,
+      "mora-fused": dataclasses.replace(recipe, form="fused"),
   }
   data = random_batch(cfg, batch_size, NUM_CLASSES)
   torch.manual_seed(0)
   hf_model = transformers.CLIPModel._from_config(transformers.CLIPConfig(**cfg.to_hf_dict()))  # pylint: disable=protected-access
   with tempfile.TemporaryDirectory() as tmp:
     hf_model.save_pretrained(tmp)
-    step = {m: jax_step_seconds(tmp, a, data, repeats) for m, a in methods.items()}
-    plain = jax_inference_seconds(tmp, None, data, repeats)
-    merged = jax_inference_seconds(tmp, recipe, data, repeats)
-  peer = torch_step_seconds(hf_model, cfg, recipe, data, repeats)
-  return dict(config=name, batch=batch_size, step=step, peer=peer, plain=plain, merged=merged)
+    steps = {m: jax_step(tmp, a, data) for m, a in methods.items()}
+    # Interleaved timing: every method, the peer and both inference variants are timed in turn in each round,
+    # so load drift on the shared cores hits them alike. Merged and plain inference run the same computation.
+    steps["peer"] = torch_step(hf_model, cfg, recipe, data)
+    steps["plain"] = jax_inference(tmp, None, data)
+    steps["merged"] = jax_inference(tmp, recipe, data)
+    seconds = dict(zip(steps, interleaved_best_seconds(list(steps.values()), repeats)))
+  return dict(config=name, batch=batch_size, step={m: seconds[m] for m in methods}, peer=seconds["peer"],
+              plain=seconds["plain"], merged=seconds["merged"])
 
 
 def main():

@@ -25,13 +25,20 @@ def parse_args(doc: str, default_batch: dict[str, int], repeats: int) -> argpars
 
 def best_seconds(fn, repeats: int) -> float:
   """Minimum wall time of `fn()` over `repeats` calls, after one warm-up call (jax compiles there)."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+  return interleaved_best_seconds([fn], repeats)[0]
+
+
+def interleaved_best_seconds(fns, repeats: int) -> list[float]:
+  """Best-of-N wall time of each function, timed in turn within every round (after one warm-up each)."""
+  for fn in fns:
     fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for fn, t in zip(fns, times):
+      start = time.perf_counter()
+      fn()
+      t.append(time.perf_counter() - start)
+  return [min(t) for t in times]
 
 
 def random_batch(cfg: clip.CLIPConfig, size: int, num_classes: int = 2):
