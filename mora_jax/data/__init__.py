@@ -1,0 +1,1 @@
+"""The missing-modality benchmark protocol: datasets, missing tables, preprocessing, pipeline, metrics."""
