@@ -1,0 +1,1 @@
+"""TFDS builders (no TensorFlow needed: ArrayRecord files, images stored as encoded bytes)."""

@@ -1,0 +1,87 @@
+"""easy-VQA (the `easy-vqa` PyPI package ships the whole dataset in its wheel) as a TFDS builder.
+
+One record per question: 64x64 PNG, the question, its answer among 13 classes, the image id, and the
+question type. A validation split is carved from train by image id, so no image is in two splits.
+"""
+
+import importlib.resources
+import json
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+VALIDATION_FRACTION = 0.1
+VALIDATION_SEED = 0
+YES_NO = ("yes", "no")
+SHAPES = ("circle", "rectangle", "triangle")
+
+
+def question_type(answer: str) -> str:
+  """"yes/no", "shape" or "color": what kind of answer the question asks for."""
+  if answer in YES_NO:
+    return "yes/no"
+  return "shape" if answer in SHAPES else "color"
+
+
+def _package_data():
+  try:
+    return importlib.resources.files("easy_vqa") / "data"
+  except ModuleNotFoundError as e:
+    raise ModuleNotFoundError("easy_vqa needs the `easy-vqa` package, which ships the dataset: "
+                              "pip install easy-vqa") from e
+
+
+def answers() -> list[str]:
+  return [a.strip() for a in (_package_data() / "answers.txt").read_text().splitlines() if a.strip()]
+
+
+def validation_image_ids(train_image_ids) -> set[int]:
+  ids = np.unique(np.asarray(train_image_ids))
+  rng = np.random.default_rng(VALIDATION_SEED)
+  return set(rng.choice(ids, int(len(ids) * VALIDATION_FRACTION), replace=False).tolist())
+
+
+class EasyVqa(tfds.core.GeneratorBasedBuilder):
+  """easy-VQA: coloured shapes and questions about them; image + question -> answer."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "easy-vqa 1.0 questions; validation = 10% of train images (seed 0)."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__,
+        features=tfds.features.FeaturesDict({
+            "id": tfds.features.Text(),
+            "image": tfds.features.Image(shape=(64, 64, 3), encoding_format="png"),
+            "text": tfds.features.Text(),
+            "label": tfds.features.ClassLabel(names=answers()),
+            "image_id": np.int64,
+            "question_type": tfds.features.ClassLabel(names=["yes/no", "color", "shape"]),
+        }),
+        homepage="https://github.com/vzhou842/easy-VQA",
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download: the data is in the easy-vqa wheel
+    data = _package_data()
+    train = json.loads((data / "train" / "questions.json").read_text())
+    test = json.loads((data / "test" / "questions.json").read_text())
+    held_out = validation_image_ids([q[2] for q in train])
+    return {
+        "train": self._generate_examples(data / "train", [q for q in train if q[2] not in held_out], "train"),
+        "validation": self._generate_examples(data / "train", [q for q in train if q[2] in held_out], "train"),
+        "test": self._generate_examples(data / "test", test, "test"),
+    }
+
+  def _generate_examples(self, directory, questions, source_split):
+    for index, (text, answer, image_id) in enumerate(questions):
+      key = f"{source_split}-{index}"
+      yield key, {
+          "id": key,
+          "image": (directory / "images" / f"{image_id}.png").read_bytes(),
+          "text": text,
+          "label": answer,
+          "image_id": image_id,
+          "question_type": question_type(answer),
+      }

@@ -1,0 +1,59 @@
+"""The easy-VQA TFDS builder over the data in the easy-vqa wheel (builds in a few seconds, no download)."""
+
+import collections
+import pathlib
+
+import numpy as np
+import pytest
+
+from mora_jax.data.builders import easy_vqa
+
+
+@pytest.fixture(name="builder", scope="module")
+def fixture_builder(tmp_path_factory):
+  builder = easy_vqa.EasyVqa(data_dir=str(tmp_path_factory.mktemp("tfds")))
+  builder.download_and_prepare(file_format="array_record")
+  return builder
+
+
+def test_split_sizes_and_classes(builder):
+  sizes = {s: len(builder.as_data_source(s)) for s in ("train", "validation", "test")}
+  assert sizes["train"] + sizes["validation"] == 38_575
+  assert sizes["test"] == 9_673
+  assert builder.info.features["label"].num_classes == 13
+
+
+def test_validation_is_carved_by_image(builder):
+  image_ids = {}
+  for split in ("train", "validation", "test"):
+    source = builder.as_data_source(split)
+    image_ids[split] = {int(source[i]["image_id"]) for i in range(len(source))}
+  assert not image_ids["train"] & image_ids["validation"]
+  assert len(image_ids["train"] | image_ids["validation"]) == 4_000
+  assert len(image_ids["validation"]) == 400
+  assert len(image_ids["test"]) == 1_000
+
+
+def test_records_and_question_types(builder):
+  source = builder.as_data_source("test")
+  names = builder.info.features["label"].names
+  types = builder.info.features["question_type"].names
+  counts = collections.Counter()
+  for i in range(0, len(source), 97):
+    record = source[i]
+    assert record["image"].shape == (64, 64, 3) and record["image"].dtype == np.uint8
+    answer = names[record["label"]]
+    assert types[record["question_type"]] == easy_vqa.question_type(answer)
+    counts[types[record["question_type"]]] += 1
+  assert set(counts) == {"yes/no", "color", "shape"}
+  assert counts["yes/no"] > counts["color"]  # 74% of easy-VQA questions are yes/no (PROTOCOL.md)
+
+
+def test_rebuilding_reuses_the_prepared_files(builder):
+  def stamps(directory):
+    return {p.name: p.stat().st_mtime_ns for p in pathlib.Path(str(directory)).iterdir()}
+
+  before = stamps(builder.data_path)
+  again = easy_vqa.EasyVqa(data_dir=str(builder.data_path.parent.parent))
+  again.download_and_prepare(file_format="array_record")
+  assert stamps(again.data_path) == before
