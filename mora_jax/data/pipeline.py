@@ -1,0 +1,129 @@
+"""The Grain input pipeline: seeded per-epoch shuffling, per-process sharding of the index space, batches of
+numpy arrays with the missing modality replaced by its dummy input, and checkpointable iterator state.
+
+A source is any random-access sequence of records (a TFDS data source, or a list in tests) whose records are
+dicts with "id", "image" (uint8 HWC array, or encoded bytes), "text" (str or bytes) and "label" (int, or a
+multi-hot vector). Evaluation sees every sample exactly once: each process's last batch is padded and a
+`valid` mask marks real rows.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from mora_jax.data import missing as missing_lib
+from mora_jax.data import preprocess
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """How records become model inputs (PROTOCOL.md defaults)."""
+  image_size: int = 224
+  max_length: int = 77
+  missing_image: str = "white"  # "white" (MoRA) or "ones_after_norm" (the prompting baselines)
+  rewrite_position_75: bool = True  # the authors' collate quirk; only changes truncated texts
+
+  def __post_init__(self):
+    if self.missing_image not in ("white", "ones_after_norm"):
+      raise ValueError(f"missing_image={self.missing_image!r}: use 'white' or 'ones_after_norm'.")
+
+
+def tokenize(tokenizer, texts: Sequence[str], prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+  """(input_ids int32 [N, L], attention_mask int32 [N, L]): padded to max_length, truncated keeping EOS last.
+
+  With `rewrite_position_75`, position 75 is set to the pad id where it is not already EOS (the authors'
+  collate; for CLIP's tokenizer pad == EOS, so a truncated text is then pooled at position 75).
+  """
+  encoded = tokenizer(list(texts), padding="max_length", truncation=True, max_length=prep.max_length,
+                      return_tensors="np")
+  ids = np.asarray(encoded["input_ids"], np.int32)
+  mask = np.asarray(encoded["attention_mask"], np.int32)
+  if prep.rewrite_position_75 and prep.max_length > 75:
+    ids[:, 75] = np.where(ids[:, 75] != tokenizer.eos_token_id, tokenizer.pad_token_id, ids[:, 75])
+  return ids, mask
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _image(record, source_name: str) -> Image.Image:
+  value = record["image"]
+  if isinstance(value, (bytes, bytearray)):
+    return preprocess.decode_image(bytes(value), f"{source_name} sample {_text(record['id'])}")
+  return Image.fromarray(np.asarray(value))
+
+
+class _Decode:
+  """Record index -> one preprocessed example (runs in Grain's worker threads)."""
+
+  def __init__(self, source, table: np.ndarray, prep: Preprocessing, source_name: str):
+    self.source, self.table, self.prep, self.source_name = source, table, prep, source_name
+    self.white = preprocess.image_to_pixels(preprocess.white_image(prep.image_size), prep.image_size,
+                                            prep.image_size)
+
+  def __call__(self, index: int) -> dict:
+    valid = index >= 0
+    index = max(index, 0)  # padding rows repeat record 0 and are masked out
+    record = self.source[index]
+    code = int(self.table[index])
+    if code == missing_lib.IMAGE_MISSING:
+      pixels = self.white if self.prep.missing_image == "white" else np.ones_like(self.white)
+    else:
+      pixels = preprocess.image_to_pixels(_image(record, self.source_name), self.prep.image_size,
+                                          self.prep.image_size)
+    text = "" if code == missing_lib.TEXT_MISSING else _text(record["text"])
+    return {"pixel_values": pixels, "text": text, "label": np.asarray(record["label"]),
+            "missing": np.int8(code), "index": np.int64(index), "valid": np.bool_(valid)}
+
+
+class _Tokenize:
+  """A batch with a list of texts -> the same batch with input_ids/attention_mask (one tokenizer call)."""
+
+  def __init__(self, tokenizer, prep: Preprocessing):
+    self.tokenizer, self.prep = tokenizer, prep
+
+  def __call__(self, batch: dict) -> dict:
+    batch = dict(batch)
+    batch["input_ids"], batch["attention_mask"] = tokenize(self.tokenizer, list(batch.pop("text")), self.prep)
+    return batch
+
+
+def _stack(examples: Sequence[dict]) -> dict:
+  batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "text"}
+  batch["text"] = [e["text"] for e in examples]
+  return batch
+
+
+def eval_indices(num_samples: int, batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+  """This process's record indices, padded with -1 so that every process runs the same number of batches."""
+  own = np.arange(process_index, num_samples, process_count)
+  per_process = -(-num_samples // process_count)
+  padded_length = -(-per_process // batch_size) * batch_size
+  return np.concatenate([own, np.full(padded_length - len(own), -1)]).astype(np.int64)
+
+
+def batches(source, table: np.ndarray, tokenizer, batch_size: int, *, train: bool, seed: int = 0,
+            prep: Preprocessing = Preprocessing(), process_index: int = 0, process_count: int = 1,
+            num_threads: int = 2, source_name: str = "dataset") -> grain.IterDataset:
+  """Batches for this process. `batch_size` is the per-process batch.
+
+  train=True: endless, reshuffled every epoch (seeded), each process reading a disjoint part of every epoch's
+  order, last partial batch dropped. train=False: one pass in order, every sample exactly once across
+  processes, the last batch padded (`valid` False on padding rows).
+  Iterate with `iter(...)`; the iterator's `get_state()` / `set_state()` resume mid-epoch.
+  """
+  if len(table) != len(source):
+    raise ValueError(f"{source_name}: missing table has {len(table)} entries for {len(source)} samples.")
+  if train:
+    indices = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
+    indices = indices[process_index::process_count]
+  else:
+    indices = grain.MapDataset.source(eval_indices(len(source), batch_size, process_index, process_count))
+  dataset = (indices.map(_Decode(source, table, prep, source_name))
+             .batch(batch_size, drop_remainder=train, batch_fn=_stack)
+             .map(_Tokenize(tokenizer, prep)))
+  return dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2))

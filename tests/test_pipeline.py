@@ -1,0 +1,116 @@
+"""The Grain pipeline: host sharding, exactly-once evaluation with padding, resumable state, dummy inputs."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mora_jax.data import missing, pipeline, preprocess
+from tests import helpers
+
+PREP = pipeline.Preprocessing(image_size=32, max_length=16)
+
+
+def make_source(n: int = 23):
+  rng = np.random.RandomState(0)
+  records = []
+  for i in range(n):
+    buffer = io.BytesIO()
+    Image.fromarray(rng.randint(0, 256, (20 + i, 30, 3), np.uint8)).save(buffer, "PNG")
+    records.append({"id": f"s{i}".encode(), "image": buffer.getvalue(), "text": f"the sample {i}".encode(),
+                    "label": i % 3})
+  return records
+
+
+@pytest.fixture(name="tokenizer", scope="module")
+def fixture_tokenizer(tmp_path_factory):
+  return helpers.clip_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def take(iterator, count):
+  return [next(iterator) for _ in range(count)]
+
+
+def test_two_hosts_see_disjoint_samples_covering_an_epoch(tokenizer):
+  source = make_source(24)
+  table = np.zeros(24, np.int8)
+  seen = []
+  for host in range(2):
+    it = iter(pipeline.batches(source, table, tokenizer, 4, train=True, seed=5, prep=PREP, process_index=host,
+                               process_count=2))
+    seen.append(np.concatenate([b["index"] for b in take(it, 3)]))  # 3 x 4 = one epoch's half per host
+  assert not set(seen[0]) & set(seen[1])
+  assert set(seen[0]) | set(seen[1]) == set(range(24))
+
+
+def test_epochs_are_reshuffled_and_seeded(tokenizer):
+  source, table = make_source(12), np.zeros(12, np.int8)
+  order = lambda seed: np.concatenate([b["index"] for b in take(iter(pipeline.batches(
+      source, table, tokenizer, 4, train=True, seed=seed, prep=PREP)), 6)])
+  a = order(1)
+  assert sorted(a[:12]) == sorted(a[12:]) == list(range(12)) and not np.array_equal(a[:12], a[12:])
+  assert np.array_equal(a, order(1)) and not np.array_equal(a, order(2))
+
+
+@pytest.mark.parametrize("hosts", [1, 2, 3])
+def test_evaluation_sees_every_sample_once(tokenizer, hosts):
+  source, table = make_source(23), np.zeros(23, np.int8)
+  counts = np.zeros(23, int)
+  num_batches = set()
+  for host in range(hosts):
+    host_batches = list(pipeline.batches(source, table, tokenizer, 4, train=False, prep=PREP, process_index=host,
+                                         process_count=hosts))
+    num_batches.add(len(host_batches))
+    for b in host_batches:
+      assert b["pixel_values"].shape == (4, 3, 32, 32) and b["input_ids"].shape == (4, 16)
+      np.add.at(counts, b["index"][b["valid"]], 1)
+  assert len(num_batches) == 1  # every host runs the same number of steps
+  assert (counts == 1).all()
+
+
+def test_resume_from_saved_state_gives_the_same_batches(tokenizer):
+  source, table = make_source(20), np.zeros(20, np.int8)
+  make = lambda: iter(pipeline.batches(source, table, tokenizer, 3, train=True, seed=0, prep=PREP))
+  straight = make()
+  take(straight, 4)
+  state = straight.get_state()
+  expected = take(straight, 5)
+  resumed = make()
+  resumed.set_state(state)
+  for a, b in zip(expected, take(resumed, 5)):
+    for key in ("index", "pixel_values", "input_ids", "label"):
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_missing_modalities_get_dummy_inputs(tokenizer):
+  source = make_source(6)
+  table = np.array([0, 1, 2, 0, 1, 2], np.int8)
+  batch = next(iter(pipeline.batches(source, table, tokenizer, 6, train=False, prep=PREP)))
+  white = preprocess.image_to_pixels(preprocess.white_image(32), 32, 32)
+  empty_ids, _ = pipeline.tokenize(tokenizer, [""], PREP)
+  for row, code in enumerate(table):
+    assert batch["missing"][row] == code
+    assert np.array_equal(batch["pixel_values"][row], white) == (code == missing.IMAGE_MISSING)
+    assert np.array_equal(batch["input_ids"][row], empty_ids[0]) == (code == missing.TEXT_MISSING)
+  ones = pipeline.Preprocessing(image_size=32, max_length=16, missing_image="ones_after_norm")
+  batch = next(iter(pipeline.batches(source, table, tokenizer, 6, train=False, prep=ones)))
+  assert (batch["pixel_values"][2] == 1).all()
+
+
+def test_position_75_rewrite_only_touches_truncated_texts(tokenizer):
+  prep = pipeline.Preprocessing()
+  ids, _ = pipeline.tokenize(tokenizer, ["the cat", "x " * 200], prep)
+  plain, _ = pipeline.tokenize(tokenizer, ["the cat", "x " * 200], pipeline.Preprocessing(rewrite_position_75=False))
+  eos = tokenizer.eos_token_id
+  assert np.array_equal(ids[0], plain[0])  # short text: position 75 is already pad == EOS
+  assert plain[1, 75] != eos and ids[1, 75] == eos and ids[1, 76] == eos
+  assert (ids[1] == eos).argmax() == 75  # pooling now reads position 75, as in the authors' runs
+
+
+def test_corrupt_image_names_the_sample(tokenizer):
+  source = make_source(4)
+  source[2]["image"] = source[2]["image"][:40]
+  with pytest.raises(ValueError, match="fixture sample s2: corrupt or truncated image"):
+    list(pipeline.batches(source, np.zeros(4, np.int8), tokenizer, 2, train=False, prep=PREP,
+                          source_name="fixture"))
