@@ -114,3 +114,14 @@ def test_corrupt_image_names_the_sample(tokenizer):
   with pytest.raises(ValueError, match="fixture sample s2: corrupt or truncated image"):
     list(pipeline.batches(source, np.zeros(4, np.int8), tokenizer, 2, train=False, prep=PREP,
                           source_name="fixture"))
+
+
+def test_skip_corrupt_masks_and_counts_only_the_bad_sample(tokenizer):
+  source = make_source(5)
+  source[3]["image"] = source[3]["image"][:40]
+  batches = list(pipeline.batches(source, np.zeros(5, np.int8), tokenizer, 2, train=False, prep=PREP,
+                                  skip_corrupt=True))
+  corrupt = np.concatenate([b["index"][b["corrupt"]] for b in batches])
+  valid = np.concatenate([b["index"][b["valid"]] for b in batches])
+  assert corrupt.tolist() == [3]
+  assert sorted(valid.tolist()) == [0, 1, 2, 4]

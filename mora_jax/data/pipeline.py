@@ -60,8 +60,9 @@ def _image(record, source_name: str) -> Image.Image:
 class _Decode:
   """Record index -> one preprocessed example (runs in Grain's worker threads)."""
 
-  def __init__(self, source, table: np.ndarray, prep: Preprocessing, source_name: str):
+  def __init__(self, source, table: np.ndarray, prep: Preprocessing, source_name: str, skip_corrupt: bool):
     self.source, self.table, self.prep, self.source_name = source, table, prep, source_name
+    self.skip_corrupt = skip_corrupt
     self.white = preprocess.image_to_pixels(preprocess.white_image(prep.image_size), prep.image_size,
                                             prep.image_size)
 
@@ -70,14 +71,22 @@ class _Decode:
     index = max(index, 0)  # padding rows repeat record 0 and are masked out
     record = self.source[index]
     code = int(self.table[index])
+    corrupt = False
     if code == missing_lib.IMAGE_MISSING:
       pixels = self.white if self.prep.missing_image == "white" else np.ones_like(self.white)
     else:
-      pixels = preprocess.image_to_pixels(_image(record, self.source_name), self.prep.image_size,
-                                          self.prep.image_size)
+      try:
+        pixels = preprocess.image_to_pixels(_image(record, self.source_name), self.prep.image_size,
+                                            self.prep.image_size)
+      except ValueError:
+        if not self.skip_corrupt:
+          raise
+        # Kept as a masked row (like padding) and counted, so batches and evaluation stay aligned.
+        pixels, corrupt, valid = np.zeros_like(self.white), True, False
     text = "" if code == missing_lib.TEXT_MISSING else _text(record["text"])
     return {"pixel_values": pixels, "text": text, "label": np.asarray(record["label"]),
-            "missing": np.int8(code), "index": np.int64(index), "valid": np.bool_(valid)}
+            "missing": np.int8(code), "index": np.int64(index), "valid": np.bool_(valid),
+            "corrupt": np.bool_(corrupt)}
 
 
 class _Tokenize:
@@ -108,13 +117,15 @@ def eval_indices(num_samples: int, batch_size: int, process_index: int, process_
 
 def batches(source, table: np.ndarray, tokenizer, batch_size: int, *, train: bool, seed: int = 0,
             prep: Preprocessing = Preprocessing(), process_index: int = 0, process_count: int = 1,
-            num_threads: int = 2, source_name: str = "dataset") -> grain.IterDataset:
+            num_threads: int = 2, source_name: str = "dataset", skip_corrupt: bool = False) -> grain.IterDataset:
   """Batches for this process. `batch_size` is the per-process batch.
 
   train=True: endless, reshuffled every epoch (seeded), each process reading a disjoint part of every epoch's
   order, last partial batch dropped. train=False: one pass in order, every sample exactly once across
   processes, the last batch padded (`valid` False on padding rows).
   Iterate with `iter(...)`; the iterator's `get_state()` / `set_state()` resume mid-epoch.
+  A corrupt image raises an error naming the sample; with skip_corrupt=True its row is masked instead
+  (`valid` False, `corrupt` True, so callers count and report it) and nothing else is dropped.
   """
   if len(table) != len(source):
     raise ValueError(f"{source_name}: missing table has {len(table)} entries for {len(source)} samples.")
@@ -123,7 +134,7 @@ def batches(source, table: np.ndarray, tokenizer, batch_size: int, *, train: boo
     indices = indices[process_index::process_count]
   else:
     indices = grain.MapDataset.source(eval_indices(len(source), batch_size, process_index, process_count))
-  dataset = (indices.map(_Decode(source, table, prep, source_name))
+  dataset = (indices.map(_Decode(source, table, prep, source_name, skip_corrupt))
              .batch(batch_size, drop_remainder=train, batch_fn=_stack)
              .map(_Tokenize(tokenizer, prep)))
   return dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2))
