@@ -1,0 +1,132 @@
+"""MM-IMDb, UPMC Food-101 and Hateful Memes builders on tiny raw layouts (and an Arrow file) the tests write."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from mora_jax.data.builders import manual
+
+
+def image_bytes(size, mode="RGB", fmt="JPEG") -> bytes:
+  buffer = io.BytesIO()
+  color = {"RGB": (200, 10, 10), "L": 90, "CMYK": (0, 50, 100, 0), "RGBA": (1, 2, 3, 100)}[mode]
+  Image.new(mode, size, color).save(buffer, fmt)
+  return buffer.getvalue()
+
+
+def build(builder_cls, data_dir, manual_dir):
+  builder = builder_cls(data_dir=str(data_dir))
+  builder.download_and_prepare(file_format="array_record",
+                               download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  return builder
+
+
+def records(builder, split):
+  source = builder.as_data_source(split)
+  return {r["id"].decode(): r for r in (source[i] for i in range(len(source)))}
+
+
+def write_mmimdb(root, genres_of_0002=("Comedy", "Romance")):
+  (root / "images").mkdir(parents=True)
+  (root / "labels").mkdir()
+  movies = {"0001": (["a plot", "another plot", "third plot"], ["Drama"]),
+            "0002": (["only plot"], list(genres_of_0002)), "0003": (["p"], ["Horror", "Film-Noir"])}
+  for i, (movie, (plots, genres)) in enumerate(movies.items()):
+    (root / "images" / f"{movie}.jpeg").write_bytes(image_bytes((40 + i, 30), ["RGB", "L", "CMYK"][i]))
+    (root / "labels" / f"{movie}.json").write_text(json.dumps({"plot": plots, "genres": genres}))
+  (root / "split.json").write_text(json.dumps({"train": ["0001", "0002"], "dev": ["0003"], "test": ["0003"]}))
+
+
+def test_mmimdb_raw_layout(tmp_path):
+  write_mmimdb(tmp_path / "raw")
+  builder = build(manual.MmImdb, tmp_path / "data", tmp_path / "raw")
+  train = records(builder, "train")
+  assert set(train) == {"0001", "0002"}
+  assert [t.decode() for t in train["0001"]["texts"]] == ["a plot", "another plot", "third plot"]
+  expected = np.zeros(23, np.int8)
+  expected[[manual.MMIMDB_GENRES.index("Comedy"), manual.MMIMDB_GENRES.index("Romance")]] = 1
+  np.testing.assert_array_equal(train["0002"]["label"], expected)
+  assert Image.open(io.BytesIO(train["0001"]["image"])).size == (40, 30)
+  assert len(builder.as_data_source("validation")) == len(builder.as_data_source("test")) == 1
+
+
+def test_mmimdb_unknown_genre_names_the_sample(tmp_path):
+  write_mmimdb(tmp_path / "raw", genres_of_0002=("Comedy", "Cooking"))
+  with pytest.raises(ValueError, match=r"0002.json: sample 0002 has labels \['Cooking'\] outside the class list"):
+    build(manual.MmImdb, tmp_path / "data", tmp_path / "raw")
+
+
+def test_food101_raw_layout_drops_samples_without_text(tmp_path):
+  root = tmp_path / "raw"
+  files = {"train": ["apple_pie_1.jpg", "apple_pie_2.jpg", "baby_back_ribs_7.jpg"], "val": ["apple_pie_3.jpg"],
+           "test": ["baby_back_ribs_9.jpg"]}
+  for split, names in files.items():
+    for k, name in enumerate(names):
+      folder = root / "images" / ("test" if split == "test" else "train") / name.rsplit("_", 1)[0]
+      folder.mkdir(parents=True, exist_ok=True)
+      (folder / name).write_bytes(image_bytes((50 + k, 60), "RGBA", "PNG"))
+  (root / "class_idx.json").write_text(json.dumps({"apple_pie": 0, "baby_back_ribs": 1}))
+  texts = {name: f"text of {name}" for names in files.values() for name in names}
+  del texts["apple_pie_2.jpg"]
+  (root / "text.json").write_text(json.dumps(texts))
+  (root / "split.json").write_text(json.dumps(files))
+  builder = build(manual.UpmcFood101, tmp_path / "data", root)
+  train = records(builder, "train")
+  assert set(train) == {"apple_pie_1.jpg", "baby_back_ribs_7.jpg"}
+  assert train["baby_back_ribs_7.jpg"]["label"] == 1
+  assert [t.decode() for t in train["apple_pie_1.jpg"]["texts"]] == ["text of apple_pie_1.jpg"]
+  assert set(records(builder, "validation")) == {"apple_pie_3.jpg"}
+
+
+def write_memes(root, bad_label=False):
+  (root / "img").mkdir(parents=True)
+  for split, rows in {"train": [(1, 0), (2, 1)], "dev": [(3, 1)], "test": [(4, 0), (5, 1)]}.items():
+    lines = []
+    for meme, label in rows:
+      (root / "img" / f"{meme:05d}.png").write_bytes(image_bytes((64, 48 + meme), "RGB", "PNG"))
+      lines.append(json.dumps({"id": meme, "img": f"img/{meme:05d}.png", "text": f"meme {meme}",
+                               "label": 3 if bad_label and meme == 2 else label}))
+    (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_hateful_memes_raw_layout(tmp_path):
+  write_memes(tmp_path / "raw")
+  builder = build(manual.HatefulMemes, tmp_path / "data", tmp_path / "raw")
+  test = records(builder, "test")
+  assert {k: int(r["label"]) for k, r in test.items()} == {"4": 0, "5": 1}
+  assert len(builder.as_data_source("train")) == 2 and len(builder.as_data_source("validation")) == 1
+
+
+def test_label_outside_classes_names_the_sample(tmp_path):
+  write_memes(tmp_path / "raw", bad_label=True)
+  with pytest.raises(ValueError, match="train.jsonl: sample 2 has label 3 outside 0..1"):
+    build(manual.HatefulMemes, tmp_path / "data", tmp_path / "raw")
+
+
+def test_missing_manual_files_point_to_the_instructions(tmp_path):
+  (tmp_path / "raw").mkdir()
+  (tmp_path / "raw" / "README").write_text("not the dataset")
+  with pytest.raises(FileNotFoundError, match="split.json not found.*MmImdb.MANUAL_DOWNLOAD_INSTRUCTIONS"):
+    build(manual.MmImdb, tmp_path / "data", tmp_path / "raw")
+  with pytest.raises(FileNotFoundError, match="(?s)nowhere does not exist or is empty.*Download the Hateful Memes"):
+    build(manual.HatefulMemes, tmp_path / "data2", tmp_path / "nowhere")
+
+
+def test_authors_arrow_files(tmp_path):
+  pa = pytest.importorskip("pyarrow")
+  root = tmp_path / "raw"
+  root.mkdir()
+  for k, split in enumerate(("train", "val", "test")):
+    table = pa.table({"image": [image_bytes((30, 30)), image_bytes((20, 40), "L")],
+                      "text": [[f"{split} one"], [f"{split} two"]], "label": [0, 1 - k % 2]})
+    with pa.OSFile(str(root / f"{split}.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+      writer.write_table(table)
+  builder = build(manual.HatefulMemes, tmp_path / "data", root)
+  train = records(builder, "train")
+  assert {k: [t.decode() for t in r["texts"]] for k, r in train.items()} == {
+      "train-0": ["train one"], "train-1": ["train two"]}
+  assert int(records(builder, "validation")["validation-1"]["label"]) == 0
