@@ -57,16 +57,3 @@ def perturb_trainables(clf: adapters.Classifier, seed: int = 1) -> None:
     value = np.asarray(variable.get_value())
     variable.set_value(jnp.asarray(value + 0.3 * rng.randn(*value.shape).astype(np.float32)))
 
-
-def clip_tokenizer(directory):
-  """A real transformers CLIPTokenizer over a minimal byte-level BPE vocabulary (every byte, plus "the")."""
-  import json  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
-  # GPT-2's byte -> unicode table: printable bytes map to themselves, the others to code points from 256.
-  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-  others = [b for b in range(256) if b not in printable]
-  chars = [chr(c) for c in printable] + [chr(256 + i) for i in range(len(others))]
-  vocab = chars + [c + "</w>" for c in chars] + ["th", "the</w>", "<|startoftext|>", "<|endoftext|>"]
-  (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-  (directory / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
-  return transformers.CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))

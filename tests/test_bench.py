@@ -27,3 +27,10 @@ def test_adapters_bench_runs():
   assert [row[3].strip() for row in rows[:6]] == ["none", "lora", "dora", "mora-materialized", "mora-fused",
                                                   "PyTorch MoRA peer"], out
   assert rows[6][3].strip().endswith("x"), out  # merged inference / plain backbone
+
+
+def test_data_bench_runs(tmp_path):
+  out = subprocess.run([sys.executable, "bench/data.py", "--data_dir", str(tmp_path), "--threads", "1",
+                        "--batch", "4", "--batches", "1"], cwd=ROOT, capture_output=True, text=True,
+                       check=True).stdout
+  assert any(line.startswith("| 1 | 4 | ") for line in out.splitlines()), out

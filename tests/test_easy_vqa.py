@@ -57,3 +57,27 @@ def test_rebuilding_reuses_the_prepared_files(builder):
   again = easy_vqa.EasyVqa(data_dir=str(builder.data_path.parent.parent))
   again.download_and_prepare(file_format="array_record")
   assert stamps(again.data_path) == before
+
+
+def test_load_with_missing_table_and_scenarios(builder):
+  from mora_jax import data  # pylint: disable=import-outside-toplevel
+  data_dir = builder.data_path.parent.parent
+  ds = data.load("easy_vqa", "test", data_dir, missing=data.Missing(rate=0.7, type="both", seed=42))
+  assert len(ds.source) == len(ds.table) == 9_673 and not ds.multi_label and ds.num_classes == 13
+  assert int((ds.table != 0).sum()) == int(9_673 * 0.7)
+  again = data.load("easy_vqa", "test", data_dir, missing=data.Missing(rate=0.7, type="both", seed=42))
+  assert np.array_equal(ds.table, again.table)
+  assert set(ds.scenario("text_missing").table.tolist()) == {1} and ds.scenario("mix") is ds
+  record = ds.source[0]
+  assert record["image"].shape == (64, 64, 3) and isinstance(record["text"], bytes)
+
+
+def test_batches_at_224_pixels(builder, tmp_path):
+  from mora_jax import data  # pylint: disable=import-outside-toplevel
+  from mora_jax.data import tokenizers  # pylint: disable=import-outside-toplevel
+  ds = data.load("easy_vqa", "validation", builder.data_path.parent.parent, missing=data.Missing(rate=0.7))
+  tokenizer = tokenizers.byte_level_clip_tokenizer(tmp_path)
+  batch = next(iter(data.batches(ds, 4, tokenizer, train=True, seed=42)))
+  assert batch["pixel_values"].shape == (4, 3, 224, 224) and batch["pixel_values"].dtype == np.float32
+  assert batch["input_ids"].shape == (4, 77) and batch["label"].shape == (4,)
+  np.testing.assert_array_equal(batch["missing"], ds.table[batch["index"]])

@@ -130,3 +130,26 @@ def test_authors_arrow_files(tmp_path):
   assert {k: [t.decode() for t in r["texts"]] for k, r in train.items()} == {
       "train-0": ["train one"], "train-1": ["train two"]}
   assert int(records(builder, "validation")["validation-1"]["label"]) == 0
+
+
+def test_mmimdb_one_sample_per_plot_shares_the_movie_missing_flag(tmp_path):
+  from mora_jax import data  # pylint: disable=import-outside-toplevel
+  write_mmimdb(tmp_path / "raw")
+  spec = data.Missing(rate=0.5, type="text", seed=0)
+  ds = data.load("mm_imdb", "train", tmp_path / "data", tmp_path / "raw", missing=spec)
+  assert len(ds.source) == 4  # movie 0001 has 3 plots, 0002 has 1
+  ids = [ds.source[i]["id"].decode() for i in range(4)]
+  texts = [ds.source[i]["text"].decode() for i in range(4)]
+  assert sorted(zip(ids, texts)) == [("0001", "a plot"), ("0001", "another plot"), ("0001", "third plot"),
+                                     ("0002", "only plot")]
+  by_movie = {}
+  for movie, code in zip(ids, ds.table):
+    by_movie.setdefault(movie, set()).add(int(code))
+  assert all(len(codes) == 1 for codes in by_movie.values())  # the flag belongs to the movie
+  assert sorted(c.pop() for c in by_movie.values()) == [0, 1]  # int(2 movies * 0.5) = 1 movie loses its text
+  assert ds.multi_label and ds.num_classes == 23
+  first_only = data.load("mm_imdb", "train", tmp_path / "data", tmp_path / "raw", missing=spec,
+                         one_sample_per_text=False)
+  assert len(first_only.source) == 2
+  assert [s.tolist() for s in (ds.scenario("complete").table, ds.scenario("image_missing").table)] == [[0] * 4,
+                                                                                                     [2] * 4]

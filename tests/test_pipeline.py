@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mora_jax.data import missing, pipeline, preprocess
-from tests import helpers
+from mora_jax.data import missing, pipeline, preprocess, tokenizers
 
 PREP = pipeline.Preprocessing(image_size=32, max_length=16)
 
@@ -25,7 +24,7 @@ def make_source(n: int = 23):
 
 @pytest.fixture(name="tokenizer", scope="module")
 def fixture_tokenizer(tmp_path_factory):
-  return helpers.clip_tokenizer(tmp_path_factory.mktemp("tok"))
+  return tokenizers.byte_level_clip_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def take(iterator, count):

@@ -1,1 +1,14 @@
-"""The missing-modality benchmark protocol: datasets, missing tables, preprocessing, pipeline, metrics."""
+"""The missing-modality benchmark protocol: datasets, missing tables, preprocessing, pipeline, metrics.
+
+    from mora_jax import data
+    ds = data.load("mm_imdb", split="train", data_dir=..., manual_dir=..., missing=data.Missing(rate=0.7, type="both"))
+    it = iter(data.batches(ds, 256, tokenizer, train=True, seed=42))   # dicts of numpy arrays
+    test_views = {kind: ds.scenario(kind) for kind in data.SCENARIOS}  # complete / text / image missing / mix
+"""
+
+from mora_jax.data.datasets import BUILDERS, SCENARIOS, Dataset, batches, load, prepare
+from mora_jax.data.missing import Missing
+from mora_jax.data.pipeline import Preprocessing, tokenize
+
+__all__ = ["BUILDERS", "SCENARIOS", "Dataset", "Missing", "Preprocessing", "batches", "load", "prepare",
+           "tokenize"]

@@ -1,0 +1,102 @@
+"""`load`: a prepared TFDS split as pipeline records, with its missing table and evaluation scenarios."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mora_jax.data import missing as missing_lib
+from mora_jax.data import pipeline
+from mora_jax.data.builders import easy_vqa, manual
+
+BUILDERS = {
+    "easy_vqa": easy_vqa.EasyVqa,
+    "mm_imdb": manual.MmImdb,
+    "upmc_food101": manual.UpmcFood101,
+    "hateful_memes": manual.HatefulMemes,
+}
+SCENARIOS = ("complete", "text_missing", "image_missing", "mix")
+
+
+class _TextView:
+  """Random access to records with one "text" each: record j of a multi-text record (an MM-IMDb movie with k
+  plots) becomes k samples, or only its first text when `one_sample_per_text` is off."""
+
+  def __init__(self, source, one_sample_per_text: bool):
+    self.source = source
+    if one_sample_per_text and "texts" in source[0]:
+      counts = np.array([len(source[i]["texts"]) for i in range(len(source))])
+    else:
+      counts = np.ones(len(source), np.int64)
+    self.base_index = np.repeat(np.arange(len(source)), counts)  # sample -> record (the missing-table index)
+    self.text_index = np.concatenate([np.arange(c) for c in counts]) if len(counts) else counts
+
+  def __len__(self) -> int:
+    return len(self.base_index)
+
+  def __getitem__(self, index: int) -> dict:
+    record = dict(self.source[int(self.base_index[index])])
+    if "texts" in record:
+      texts = record.pop("texts")
+      record["text"] = texts[int(self.text_index[index])] if len(texts) else b""
+    return record
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """One split: `source` (pipeline records), `table` (a missing code per record), and what the head needs."""
+  name: str
+  split: str
+  source: _TextView
+  table: np.ndarray
+  class_names: tuple[str, ...]
+  multi_label: bool
+  missing: missing_lib.Missing
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def scenario(self, kind: str) -> "Dataset":
+    """The evaluation views of PROTOCOL.md: complete, text_missing (all), image_missing (all), or the mix."""
+    codes = {"complete": missing_lib.COMPLETE, "text_missing": missing_lib.TEXT_MISSING,
+             "image_missing": missing_lib.IMAGE_MISSING}
+    if kind == "mix":
+      return self
+    if kind not in codes:
+      raise ValueError(f"scenario {kind!r}: use one of {SCENARIOS}.")
+    return dataclasses.replace(self, table=np.full_like(self.table, codes[kind]))
+
+
+def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = None) -> tfds.core.DatasetBuilder:
+  """Builds the dataset once per data_dir (with a progress bar); later calls reuse the prepared files."""
+  if name not in BUILDERS:
+    raise ValueError(f"Unknown dataset {name!r}; known: {sorted(BUILDERS)}.")
+  builder = BUILDERS[name](data_dir=str(data_dir))
+  config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
+  builder.download_and_prepare(file_format="array_record", download_config=config)
+  return builder
+
+
+def load(name: str, split: str, data_dir: str | Path, manual_dir: str | Path | None = None,
+         missing: missing_lib.Missing = missing_lib.Missing(), one_sample_per_text: bool = True) -> Dataset:
+  """A prepared split with its missing table (cached in `data_dir`, keyed by split/type/rate/seed; the authors'
+  `.pt` tables are used when placed there). The table is per base sample: an MM-IMDb movie's plots share it."""
+  builder = prepare(name, data_dir, manual_dir)
+  if split not in builder.info.splits:
+    raise ValueError(f"{name} has no split {split!r}; it has {sorted(builder.info.splits)}.")
+  source = builder.as_data_source(split)
+  view = _TextView(source, one_sample_per_text)
+  base_table = missing_lib.load_or_build(Path(data_dir) / "missing_tables", name, split, len(source), missing)
+  label = builder.info.features["label"]
+  class_names = tuple(label.names) if isinstance(label, tfds.features.ClassLabel) else manual.MMIMDB_GENRES
+  return Dataset(name=name, split=split, source=view, table=base_table[view.base_index], class_names=class_names,
+                 multi_label=not isinstance(label, tfds.features.ClassLabel), missing=missing)
+
+
+def batches(ds: Dataset, batch_size: int, tokenizer, *, train: bool, **options):
+  """`pipeline.batches` over a loaded split (options: seed, prep, process_index/count, num_threads,
+  skip_corrupt)."""
+  return pipeline.batches(ds.source, ds.table, tokenizer, batch_size, train=train,
+                          source_name=f"{ds.name}/{ds.split}", **options)
