@@ -7,22 +7,22 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The scripts import mora_jax from this checkout (installed or not), on one simulated device.
+ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": ROOT}
 
 
 def test_features_bench_runs():
   pytest.importorskip("torch", reason="the benchmark's peer is PyTorch")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run([sys.executable, "bench/features.py", "--configs", "tiny", "--repeats", "1", "--batch", "4"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, check=True).stdout
   row = next(line for line in out.splitlines() if line.startswith("| tiny |"))
   assert row.count("x |") == 2, out
 
 
 def test_adapters_bench_runs():
   pytest.importorskip("torch", reason="the benchmark's peer is PyTorch")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run([sys.executable, "bench/adapters.py", "--configs", "tiny", "--repeats", "1", "--batch", "4"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, check=True).stdout
   rows = [line.split("|") for line in out.splitlines() if line.startswith("| tiny | 4 |")]
   assert [row[3].strip() for row in rows[:6]] == ["none", "lora", "dora", "mora-materialized", "mora-fused",
                                                   "PyTorch MoRA peer"], out
@@ -31,6 +31,6 @@ def test_adapters_bench_runs():
 
 def test_data_bench_runs(tmp_path):
   out = subprocess.run([sys.executable, "bench/data.py", "--data_dir", str(tmp_path), "--threads", "1",
-                        "--batch", "4", "--batches", "1"], cwd=ROOT, capture_output=True, text=True,
+                        "--batch", "4", "--batches", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        check=True).stdout
   assert any(line.startswith("| 1 | 4 | ") for line in out.splitlines()), out
