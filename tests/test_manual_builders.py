@@ -153,3 +153,16 @@ def test_mmimdb_one_sample_per_plot_shares_the_movie_missing_flag(tmp_path):
   assert len(first_only.source) == 2
   assert [s.tolist() for s in (ds.scenario("complete").table, ds.scenario("image_missing").table)] == [[0] * 4,
                                                                                                      [2] * 4]
+
+
+def test_corrupt_image_error_names_sample_and_file(tmp_path):
+  from mora_jax import data  # pylint: disable=import-outside-toplevel
+  from mora_jax.data import tokenizers  # pylint: disable=import-outside-toplevel
+  write_memes(tmp_path / "raw")
+  (tmp_path / "raw" / "img" / "00004.png").write_bytes(image_bytes((64, 52), "RGB", "PNG")[:60])
+  ds = data.load("hateful_memes", "test", tmp_path / "data", tmp_path / "raw", missing=data.Missing(rate=0.0))
+  tokenizer = tokenizers.byte_level_clip_tokenizer(tmp_path / "tok")
+  with pytest.raises(ValueError, match=r"hateful_memes/test sample 4 \(img/00004.png\): corrupt or truncated"):
+    list(data.batches(ds, 2, tokenizer, train=False))
+  rows = list(data.batches(ds, 2, tokenizer, train=False, skip_corrupt=True))
+  assert sum(int(b["corrupt"].sum()) for b in rows) == 1 and sum(int(b["valid"].sum()) for b in rows) == 1

@@ -53,7 +53,8 @@ def _text(value) -> str:
 def _image(record, source_name: str) -> Image.Image:
   value = record["image"]
   if isinstance(value, (bytes, bytearray)):
-    return preprocess.decode_image(bytes(value), f"{source_name} sample {_text(record['id'])}")
+    where = f" ({_text(record['file'])})" if "file" in record else ""
+    return preprocess.decode_image(bytes(value), f"{source_name} sample {_text(record['id'])}{where}")
   return Image.fromarray(np.asarray(value))
 
 

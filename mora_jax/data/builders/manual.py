@@ -1,7 +1,7 @@
 """MM-IMDb, UPMC Food-101 and Hateful Memes as TFDS builders over files the user downloads (PROTOCOL.md).
 
 Each reads either the raw layout or the authors' preprocessed `{train,val,test}.arrow` files from
-`manual_dir`. Records: "id", "image" (the encoded file bytes, decoded by the pipeline so that a corrupt file
+`manual_dir`. Records: "id", "file" (the image's path under manual_dir, or its Arrow row), "image" (the encoded file bytes, decoded by the pipeline so that a corrupt file
 is reported with its sample id), "texts" (one text, or every plot of a movie), "label" (class index, or the
 23-genre multi-hot vector for MM-IMDb). Splits: train, validation, test.
 """
@@ -50,6 +50,7 @@ class _ManualBuilder(tfds.core.GeneratorBasedBuilder):
              else tfds.features.ClassLabel(num_classes=len(self.CLASSES)))
     return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=tfds.features.FeaturesDict({
         "id": tfds.features.Text(),
+        "file": tfds.features.Text(),  # where the image came from, for error messages
         "image": tfds.features.Tensor(shape=(), dtype=np.object_),
         "texts": tfds.features.Sequence(tfds.features.Text()),
         "label": label,
@@ -86,7 +87,7 @@ class _ManualBuilder(tfds.core.GeneratorBasedBuilder):
       label = record["label"]
       if self.MULTI_LABEL:  # the authors' MM-IMDb arrows hold the 23-genre multi-hot vector
         label = [g for g, on in zip(self.CLASSES, label, strict=True) if on]
-      yield sample, {"id": sample, "image": record["image"], "texts": texts,
+      yield sample, {"id": sample, "file": f"{path.name} row {row}", "image": record["image"], "texts": texts,
                      "label": self._label(label, sample, path)}
 
   def _generate_examples(self, root: Path, split: str):
@@ -112,8 +113,8 @@ class MmImdb(_ManualBuilder):
     for movie in ids:
       label_file = _require(root / "labels" / f"{movie}.json", "MmImdb")
       info = json.loads(label_file.read_text())
-      yield str(movie), {"id": str(movie),
-                         "image": _require(root / "images" / f"{movie}.jpeg", "MmImdb").read_bytes(),
+      image = _require(root / "images" / f"{movie}.jpeg", "MmImdb")
+      yield str(movie), {"id": str(movie), "file": str(image.relative_to(root)), "image": image.read_bytes(),
                          "texts": list(info["plot"]), "label": self._label(info["genres"], movie, label_file)}
 
 
@@ -147,7 +148,8 @@ class UpmcFood101(_ManualBuilder):
       if name not in self.class_index:
         raise ValueError(f"{root / 'split.json'}: sample {file} has class {name!r}, not in class_idx.json.")
       image = _require(root / "images" / folder / name / file, "UpmcFood101")
-      yield file, {"id": file, "image": image.read_bytes(), "texts": [texts[file]],
+      yield file, {"id": file, "file": str(image.relative_to(root)), "image": image.read_bytes(),
+                   "texts": [texts[file]],
                    "label": self._label(self.class_index[name], file, root / "class_idx.json")}
 
 
@@ -171,5 +173,5 @@ class HatefulMemes(_ManualBuilder):
       meme = json.loads(line)
       sample = str(meme["id"])
       image = _require(root / meme["img"], "HatefulMemes")
-      yield sample, {"id": sample, "image": image.read_bytes(), "texts": [meme["text"]],
+      yield sample, {"id": sample, "file": meme["img"], "image": image.read_bytes(), "texts": [meme["text"]],
                      "label": self._label(meme["label"], sample, lines_file)}
