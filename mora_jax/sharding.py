@@ -54,7 +54,21 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, str
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def place(value, target: NamedSharding) -> jax.Array:
+  """A host value (the same on every process) as a global array; each process fills only its own shards,
+  so it works on one host and on many."""
+  host = np.asarray(jax.device_get(value))
+  return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+
+def replicate(tree, mesh: Mesh):
+  """Every leaf of `tree` replicated over `mesh` (multi-host safe)."""
+  return jax.tree.map(lambda x: place(x, NamedSharding(mesh, PartitionSpec())), tree)
+
+
 def shard_module(module: nnx.Module, mesh: Mesh, rules: Sequence[tuple[str, str | None]]) -> None:
-  """Moves every variable of `module` onto `mesh` according to `rules`, in place."""
+  """Moves every variable of `module` onto `mesh` according to `rules`, in place (multi-host safe)."""
   state = nnx.state(module)
-  nnx.update(module, jax.device_put(state, state_shardings(state, mesh, rules)))
+  for variable in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    variable.set_value(place(variable.get_value(), variable_sharding(variable, mesh, rules)))
+  nnx.update(module, state)

@@ -75,3 +75,22 @@ def softmax_auroc(logits, labels, valid=None) -> float:
   shifted = logits - logits.max(axis=-1, keepdims=True)
   probs = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
   return binary_auroc(probs[:, 1], labels, valid)
+
+
+# The selection metric of each dataset (PROTOCOL.md): the best checkpoint maximises it.
+PRIMARY = {"mm_imdb": "f1_macro", "hateful_memes": "auroc"}
+
+
+def primary(dataset: str) -> str:
+  return PRIMARY.get(dataset, "accuracy")
+
+
+def summary(dataset: str, logits, labels, valid=None, multi_label: bool = False) -> dict[str, float]:
+  """The dataset's metrics by name: F1 macro/micro/samples for multi-label, accuracy otherwise, plus the
+  softmax AUROC for two-class datasets. `primary(dataset)` names the one used for selection."""
+  if multi_label:
+    return {f"f1_{k}": v for k, v in multilabel_f1(logits, labels, valid).items()}
+  result = {"accuracy": accuracy(logits, labels, valid)}
+  if np.shape(logits)[-1] == 2:
+    result["auroc"] = softmax_auroc(logits, labels, valid)
+  return result

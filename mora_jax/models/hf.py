@@ -28,6 +28,8 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 _WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX_FILE, TORCH_FILE)
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "preprocessor_config.json")
 
 # Our leaf name -> Hugging Face's. Leaves not listed (class_embedding, logit_scale) keep their name.
 _HF_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
@@ -95,6 +97,11 @@ def _download(repo_id: str) -> Path:
     if name == SAFETENSORS_INDEX_FILE:
       for shard in sorted(set(json.loads((directory / name).read_text())["weight_map"].values())):
         hf_hub_download(repo_id, shard)
+    for optional in TOKENIZER_FILES:  # training reads the checkpoint's own tokenizer from the same directory
+      try:
+        hf_hub_download(repo_id, optional)
+      except errors.EntryNotFoundError:
+        pass
     return directory
   raise FileNotFoundError(f"Hub repo {repo_id!r} has none of {_WEIGHT_FILES}.")
 
@@ -152,13 +159,6 @@ def read_weights(directory: Path) -> tuple[dict[str, np.ndarray], Path]:
   raise FileNotFoundError(f"{directory} holds no weights: expected one of {', '.join(_WEIGHT_FILES)}.")
 
 
-def _place(array: np.ndarray, target_sharding) -> jax.Array:
-  if target_sharding is None:
-    return jnp.asarray(array)
-  # Each process materialises only the shards of its own devices: works on one host and on many.
-  return jax.make_array_from_callback(array.shape, target_sharding, lambda index: array[index])
-
-
 def load_state_into(abstract: CLIP, tensors: dict[str, np.ndarray], source: Path, *, mesh: Mesh | None = None,
                     rules=sharding.FSDP_RULES) -> CLIP:
   """Fills the abstract (eval_shape) `abstract` model with `tensors`; strict about keys and shapes."""
@@ -178,7 +178,8 @@ def load_state_into(abstract: CLIP, tensors: dict[str, np.ndarray], source: Path
       mismatched.append(f"{key}: checkpoint {tensors[key].shape}, model expects {hf_shape}")
       continue
     target = None if mesh is None else sharding.variable_sharding(variable, mesh, rules)
-    variable.set_value(_place(array.astype(expected.dtype), target))
+    array = array.astype(expected.dtype)
+    variable.set_value(jnp.asarray(array) if target is None else sharding.place(array, target))
   unused = [k for k in tensors if k not in used and not k.endswith("position_ids")]
   problems = []
   if missing:

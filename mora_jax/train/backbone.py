@@ -1,0 +1,84 @@
+"""The frozen backbone of a run: its weights (placed on the mesh), its tokenizer, and its identity (what a
+checkpoint records, so that adapters are never restored onto other weights than they were trained on)."""
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import transformers
+from flax import nnx
+from jax.sharding import Mesh
+
+from mora_jax import sharding
+from mora_jax.data import tokenizers
+from mora_jax.models import clip as clip_lib
+from mora_jax.models import config as config_lib
+from mora_jax.models import hf
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+  """"auto": bfloat16 on GPU/TPU, float32 on CPU (the MoRA recipe trains in mixed precision on GPUs)."""
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  if name not in DTYPES:
+    raise ValueError(f"backbone.dtype={name!r}: use 'auto' or one of {sorted(DTYPES)}.")
+  return DTYPES[name]
+
+
+def weights_hash(tensors: dict[str, np.ndarray]) -> str:
+  """sha256 over every tensor's name, dtype, shape and bytes (float32 view, in name order)."""
+  digest = hashlib.sha256()
+  for key in sorted(tensors):
+    array = np.ascontiguousarray(tensors[key], dtype=np.float32)
+    digest.update(f"{key}:{array.shape}".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def random_config(preset: str, tokenizer: transformers.CLIPTokenizer, max_length: int) -> config_lib.CLIPConfig:
+  """A preset whose text side fits `tokenizer` (vocabulary, special ids) and `max_length` tokens."""
+  cfg = config_lib.preset(preset)
+  text = dataclasses.replace(cfg.text, vocab_size=len(tokenizer), max_position_embeddings=max_length,
+                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+  return dataclasses.replace(cfg, text=text)
+
+
+@dataclasses.dataclass
+class Backbone:
+  model: clip_lib.CLIP
+  tokenizer: transformers.CLIPTokenizer
+  identity: dict  # {"source": path or "random:<preset>/seed<s>", "sha256": weights hash}
+
+
+def load(cfg: ml_collections.ConfigDict, max_length: int, cache_dir: str | Path, *, mesh: Mesh | None,
+         rules) -> Backbone:
+  """The configured backbone (`cfg` is the run config's `backbone` section), placed on `mesh` by `rules`."""
+  dtype = compute_dtype(cfg.dtype)
+  if cfg.path:
+    directory = hf.resolve(cfg.path)
+    tensors, source = hf.read_weights(directory)
+    abstract = nnx.eval_shape(lambda: clip_lib.CLIP(hf.read_config(directory), dtype=dtype, rngs=nnx.Rngs(0)))
+    model = hf.load_state_into(abstract, tensors, source, mesh=mesh, rules=rules)
+    try:
+      tokenizer = transformers.CLIPTokenizer.from_pretrained(str(directory))
+    except (OSError, TypeError, ValueError) as e:
+      raise FileNotFoundError(f"{directory} has no usable CLIP tokenizer ({e}); it needs the vocab.json and "
+                              "merges.txt that CLIPTokenizer.save_pretrained writes.") from e
+    return Backbone(model, tokenizer, {"source": str(cfg.path), "sha256": weights_hash(tensors)})
+  if not cfg.random_preset:
+    raise ValueError("config.backbone: set `path` (a Hugging Face id or checkpoint directory) or "
+                     "`random_preset` (a randomly initialised CLIP, e.g. 'tiny').")
+  tokenizer = tokenizers.byte_level_clip_tokenizer(Path(cache_dir) / "byte_level_tokenizer")
+  model = clip_lib.init(random_config(cfg.random_preset, tokenizer, max_length), seed=cfg.seed, dtype=dtype)
+  if mesh is not None:
+    sharding.shard_module(model, mesh, rules)
+  identity = {"source": f"random:{cfg.random_preset}/seed{cfg.seed}",
+              "sha256": weights_hash(hf.to_hf_tensors(model))}
+  return Backbone(model, tokenizer, identity)

@@ -1,0 +1,89 @@
+"""The run configs: one base (PROTOCOL.md and MORA.md defaults) and the published per-dataset recipes.
+
+`configs/<dataset>_<method>.py` files are one call each into `get`, so every recipe number lives here once.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from mora_jax import adapters
+from mora_jax.adapters import partition
+
+METHODS = {"mora": adapters.MoRAConfig, "lora": adapters.LoRAConfig, "dora": adapters.DoRAConfig, "linear": None}
+
+# MORA.md "Published configs" (CLIP ViT-B/16, start_layer 10, dropout 0.1). LoRA and DoRA use the same
+# targets, rank, schedule and weight decay (the paper compares them on the same pipeline) with PEFT's alpha.
+PUBLISHED = {
+    "mm_imdb": dict(targets=("q_proj", "k_proj"), rank=4, alpha=0.001, epochs=20, batch_size=256,
+                    weight_decay=0.02),
+    "upmc_food101": dict(targets=("q_proj", "v_proj"), rank=4, alpha=0.01, epochs=20, batch_size=256,
+                         weight_decay=0.02),
+    "hateful_memes": dict(targets=("k_proj", "v_proj"), rank=8, alpha=0.1, epochs=5, batch_size=16,
+                          weight_decay=0.1),
+    # The embedded default: a small CLIP on CPU in minutes (train.py with no arguments). Until the project's
+    # pre-trained small CLIP exists, its backbone is a randomly initialised tiny CLIP.
+    "easy_vqa": dict(targets=("q_proj", "v_proj"), rank=4, alpha=0.01, epochs=3, batch_size=64,
+                     weight_decay=0.02, start_layer=1, random_preset="tiny", path=""),
+}
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.dataset = "easy_vqa"
+  c.data_dir = "data"  # prepared TFDS files and cached missing tables
+  c.manual_dir = ""  # the raw downloads of mm_imdb / upmc_food101 / hateful_memes (see their instructions)
+  c.one_sample_per_text = True  # MM-IMDb: one sample per plot, in training and evaluation
+  c.missing = ml_collections.ConfigDict(dict(rate=0.7, type="both", seed=0))
+  c.preprocessing = ml_collections.ConfigDict(dict(max_length=77, missing_image="white",
+                                                   rewrite_position_75=True))
+  # path: a Hugging Face id or local checkpoint directory. random_preset (with path ""): a randomly
+  # initialised CLIP of that preset whose text side fits a byte-level tokenizer (no download; smoke runs).
+  # dtype of the frozen backbone and of the compute: "auto" = bfloat16 on GPU/TPU, float32 on CPU.
+  c.backbone = ml_collections.ConfigDict(dict(path="openai/clip-vit-base-patch16", random_preset="", seed=0,
+                                              dtype="auto"))
+  c.adapter = adapter("mora")
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-2, weight_decay=0.02, b1=0.9, b2=0.98, eps=1e-8, warmup_fraction=0.1,
+      lr_mults={name: 1.0 for name in partition.TRAINABLE_PARTITIONS},
+      wd_mults={name: 1.0 for name in partition.TRAINABLE_PARTITIONS}))
+  c.epochs = 20
+  c.batch_size = 256  # global, per optimizer step (accum_steps micro-batches of batch_size / accum_steps)
+  c.accum_steps = 1
+  c.max_steps = 0  # > 0: stop after this many steps (the schedule still spans `epochs`); smoke runs and tests
+  c.seed = 42
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
+  c.eval = ml_collections.ConfigDict(dict(batch_size=256, patience=20))
+  c.checkpoint = ml_collections.ConfigDict(dict(keep=2, every_steps=0))  # 0: at the end of every epoch only
+  c.log_every_steps = 50
+  c.data_threads = 2
+  c.skip_corrupt = False  # True: a corrupt image's sample is masked out and counted instead of stopping the run
+  return c
+
+
+def adapter(method: str, **values) -> ml_collections.ConfigDict:
+  """{"method": method, <every field of the method's adapter config>}; "linear" has no fields."""
+  if method not in METHODS:
+    raise ValueError(f"unknown adapter method {method!r}; use one of {sorted(METHODS)}.")
+  cls = METHODS[method]
+  fields = {} if cls is None else dataclasses.asdict(cls(**values))
+  return ml_collections.ConfigDict({"method": method, **fields})
+
+
+def get(dataset: str, method: str) -> ml_collections.ConfigDict:
+  """The published recipe of `dataset` for `method` on top of `base()`."""
+  if dataset not in PUBLISHED:
+    raise ValueError(f"no recipe for dataset {dataset!r}; known: {sorted(PUBLISHED)}.")
+  recipe = dict(PUBLISHED[dataset])
+  c = base()
+  c.dataset = dataset
+  c.epochs, c.batch_size = recipe.pop("epochs"), recipe.pop("batch_size")
+  c.optim.weight_decay = recipe.pop("weight_decay")
+  if "random_preset" in recipe:
+    c.backbone.random_preset, c.backbone.path = recipe.pop("random_preset"), recipe.pop("path")
+  alpha = recipe.pop("alpha")
+  if method == "mora":
+    recipe["alpha"] = alpha
+  c.adapter = adapter(method, **({} if method == "linear" else recipe))
+  c.eval.batch_size = max(c.batch_size, 64)
+  return c

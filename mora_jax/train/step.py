@@ -1,0 +1,97 @@
+"""The jitted train and evaluation steps over a device mesh.
+
+The train state is {"params": trainable partitions, "opt": optimizer state, "step": int32, "rng": PRNG key};
+the frozen backbone is a separate argument, never differentiated, never updated, never checkpointed.
+Batches are global arrays sharded along their batch dimension over every mesh axis; the train batch has a
+leading micro-batch axis (gradient accumulation).
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mora_jax import adapters
+
+TRAIN_KEYS = ("pixel_values", "input_ids", "attention_mask", "label", "valid")
+EVAL_KEYS = ("pixel_values", "input_ids", "attention_mask", "label", "valid", "missing", "index")
+
+
+def lr_schedule(peak: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
+  """Linear warm-up from 0 over the first `warmup_fraction` of the steps, then cosine decay to 0."""
+  return optax.warmup_cosine_decay_schedule(0.0, peak, int(total_steps * warmup_fraction), max(total_steps, 1),
+                                            end_value=0.0)
+
+
+def per_sample_loss(logits: jax.Array, labels: jax.Array, multi_label: bool) -> jax.Array:
+  """Softmax cross-entropy (single-label) or sigmoid BCE averaged over classes (multi-label), per sample."""
+  if multi_label:
+    return optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype)).mean(axis=-1)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def batch_sharding(mesh: Mesh, micro_axis: bool) -> NamedSharding:
+  """Batch dimension split over every mesh axis (data and fsdp); the micro-batch axis, if any, unsplit."""
+  spec = (tuple(mesh.axis_names),)
+  return NamedSharding(mesh, PartitionSpec(None, *spec) if micro_axis else PartitionSpec(*spec))
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    multi_label: bool, mesh: Mesh, backbone_shardings) -> Callable:
+  """(state, backbone, batch) -> (state, metrics); `state` is donated.
+
+  The loss is the mean over the valid samples of the whole step's batch (all micro-batches), so
+  accumulation gives the gradient of the large batch. Dropout keys derive from (rng, step, micro-batch):
+  with jax's partitionable threefry the masks do not depend on how the batch is split over devices/hosts.
+  """
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def summed_loss(params, backbone, micro, key):
+    model = adapters.join(graphdef, {"backbone": backbone, **params})
+    logits = model(micro["pixel_values"], micro["input_ids"], micro["attention_mask"],
+                   rngs=nnx.Rngs(dropout=key))
+    weight = micro["valid"].astype(jnp.float32)
+    return jnp.sum(per_sample_loss(logits.astype(jnp.float32), micro["label"], multi_label) * weight)
+
+  def step(state, backbone, batch):
+    key = jax.random.fold_in(state["rng"], state["step"])
+
+    def accumulate(carry, inputs):
+      grad_sum, loss_sum = carry
+      micro, index = inputs
+      loss, grads = jax.value_and_grad(summed_loss)(state["params"], backbone, micro,
+                                                    jax.random.fold_in(key, index))
+      return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    micro_steps = batch["valid"].shape[0]
+    (grad_sum, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0)), (batch, jnp.arange(micro_steps)))
+    count = jnp.maximum(jnp.sum(batch["valid"]), 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda g: g / count, grad_sum)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    new_state = {"params": optax.apply_updates(state["params"], updates), "opt": opt, "step": state["step"] + 1,
+                 "rng": state["rng"]}
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+               "valid": jnp.sum(batch["valid"])}
+    return new_state, metrics
+
+  return jax.jit(step, in_shardings=(replicated, backbone_shardings, batch_sharding(mesh, True)),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, backbone_shardings) -> Callable:
+  """(params, backbone, batch) -> {"logits", **batch bookkeeping}, all replicated so every host sees the
+  whole global batch (metrics need every row; the rows of one host are only its shard)."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def step(params, backbone, batch):
+    model = adapters.join(graphdef, {"backbone": backbone, **params})
+    logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    return {"logits": logits.astype(jnp.float32),
+            **{k: batch[k] for k in ("label", "valid", "missing", "index")}}
+
+  return jax.jit(step, in_shardings=(replicated, backbone_shardings, batch_sharding(mesh, False)),
+                 out_shardings=replicated)

@@ -1,0 +1,48 @@
+"""What a run leaves for people: `metrics.jsonl` (one JSON line per log step and per evaluation) and
+TensorBoard event files (tensorboardX, which needs no TensorFlow). Only process 0 writes."""
+
+import json
+import time
+from pathlib import Path
+
+import jax
+
+
+class MetricWriter:
+
+  def __init__(self, workdir: str | Path):
+    self.enabled = jax.process_index() == 0
+    self.path = Path(workdir) / "metrics.jsonl"
+    self._tensorboard = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel  (protobuf import cost)
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, kind: str, values: dict) -> None:
+    """Appends {"step", "kind", "time", **values}; numbers also go to TensorBoard as `<kind>/<name>`."""
+    if not self.enabled:
+      return
+    record = {"step": int(step), "kind": kind, "time": round(time.time(), 3), **values}
+    with self.path.open("a") as f:
+      f.write(json.dumps(record, sort_keys=False) + "\n")
+    for name, value in _numbers(values):
+      self._tensorboard.add_scalar(f"{kind}/{name}", value, int(step))
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+def _numbers(values: dict, prefix: str = ""):
+  for name, value in values.items():
+    if isinstance(value, dict):
+      yield from _numbers(value, f"{prefix}{name}/")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      yield f"{prefix}{name}", float(value)
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+  path = Path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
