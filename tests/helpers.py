@@ -57,3 +57,37 @@ def perturb_trainables(clf: adapters.Classifier, seed: int = 1) -> None:
     value = np.asarray(variable.get_value())
     variable.set_value(jnp.asarray(value + 0.3 * rng.randn(*value.shape).astype(np.float32)))
 
+
+
+def write_memes(root, sizes=(("train", 64), ("dev", 16), ("test", 24)), seed=0) -> None:
+  """A small Hateful Memes raw layout (img/<id>.png, <split>.jsonl) whose label is visible in the image
+  colour and in the text, so a few steps already move the loss."""
+  import io  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.RandomState(seed)
+  (root / "img").mkdir(parents=True, exist_ok=True)
+  meme = 0
+  for split, count in sizes:
+    lines = []
+    for _ in range(count):
+      meme += 1
+      label = int(rng.randint(2))
+      pixels = rng.randint(0, 120, (40, 40, 3)).astype(np.uint8)
+      pixels[..., label] += 120
+      buffer = io.BytesIO()
+      Image.fromarray(pixels).save(buffer, "PNG")
+      (root / "img" / f"{meme:05d}.png").write_bytes(buffer.getvalue())
+      words = ("kind", "nice", "good") if label == 0 else ("mean", "cruel", "bad")
+      lines.append(json.dumps({"id": meme, "img": f"img/{meme:05d}.png", "label": label,
+                               "text": f"a {words[rng.randint(3)]} meme number {meme}"}))
+    (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def memes_overrides(tmp_path, **extra) -> list[str]:
+  """train.py flags: MoRA on the `write_memes` fixture with a random tiny CLIP, 8-sample steps."""
+  values = {"dataset": "hateful_memes", "data_dir": tmp_path / "data", "manual_dir": tmp_path / "raw",
+            "backbone.path": "", "backbone.random_preset": "tiny", "adapter.start_layer": 1,
+            "preprocessing.max_length": 24, "batch_size": 16, "eval.batch_size": 16, "epochs": 2,
+            "log_every_steps": 1, "data_threads": 1, **extra}
+  return [f"--config.{key}={value}" for key, value in values.items()]

@@ -74,6 +74,12 @@ def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = Non
   if name not in BUILDERS:
     raise ValueError(f"Unknown dataset {name!r}; known: {sorted(BUILDERS)}.")
   builder = BUILDERS[name](data_dir=str(data_dir))
+  if manual_dir is None and builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not builder.is_prepared():
+    cls = type(builder).__name__
+    raise FileNotFoundError(
+        f"{name} is not prepared in data_dir {data_dir} and no manual_dir was given. {name} is built from files "
+        f"you download yourself: set manual_dir to them, as {cls}.MANUAL_DOWNLOAD_INSTRUCTIONS describes "
+        f"(`python -c \"from mora_jax.data.builders import manual; print(manual.{cls}.MANUAL_DOWNLOAD_INSTRUCTIONS)\"`).")
   config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
   builder.download_and_prepare(file_format="array_record", download_config=config)
   return builder

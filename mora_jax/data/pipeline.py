@@ -121,8 +121,8 @@ def batches(source, table: np.ndarray, tokenizer, batch_size: int, *, train: boo
             num_threads: int = 2, source_name: str = "dataset", skip_corrupt: bool = False) -> grain.IterDataset:
   """Batches for this process. `batch_size` is the per-process batch.
 
-  train=True: endless, reshuffled every epoch (seeded), each process reading a disjoint part of every epoch's
-  order, last partial batch dropped. train=False: one pass in order, every sample exactly once across
+  train=True: endless, reshuffled every epoch (seeded); each process reads its contiguous block of every
+  global batch (process_count x batch_size consecutive samples of the epoch order); batches may span epochs. train=False: one pass in order, every sample exactly once across
   processes, the last batch padded (`valid` False on padding rows).
   Iterate with `iter(...)`; the iterator's `get_state()` / `set_state()` resume mid-epoch.
   A corrupt image raises an error naming the sample; with skip_corrupt=True its row is masked instead
@@ -131,11 +131,17 @@ def batches(source, table: np.ndarray, tokenizer, batch_size: int, *, train: boo
   if len(table) != len(source):
     raise ValueError(f"{source_name}: missing table has {len(table)} entries for {len(source)} samples.")
   if train:
-    indices = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
-    indices = indices[process_index::process_count]
+    # Process p takes the p-th block of every global batch of the epoch-wise shuffled order, so a global batch
+    # holds the same samples in the same row order for any process count (row-dependent randomness such as
+    # dropout masks then does not depend on how many hosts feed the run).
+    order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
+    indices = order.batch(batch_size * process_count, drop_remainder=True).map(
+        lambda rows: rows[process_index * batch_size:(process_index + 1) * batch_size])
+    decode = _Decode(source, table, prep, source_name, skip_corrupt)
+    dataset = indices.map(lambda rows: _stack([decode(int(i)) for i in rows]))
   else:
     indices = grain.MapDataset.source(eval_indices(len(source), batch_size, process_index, process_count))
-  dataset = (indices.map(_Decode(source, table, prep, source_name, skip_corrupt))
-             .batch(batch_size, drop_remainder=train, batch_fn=_stack)
-             .map(_Tokenize(tokenizer, prep)))
+    dataset = (indices.map(_Decode(source, table, prep, source_name, skip_corrupt))
+               .batch(batch_size, drop_remainder=False, batch_fn=_stack))
+  dataset = dataset.map(_Tokenize(tokenizer, prep))
   return dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2))

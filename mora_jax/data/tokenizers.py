@@ -6,9 +6,18 @@ tests and benchmarks where no checkpoint tokenizer is at hand; real runs use the
 """
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import transformers
+
+
+def _write_atomically(path: Path, text: str) -> None:
+  """Readers (other processes of a multi-host run sharing the directory) never see a half-written file."""
+  with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+    f.write(text)
+  os.replace(f.name, path)
 
 
 def byte_level_clip_tokenizer(directory: str | Path) -> transformers.CLIPTokenizer:
@@ -20,6 +29,6 @@ def byte_level_clip_tokenizer(directory: str | Path) -> transformers.CLIPTokeniz
   others = [b for b in range(256) if b not in printable]
   chars = [chr(c) for c in printable] + [chr(256 + i) for i in range(len(others))]
   vocab = chars + [c + "</w>" for c in chars] + ["th", "the</w>", "<|startoftext|>", "<|endoftext|>"]
-  (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-  (directory / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
+  _write_atomically(directory / "vocab.json", json.dumps({token: i for i, token in enumerate(vocab)}))
+  _write_atomically(directory / "merges.txt", "#version: 0.2\nt h\nth e</w>\n")
   return transformers.CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))

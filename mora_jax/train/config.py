@@ -42,7 +42,7 @@ def _parse(text: str):
 def _unknown(config: ml_collections.ConfigDict, key: str, prefix: str) -> ConfigError:
   close = difflib.get_close_matches(key, list(config.keys()), n=1)
   hint = f" Did you mean {prefix}{close[0]}?" if close else ""
-  return ConfigError(f"unknown config key {prefix}{key!r}.{hint} Keys here: "
+  return ConfigError(f"unknown config key '{prefix}{key}'.{hint} Keys here: "
                      f"{', '.join(prefix + k for k in sorted(config.keys()))}.")
 
 

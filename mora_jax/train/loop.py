@@ -97,9 +97,7 @@ class Job:
     return metrics_lib.primary(self.config.dataset)
 
   def load(self, split: str, missing: data.Missing | None = None) -> data.Dataset:
-    c = self.config
-    return data.load(c.dataset, split, c.data_dir, c.manual_dir or None, missing or data.Missing(**c.missing),
-                     one_sample_per_text=c.one_sample_per_text)
+    return load_split(self.config, split, missing)
 
   def batches(self, ds: data.Dataset, global_batch: int, train: bool):
     per_process, remainder = divmod(global_batch, jax.process_count())
@@ -110,13 +108,31 @@ class Job:
                         num_threads=self.config.data_threads, skip_corrupt=self.config.skip_corrupt)
 
 
+def load_split(config: ml_collections.ConfigDict, split: str, missing: data.Missing | None = None) -> data.Dataset:
+  """One split with its missing table. With several processes, process 0 prepares the files and builds the
+  table first (they are shared through data_dir) and the others then read them."""
+  if config.manual_dir and not Path(config.manual_dir).expanduser().is_dir():
+    raise FileNotFoundError(f"config.manual_dir={config.manual_dir!r} does not exist; put the raw "
+                            f"{config.dataset} download there (see its MANUAL_DOWNLOAD_INSTRUCTIONS in "
+                            "mora_jax/data/builders/manual.py).")
+
+  def load():
+    return data.load(config.dataset, split, config.data_dir, config.manual_dir or None,
+                     missing or data.Missing(**config.missing), one_sample_per_text=config.one_sample_per_text)
+
+  if jax.process_count() == 1:
+    return load()
+  ds = load() if is_main() else None
+  multihost_utils.sync_global_devices(f"prepared {config.dataset}/{split}")
+  return ds if ds is not None else load()
+
+
 def build(config: ml_collections.ConfigDict, class_split: str = "train") -> Job:
   mesh, rules = make_mesh(config.mesh)
   backbone = backbone_lib.load(config.backbone, config.preprocessing.max_length, config.data_dir, mesh=mesh,
                                rules=rules)
   prep = data.Preprocessing(image_size=backbone.model.config.vision.image_size, **config.preprocessing)
-  probe = data.load(config.dataset, class_split, config.data_dir, config.manual_dir or None,
-                    data.Missing(**config.missing), one_sample_per_text=config.one_sample_per_text)
+  probe = load_split(config, class_split)
   clf = adapters.build_classifier(backbone.model, adapter_config(config.adapter), probe.num_classes,
                                   probe.multi_label, seed=config.seed)
   graphdef, params = adapters.split(clf)

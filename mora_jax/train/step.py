@@ -74,7 +74,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     updates, opt = tx.update(grads, state["opt"], state["params"])
     new_state = {"params": optax.apply_updates(state["params"], updates), "opt": opt, "step": state["step"] + 1,
                  "rng": state["rng"]}
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "valid": jnp.sum(batch["valid"])}
     return new_state, metrics
 

@@ -1,0 +1,275 @@
+"""train.py / eval.py end to end on small fixtures: sharding parity, multi-host, resume, checkpoints, errors.
+
+Runs that need another device count or several processes are subprocesses of the real scripts; the
+resume test runs the loop in this process so that SIGTERM arrives at an exact step.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from mora_jax.train import checkpoint, config as config_lib, loop, recipes, writers
+from tests.helpers import memes_overrides, write_memes
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "hateful_memes_mora.py")
+
+
+def run_script(script, args, devices=1, timeout=300, check=True, **popen):
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], env=env, capture_output=True,
+                        text=True, timeout=timeout, check=False, **popen)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{script} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def train_losses(workdir) -> list[float]:
+  return [r["loss"] for r in writers.read_metrics(workdir) if r["kind"] == "train"]
+
+
+def saved_test_results(workdir) -> dict:
+  return json.loads((Path(workdir) / "eval.json").read_text())["test"]
+
+
+@pytest.fixture(scope="module")
+def memes(tmp_path_factory):
+  root = tmp_path_factory.mktemp("memes")
+  write_memes(root / "raw")
+  return root
+
+
+@pytest.fixture(scope="module")
+def one_device_run(memes):
+  """3 steps on 1 device (also prepares the dataset for the other runs)."""
+  workdir = memes / "run_1dev"
+  run_script("train.py", ["--config", CONFIG, "--workdir", workdir, *memes_overrides(memes, max_steps=3)])
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(memes, one_device_run):
+  workdir = memes / "run_8dev"
+  run_script("train.py", ["--config", CONFIG, "--workdir", workdir, *memes_overrides(memes, max_steps=3)],
+             devices=8)
+  return workdir
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+def test_every_shipped_config_loads_and_names_its_adapter():
+  files = sorted((ROOT / "configs").glob("*.py"))
+  assert len(files) == 16
+  for path in files:
+    config = config_lib.load(path)
+    assert isinstance(loop.adapter_config(config.adapter), (type(None), *[c for c in recipes.METHODS.values() if c]))
+    assert path.stem.endswith(config.adapter.method)
+
+
+def test_published_recipes():
+  food = config_lib.load(ROOT / "configs" / "food101_mora.py")
+  assert (food.dataset, food.adapter.targets, food.adapter.rank, food.adapter.alpha, food.epochs, food.batch_size,
+          food.optim.weight_decay, food.optim.lr, food.seed) == (
+              "upmc_food101", ("q_proj", "v_proj"), 4, 0.01, 20, 256, 0.02, 1e-2, 42)
+  memes = config_lib.load(ROOT / "configs" / "hateful_memes_mora.py")
+  assert (memes.adapter.targets, memes.adapter.rank, memes.adapter.alpha, memes.epochs, memes.batch_size,
+          memes.optim.weight_decay) == (("k_proj", "v_proj"), 8, 0.1, 5, 16, 0.1)
+  imdb = config_lib.load(ROOT / "configs" / "mm_imdb_lora.py")
+  assert (imdb.adapter.method, imdb.adapter.targets, imdb.adapter.rank) == ("lora", ("q_proj", "k_proj"), 4)
+
+
+def test_overrides_keep_types_and_unknown_keys_are_named():
+  config = config_lib.load(ROOT / "configs" / "food101_mora.py")
+  config_lib.apply_overrides(config, [("optim.lr", "5e-3"), ("adapter.targets", "k_proj,v_proj"), ("epochs", "3"),
+                                      ("optim.lr_mults.head", "0")])
+  assert (config.optim.lr, config.adapter.targets, config.epochs, config.optim.lr_mults["head"]) == (
+      5e-3, ("k_proj", "v_proj"), 3, 0.0)
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'optim.lrr'.*Did you mean optim.lr\?"):
+    config_lib.override(config, "optim.lrr", "1")
+  with pytest.raises(config_lib.ConfigError, match=r"config key epochs: 'many' does not fit its type int"):
+    config_lib.override(config, "epochs", "many")
+  assert config_lib.from_json(config_lib.to_json(config)).to_dict() == config.to_dict()
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+  from mora_jax.train import step  # pylint: disable=import-outside-toplevel
+  schedule = step.lr_schedule(1e-2, 100, 0.1)
+  assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1e-2)
+  assert float(schedule(5)) == pytest.approx(5e-3) and float(schedule(55)) == pytest.approx(5e-3)
+  assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------- sharding
+
+
+def test_eight_devices_and_fsdp_give_the_one_device_losses(memes, one_device_run, eight_device_run):
+  fsdp = memes / "run_fsdp"
+  run_script("train.py", ["--config", CONFIG, "--workdir", fsdp,
+                          *memes_overrides(memes, max_steps=3, **{"mesh.fsdp": 4})], devices=8)
+  reference = train_losses(one_device_run)
+  assert len(reference) == 3
+  np.testing.assert_allclose(train_losses(eight_device_run), reference, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(train_losses(fsdp), reference, atol=1e-5, rtol=0)
+  assert json.loads((fsdp / "config.json").read_text())["mesh"] == {"data": -1, "fsdp": 4}
+
+
+def test_checkpoint_from_8_devices_evaluates_the_same_on_2(eight_device_run):
+  out = eight_device_run / "on2.json"
+  run_script("eval.py", ["--workdir", eight_device_run, "--output", out], devices=2)
+  assert json.loads(out.read_text())["test"] == saved_test_results(eight_device_run)
+
+
+def test_eval_reproduces_the_test_numbers_and_exports_for_transformers(one_device_run):
+  out, export = one_device_run / "again.json", one_device_run / "hf"
+  run_script("eval.py", ["--workdir", one_device_run, "--output", out, "--export_hf", export])
+  assert json.loads(out.read_text())["test"] == saved_test_results(one_device_run)
+  assert {"config.json", "model.safetensors", "head.safetensors", "head.json"} <= {p.name for p in export.iterdir()}
+  transformers = pytest.importorskip("transformers")
+  assert transformers.CLIPTokenizer.from_pretrained(export)("a meme")["input_ids"][-1] == 515  # byte-level EOS
+  pytest.importorskip("torch")
+  model = transformers.CLIPModel.from_pretrained(export)
+  assert model.config.text_config.hidden_size == 32
+
+
+# ------------------------------------------------------------------------------------------- multi-host
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_and_their_checkpoint_restores_in_one(memes, one_device_run):
+  reference = memes / "run_1x4"
+  run_script("train.py", ["--config", CONFIG, "--workdir", reference, *memes_overrides(memes, max_steps=3)],
+             devices=4)
+  workdir, port = memes / "run_2x2", _free_port()
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(ROOT)}
+  procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", CONFIG, "--workdir", str(workdir),
+                             *memes_overrides(memes, max_steps=3), "--coordinator_address", f"127.0.0.1:{port}",
+                             "--num_processes", "2", "--process_id", str(i)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  np.testing.assert_allclose(train_losses(workdir), train_losses(reference), atol=1e-5, rtol=0)
+  out = workdir / "in_one.json"
+  run_script("eval.py", ["--workdir", workdir, "--output", out], devices=4)
+  assert json.loads(out.read_text())["test"] == saved_test_results(workdir)
+
+
+# --------------------------------------------------------------------------------------------- resume
+
+
+def _config(memes, workdir_overrides):
+  config = config_lib.load(CONFIG)
+  config_lib.apply_overrides(config, [tuple(flag[len("--config."):].split("=", 1)) for flag in
+                                      memes_overrides(memes, **workdir_overrides)])
+  return config
+
+
+def _final_state(workdir):
+  ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints", read_only=True)
+  step = ckpt.latest_step()
+  state = ckpt.manager.restore(step, args=__import__("orbax.checkpoint").checkpoint.args.Composite(
+      state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore()))["state"]
+  ckpt.close()
+  return step, jax.tree.map(np.asarray, state)
+
+
+@pytest.fixture(scope="module")
+def straight_run(memes, one_device_run):
+  """6 steps without interruption, in this process (8 devices)."""
+  workdir = memes / "straight"
+  loop.train(_config(memes, {"max_steps": 6}), workdir)
+  return workdir
+
+
+def test_sigterm_then_resume_equals_a_straight_run_bitwise(memes, straight_run):
+  config = _config(memes, {"max_steps": 6})
+  resumed = memes / "resumed"
+
+  def preempt(step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(loop.Preempted, match="saved a checkpoint at step 3"):
+    loop.train(config, resumed, step_hook=preempt)
+  assert checkpoint.Checkpointer(resumed / "checkpoints", read_only=True).all_steps() == [3]
+  loop.train(config, resumed)
+  assert train_losses(resumed) == train_losses(straight_run)
+  (step_a, a), (step_b, b) = _final_state(straight_run), _final_state(resumed)
+  assert step_a == step_b == 6
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert saved_test_results(resumed) == saved_test_results(straight_run)
+
+
+def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(memes, straight_run):
+  """Killed right after the asynchronous save of step 4 starts; resuming (from step 3 or 4, whichever was
+  complete) ends with the parameters of the uninterrupted run (to 1e-6: the two runs are separate processes,
+  the straight one under the test session's jax flags)."""
+  workdir = memes / "killed"
+  flags = memes_overrides(memes, max_steps=6, **{"checkpoint.every_steps": 1})
+  script = ("import os, signal, sys; sys.argv = sys.argv[:1] + sys.argv[2:]; import train; "
+            "from mora_jax.train import loop; original = loop.train; "
+            "hook = lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == 4 else None; "
+            "loop.train = lambda *a, **k: original(*a, step_hook=hook, **k); train.main()")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, "-c", script, "-", "--config", CONFIG, "--workdir", str(workdir), *flags],
+                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  resumed = run_script("train.py", ["--config", CONFIG, "--workdir", workdir, *flags], devices=8)
+  assert "resumed from" in resumed.stdout + resumed.stderr
+  (_, a), (_, b) = _final_state(workdir), _final_state(straight_run)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=0), a, b)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def _one_line_error(proc, *fragments):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(error) == 1, proc.stderr[-2000:]
+  for fragment in fragments:
+    assert fragment in error[0], error[0]
+
+
+def test_unknown_config_key_is_one_clear_error(tmp_path):
+  proc = run_script("train.py", ["--config", CONFIG, "--workdir", tmp_path, "--config.optim.lrr=1"], check=False)
+  _one_line_error(proc, "unknown config key 'optim.lrr'", "Did you mean optim.lr?")
+
+
+def test_missing_data_dir_is_one_clear_error(memes, tmp_path):
+  missing = tmp_path / "nowhere"
+  proc = run_script("train.py", ["--config", CONFIG, "--workdir", tmp_path / "w",
+                                 *memes_overrides(memes, manual_dir=missing)], check=False)
+  _one_line_error(proc, str(missing), "MANUAL_DOWNLOAD_INSTRUCTIONS")
+  proc = run_script("train.py", ["--config", CONFIG, "--workdir", tmp_path / "w",
+                                 *memes_overrides(memes, manual_dir="", data_dir=missing)], check=False)
+  _one_line_error(proc, "MANUAL_DOWNLOAD_INSTRUCTIONS")
+
+
+def test_checkpoint_of_another_method_is_refused(memes, one_device_run):
+  workdir = memes / "lora"
+  run_script("train.py", ["--config", ROOT / "configs" / "hateful_memes_lora.py", "--workdir", workdir,
+                          *memes_overrides(memes, max_steps=1)])
+  proc = run_script("train.py", ["--config", CONFIG, "--workdir", workdir, *memes_overrides(memes, max_steps=1)],
+                    check=False)
+  _one_line_error(proc, "another config", "adapter.method: 'lora' -> 'mora'", "new --workdir")
