@@ -91,3 +91,24 @@ def memes_overrides(tmp_path, **extra) -> list[str]:
             "preprocessing.max_length": 24, "batch_size": 16, "eval.batch_size": 16, "epochs": 2,
             "log_every_steps": 1, "data_threads": 1, **extra}
   return [f"--config.{key}={value}" for key, value in values.items()]
+
+
+def write_food101(root, classes=101, per_split=(("train", 8), ("val", 4), ("test", 4)), seed=0) -> None:
+  """A small UPMC Food-101 raw layout with all `classes` classes in class_idx.json (the head's size)."""
+  import json  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.RandomState(seed)
+  names = [f"dish{c:03d}" for c in range(classes)]
+  files, texts = {}, {}
+  for split, count in per_split:
+    files[split] = []
+    for k in range(count):
+      name = f"{names[rng.randint(classes)]}_{split}{k}.jpg"
+      folder = root / "images" / ("test" if split == "test" else "train") / name.rsplit("_", 1)[0]
+      folder.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(rng.randint(0, 255, (48, 64, 3)).astype(np.uint8)).save(folder / name)
+      files[split].append(name)
+      texts[name] = f"recipe page for {name}"
+  (root / "class_idx.json").write_text(json.dumps({n: i for i, n in enumerate(names)}))
+  (root / "text.json").write_text(json.dumps(texts))
+  (root / "split.json").write_text(json.dumps(files))

@@ -273,3 +273,33 @@ def test_checkpoint_of_another_method_is_refused(memes, one_device_run):
   proc = run_script("train.py", ["--config", CONFIG, "--workdir", workdir, *memes_overrides(memes, max_steps=1)],
                     check=False)
   _one_line_error(proc, "another config", "adapter.method: 'lora' -> 'mora'", "new --workdir")
+
+
+def test_food101_mora_checkpoint_holds_only_trainables_and_two_adam_moments(tmp_path):
+  """The published Food-101 MoRA recipe on ViT-B/16 widths: 164,965 trainable values (MORA.md: ~0.11%)."""
+  from tests.helpers import write_food101  # pylint: disable=import-outside-toplevel
+  write_food101(tmp_path / "raw")
+  workdir = tmp_path / "run"
+  flags = {"data_dir": tmp_path / "data", "manual_dir": tmp_path / "raw", "backbone.path": "",
+           "backbone.random_preset": "ViT-B/16", "preprocessing.max_length": 16, "batch_size": 8,
+           "eval.batch_size": 8, "max_steps": 1, "data_threads": 1}
+  run_script("train.py", ["--config", ROOT / "configs" / "food101_mora.py", "--workdir", workdir,
+                          *[f"--config.{k}={v}" for k, v in flags.items()]], timeout=600)
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", read_only=True)
+  tree = ckpt.manager.item_metadata(ckpt.latest_step())["state"].tree
+  leaves = {jax.tree_util.keystr(p): m.shape for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  params = {k: shape for k, shape in leaves.items() if k.startswith("['params']")}
+  moments = {k: shape for k, shape in leaves.items() if "['mu']" in k or "['nu']" in k}
+  size = lambda group: sum(int(np.prod(shape)) for shape in group.values())
+  assert size(params) == 164_965
+  assert size(moments) == 2 * 164_965
+  # Every parameter is an adapter factor/magnitude or the head (no frozen kernel, bias or embedding) ...
+  assert all(k.startswith(("['params']['adapter']", "['params']['head']")) for k in params)
+  assert not [k for k in params if "['head']" not in k and any(f"['{w}']" in k for w in ("kernel", "bias"))]
+  # ... and besides the moments the optimizer holds one step counter per partition; then step and RNG key.
+  others = {k: shape for k, shape in leaves.items() if k not in params and k not in moments}
+  assert all(k.endswith("['count']") and shape == () for k, shape in others.items() if k.startswith("['opt']"))
+  assert {k for k in others if not k.startswith("['opt']")} == {"['step']", "['rng']"}
+  stored = sum(f.stat().st_size for f in (workdir / "checkpoints").rglob("*") if f.is_file())
+  assert stored < 10 * 4 * 3 * 164_965  # parameters + 2 moments in float32, with room for metadata; no backbone
+  ckpt.close()
