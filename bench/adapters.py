@@ -3,7 +3,7 @@
     python bench/adapters.py                          # tiny and ViT-B/16
     python bench/adapters.py --configs tiny --repeats 2
 
-A train step is forward + backward + AdamW update on a batch of (image, 77-token text, label), the Food-101
+A train step is the library's (mora_jax.train.step): forward + backward + AdamW update on a batch of (image, 77-token text, label), the Food-101
 MoRA recipe's targets (q, v; layers >= 10, or >= 1 on the 2-layer tiny config; rank 4; 101 classes).
 The PyTorch peer is transformers.CLIPModel with the same projections replaced by MoRA layers written from
 shared/spec/MORA.md (materialized form), AdamW over the trainable parameters only, eager mode.
@@ -15,46 +15,45 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 import torch
 import transformers
 from flax import nnx
 
-from mora_jax import adapters, clip
+from mora_jax import adapters, clip, sharding
 from mora_jax.adapters import optim
+from mora_jax.train import step as step_lib
 from harness import interleaved_best_seconds, parse_args, random_batch
 
 DEFAULT_BATCH = {"tiny": 32, "ViT-B/16": 8}
 NUM_CLASSES = 101
 
 
-def jax_step(backbone_dir, adapter, data):
-  """A no-argument call running one jitted train step (state carried between calls)."""
-  clf = adapters.build_classifier(clip.from_pretrained(backbone_dir), adapter, NUM_CLASSES)
+def jax_step(backbone_dir, adapter, data, dtype=jnp.float32):
+  """A no-argument call running the library's jitted train step (mora_jax.train.step) on one batch, the
+  state carried between calls; `.compiled` is the compiled step (memory and FLOP analysis)."""
+  clf = adapters.build_classifier(clip.from_pretrained(backbone_dir, dtype), adapter, NUM_CLASSES)
   graphdef, params = adapters.split(clf)
+  mesh = sharding.make_mesh((jax.device_count(), 1), ("data", "fsdp"))
+  schedule = step_lib.lr_schedule(1e-3, 1000, 0.1)
+  tx = optim.adamw(schedule, 0.02)
   trainable = adapters.trainable(params)
-  tx = optim.adamw(1e-3, 0.02)
-  opt_state = tx.init(trainable)
+  state = sharding.replicate({"params": trainable, "opt": tx.init(trainable), "step": jnp.int32(0),
+                              "rng": jax.random.PRNGKey(0)}, mesh)
+  backbone = params["backbone"]
+  train_step = step_lib.make_train_step(graphdef, tx, schedule, False, mesh,
+                                        sharding.state_shardings(backbone, mesh, sharding.REPLICATED_RULES))
   pixels, ids, mask, labels = data
-
-  @jax.jit
-  def step(trainable, opt_state, backbone, key):
-    def loss_fn(trainable):
-      model = adapters.join(graphdef, {"backbone": backbone, **trainable})
-      logits = model(pixels, ids, mask, rngs=nnx.Rngs(dropout=key))
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
-
-  state = {"trainable": trainable, "opt": opt_state}
+  batch = {"pixel_values": pixels, "input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
+           "label": labels.astype(np.int32), "valid": np.ones(len(labels), bool)}
+  batch = jax.device_put({k: v[None] for k, v in batch.items()}, step_lib.batch_sharding(mesh, micro_axis=True))
+  holder = {"state": state}
 
   def run():
-    state["trainable"], state["opt"], loss = step(state["trainable"], state["opt"], params["backbone"],
-                                                  jax.random.key(0))
-    jax.block_until_ready(loss)
+    holder["state"], metrics = train_step(holder["state"], backbone, batch)
+    jax.block_until_ready(metrics)
 
+  run.compiled = train_step.lower(state, backbone, batch).compile()
   return run
 
 

@@ -34,3 +34,11 @@ def test_data_bench_runs(tmp_path):
                         "--batch", "4", "--batches", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        check=True).stdout
   assert any(line.startswith("| 1 | 4 | ") for line in out.splitlines()), out
+
+
+def test_train_bench_runs():
+  pytest.importorskip("torch", reason="the benchmark's peer is PyTorch")
+  out = subprocess.run([sys.executable, "bench/train.py", "--configs", "tiny", "--repeats", "1", "--batch", "4"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, check=True).stdout
+  row = next(line for line in out.splitlines() if line.startswith("| tiny | 4 |")).split("|")
+  assert row[7].strip().endswith("x") and float(row[8]) > 0, out  # ours / peer, peak memory

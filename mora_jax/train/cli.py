@@ -3,7 +3,6 @@ printed as one line (a traceback only with --debug)."""
 
 import argparse
 import logging
-import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -19,13 +18,13 @@ DEFAULT_CONFIG = ROOT / "configs" / "easy_vqa_mora.py"
 # Bad input a person can fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (config_lib.ConfigError, checkpoint.IncompatibleCheckpoint, CheckpointError, FileNotFoundError,
                ValueError, KeyError)
-# Environment variables of the launchers whose clusters jax.distributed.initialize() detects by itself.
-CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_NUM_NODES", "OMPI_COMM_WORLD_SIZE")
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
   group = parser.add_argument_group("multi-process (one process per host; see README)")
+  group.add_argument("--distributed", action="store_true",
+                     help="call jax.distributed.initialize() and let it detect the cluster (TPU pod, SLURM, MPI)")
   group.add_argument("--coordinator_address", default=None, help="host:port of process 0")
   group.add_argument("--num_processes", type=int, default=None)
   group.add_argument("--process_id", type=int, default=None)
@@ -54,10 +53,12 @@ def split_overrides(args: Sequence[str], prefixes: Sequence[str]) -> tuple[list[
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:
-  """jax.distributed.initialize with the given flags, or auto-detected on TPU pods / SLURM / MPI clusters."""
+  """jax.distributed.initialize with the given flags, or (--distributed) with what jax detects on TPU pod
+  slices, SLURM and Open MPI. Explicit, because a stray cluster variable must not make a laptop run wait
+  for peers."""
   if args.coordinator_address or args.num_processes:
     jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-  elif any(os.environ.get(v) for v in CLUSTER_VARIABLES):
+  elif args.distributed:
     jax.distributed.initialize()
 
 

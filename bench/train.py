@@ -1,0 +1,78 @@
+"""The full train step of mora_jax.train (forward, backward, AdamW) vs the PyTorch MoRA peer, with memory.
+
+    python bench/train.py                                   # tiny and ViT-B/16, float32, this machine
+    python bench/train.py --configs ViT-B/16 --batch 256 --dtype bfloat16 --no_peer --peak_tflops 989
+
+The recipe is Food-101 MoRA (q, v from layer 10, or 1 on the 2-layer tiny config; rank 4; 101 classes). Our
+step and the peer (transformers.CLIPModel + MoRA layers transcribed from MORA.md, eager PyTorch, same
+threads) are timed in turn in each round. Peak memory is XLA's compiled-step analysis (arguments + outputs +
+temporaries - donated aliases), or the device's peak_bytes_in_use where the backend reports it (GPU/TPU).
+Model FLOPs utilisation = XLA's FLOP count of the step / step time / --peak_tflops.
+"""
+
+import argparse
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import torch
+import transformers
+
+from mora_jax import adapters, clip
+from adapters import NUM_CLASSES, jax_step, torch_step
+from harness import interleaved_best_seconds, random_batch
+
+DEFAULT_BATCH = {"tiny": 32, "ViT-B/16": 8}
+
+
+def peak_bytes(compiled) -> int:
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"]
+  m = compiled.memory_analysis()
+  return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def bench(name: str, batch_size: int, repeats: int, dtype, peer: bool) -> dict:
+  cfg = clip.preset(name)
+  start = min(10, cfg.vision.num_hidden_layers - 1, cfg.text.num_hidden_layers - 1)
+  recipe = adapters.MoRAConfig(targets=("q_proj", "v_proj"), start_layer=start, rank=4, alpha=0.01, dropout=0.1)
+  data = random_batch(cfg, batch_size, NUM_CLASSES)
+  torch.manual_seed(0)
+  hf_model = transformers.CLIPModel._from_config(transformers.CLIPConfig(**cfg.to_hf_dict()))  # pylint: disable=protected-access
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_model.save_pretrained(tmp)
+    ours = jax_step(tmp, recipe, data, dtype)
+  steps = [ours, torch_step(hf_model, cfg, recipe, data)] if peer else [ours]
+  seconds = interleaved_best_seconds(steps, repeats)
+  flops = (ours.compiled.cost_analysis() or {}).get("flops", float("nan"))
+  return dict(config=name, batch=batch_size, seconds=seconds[0], peer=seconds[1] if peer else None,
+              memory=peak_bytes(ours.compiled), flops=flops)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--configs", nargs="+", default=list(DEFAULT_BATCH))
+  parser.add_argument("--batch", type=int, default=None)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="backbone weights and compute (adapters and optimizer stay float32)")
+  parser.add_argument("--no_peer", action="store_true", help="skip the PyTorch peer (e.g. on a GPU host)")
+  parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, for MFU")
+  args = parser.parse_args()
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), torch "
+        f"{torch.__version__} ({torch.get_num_threads()} threads), {args.dtype}, best of {args.repeats}")
+  print("| config | batch | ms/step | steps/s | samples/s | peer samples/s | ours / peer | peak memory (MiB) "
+        "| GFLOP/s | MFU |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for name in args.configs:
+    r = bench(name, args.batch or DEFAULT_BATCH.get(name, 8), args.repeats, jnp.dtype(args.dtype), not args.no_peer)
+    rate = r["flops"] / r["seconds"] / 1e9
+    mfu = f"{100 * rate / 1e3 / args.peak_tflops:.1f}%" if args.peak_tflops else "n/a"
+    peer = (f"{r['batch'] / r['peer']:.1f} | {r['peer'] / r['seconds']:.2f}x" if r["peer"] else "n/a | n/a")
+    print(f"| {name} | {r['batch']} | {1e3 * r['seconds']:.1f} | {1 / r['seconds']:.2f} | "
+          f"{r['batch'] / r['seconds']:.1f} | {peer} | {r['memory'] / 2**20:.0f} | {rate:.0f} | {mfu} |")
+
+
+if __name__ == "__main__":
+  main()
