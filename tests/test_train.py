@@ -303,3 +303,54 @@ def test_food101_mora_checkpoint_holds_only_trainables_and_two_adam_moments(tmp_
   stored = sum(f.stat().st_size for f in (workdir / "checkpoints").rglob("*") if f.is_file())
   assert stored < 10 * 4 * 3 * 164_965  # parameters + 2 moments in float32, with room for metadata; no backbone
   ckpt.close()
+
+
+def test_checkpointer_keeps_the_latest_and_the_best(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=1, metric="accuracy")
+  iterator = iter(__import__("grain").MapDataset.range(8).batch(2).to_iter_dataset())
+  for step, accuracy in enumerate([0.5, 0.9, 0.6, 0.7], start=1):
+    ckpt.save(step, {"w": np.full(2, step, np.float32)}, iterator, {"step": step}, metrics={"accuracy": accuracy})
+  ckpt.save(5, {"w": np.zeros(2, np.float32)}, iterator, {"step": 5})  # mid-epoch (SIGTERM), no metric
+  ckpt.wait()
+  assert ckpt.all_steps() == [2, 5]
+  ckpt.close()
+
+
+def test_a_checkpoint_over_other_backbone_weights_is_refused():
+  meta = {"backbone": {"source": "openai/clip-vit-base-patch16", "sha256": "a" * 64}}
+  checkpoint.check_backbone(meta, {"source": "elsewhere", "sha256": "a" * 64}, "runs/x")
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r"another backbone: openai/clip-vit-base-patch16 "
+                     r"\(weights sha256 aaaaaaaaaaaa\), but local/dir \(sha256 bbbbbbbbbbbb\)"):
+    checkpoint.check_backbone(meta, {"source": "local/dir", "sha256": "b" * 64}, "runs/x")
+
+
+def test_bfloat16_backbone_step_tracks_float32():
+  """Mixed precision: a bfloat16 frozen backbone (adapters, head and AdamW in float32) gives the float32
+  loss to bfloat16 rounding (2e-2 relative), and the trainable state stays float32."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from mora_jax import adapters, clip, sharding  # pylint: disable=import-outside-toplevel
+  from mora_jax.adapters import optim  # pylint: disable=import-outside-toplevel
+  from mora_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  from tests.helpers import random_inputs, tiny_config  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config()
+  pixels, ids, mask = random_inputs(cfg, batch=8, length=12)
+  mesh = sharding.make_mesh((jax.device_count(), 1), ("data", "fsdp"))
+  batch = {"pixel_values": pixels[None], "input_ids": ids[None].astype(np.int32),
+           "attention_mask": mask[None].astype(np.int32), "label": np.arange(8, dtype=np.int32)[None] % 3,
+           "valid": np.ones((1, 8), bool)}
+  losses = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    clf = adapters.build_classifier(clip.init(cfg, seed=0, dtype=dtype), adapters.MoRAConfig(start_layer=1), 3)
+    graphdef, params = adapters.split(clf)
+    schedule = step_lib.lr_schedule(1e-2, 10, 0.1)
+    tx = optim.adamw(schedule, 0.02)
+    trainable = adapters.trainable(params)
+    state = sharding.replicate({"params": trainable, "opt": tx.init(trainable), "step": jnp.int32(0),
+                                "rng": jax.random.PRNGKey(0)}, mesh)
+    train_step = step_lib.make_train_step(graphdef, tx, schedule, False, mesh, sharding.state_shardings(
+        params["backbone"], mesh, sharding.REPLICATED_RULES))
+    global_batch = jax.device_put(batch, step_lib.batch_sharding(mesh, micro_axis=True))
+    state, metrics = train_step(state, params["backbone"], global_batch)
+    losses[dtype] = float(metrics["loss"])
+    assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
+  assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=2e-2)

@@ -36,8 +36,9 @@ class Checkpointer:
     self.directory = Path(directory).absolute()
     policies = [checkpoint_managers.preservation_policy.LatestN(n=keep)]
     if metric is not None:
+      # BestN sorts ascending and keeps the last n: the highest value (every metric here is higher-better).
       policies.append(checkpoint_managers.preservation_policy.BestN(
-          get_metric_fn=lambda metrics: metrics[metric], reverse=True, n=1, keep_checkpoints_without_metrics=False))
+          get_metric_fn=lambda metrics: metrics[metric], n=1, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=True, read_only=read_only, create=not read_only,
         preservation_policy=checkpoint_managers.preservation_policy.AnyPreservationPolicy(policies))
