@@ -354,3 +354,17 @@ def test_bfloat16_backbone_step_tracks_float32():
     losses[dtype] = float(metrics["loss"])
     assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
   assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=2e-2)
+
+
+def test_corrupt_images_are_skipped_and_counted_when_asked(tmp_path):
+  write_memes(tmp_path / "raw", sizes=(("train", 32), ("dev", 8), ("test", 8)))
+  for meme in (5, 41):  # one train sample, one test sample
+    (tmp_path / "raw" / "img" / f"{meme:05d}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+  config = config_lib.load(CONFIG)
+  config_lib.apply_overrides(config, [tuple(flag[len("--config."):].split("=", 1)) for flag in memes_overrides(
+      tmp_path, epochs=1, skip_corrupt=True, **{"missing.rate": 0.0})])
+  results = loop.train(config, tmp_path / "run")
+  assert results["corrupt_skipped_in_training"] == 1
+  counts = {kind: r["corrupt_skipped"] for kind, r in results["test"].items()}
+  assert counts == {"complete": 1, "text_missing": 1, "image_missing": 0, "mix": 1}
+  assert results["test"]["complete"]["samples"] == 7 and results["test"]["image_missing"]["samples"] == 8

@@ -225,6 +225,9 @@ def _merged_test(job: Job, trainable, scenarios, missing: data.Missing, writer, 
   for kind in scenarios:
     results[kind] = evaluate(job, eval_step, head, merged["backbone"], test.scenario(kind), f"test/{kind}")
     writer.write(step, f"test/{kind}", results[kind])
+    if results[kind]["corrupt_skipped"]:
+      say(f"warning: test/{kind}: {results[kind]['corrupt_skipped']} samples with a corrupt image were skipped "
+          "(skip_corrupt=True); the metrics cover the others")
   return results
 
 
