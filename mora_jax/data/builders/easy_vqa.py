@@ -85,3 +85,47 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder):
           "image_id": image_id,
           "question_type": question_type(answer),
       }
+
+
+def negated(tokens) -> bool:
+  """easy-VQA's negative templates: "is there not a red shape?", "is no red shape present?"."""
+  return "not" in tokens or "no" in tokens
+
+
+def _attribute(question: str, answer: str, words) -> str | None:
+  """The attribute among `words` (colours or shapes) that a question/answer pair says the image HAS."""
+  if answer in words:
+    return answer
+  if answer not in YES_NO:
+    return None
+  tokens = question.replace("?", " ").split()
+  named = [w for w in words if w in tokens]
+  if len(named) != 1:
+    return None
+  says_yes = (answer == "yes") != negated(tokens)
+  return named[0] if says_yes else None
+
+
+def image_captions(source, answer_names) -> list[dict]:
+  """One record per image, {"id", "image", "text": "a <colour> <shape>", "label": 0}, the caption derived
+  from the image's question/answer pairs (what-colour/what-shape answers, and yes/no questions that name one
+  colour or shape, negations included: see `negated`). Images whose pairs name neither attribute are left out; a caption
+  names what is known ("a blue shape", "a circle")."""
+  colours = [a for a in answer_names if a not in YES_NO and a not in SHAPES]
+  known: dict[int, dict] = {}
+  for i in range(len(source)):
+    record = source[i]
+    text = record["text"].decode() if isinstance(record["text"], bytes) else record["text"]
+    answer = answer_names[int(record["label"])]
+    entry = known.setdefault(int(record["image_id"]), {"index": i})
+    for kind, words in (("colour", colours), ("shape", SHAPES)):
+      value = _attribute(text, answer, words)
+      if value is not None:
+        entry[kind] = value
+  pairs = []
+  for image_id, entry in sorted(known.items()):
+    if "colour" not in entry and "shape" not in entry:
+      continue
+    caption = f"a {entry.get('colour', '')} {entry.get('shape', 'shape')}".replace("  ", " ")
+    pairs.append({"id": str(image_id), "image": source[entry["index"]]["image"], "text": caption, "label": 0})
+  return pairs
