@@ -9,6 +9,7 @@ metrics.jsonl, tensorboard/, config.json.
 
 import argparse
 import sys
+from pathlib import Path
 
 from mora_jax.train import cli, config as config_lib, loop
 
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     cli.initialize_distributed(args)
     config = config_lib.load(args.config)
     config_lib.apply_overrides(config, [(key, value) for _, key, value in overrides])
-    workdir = args.workdir or f"runs/{args.config.rsplit('/', 1)[-1].removesuffix('.py')}"
+    workdir = args.workdir or f"runs/{Path(args.config).stem}"
     loop.train(config, workdir)
     return 0
 

@@ -2,6 +2,7 @@
 
     python bench/train.py                                   # tiny and ViT-B/16, float32, this machine
     python bench/train.py --configs ViT-B/16 --batch 256 --dtype bfloat16 --no_peer --peak_tflops 989
+    python bench/train.py --configs ViT-B/16 --start_layers 11 10 6 0   # temporaries per first adapted layer
 
 The recipe is Food-101 MoRA (q, v from layer 10, or 1 on the 2-layer tiny config; rank 4; 101 classes). Our
 step and the peer (transformers.CLIPModel + MoRA layers transcribed from MORA.md, eager PyTorch, same
@@ -50,6 +51,21 @@ def bench(name: str, batch_size: int, repeats: int, dtype, peer: bool) -> dict:
               memory=peak_bytes(ours.compiled), flops=flops)
 
 
+def temporaries_by_start_layer(name: str, batch_size: int, start_layers, dtype) -> dict[int, float]:
+  """MiB of XLA temporaries of the compiled step per first adapted layer: activations are kept only from the
+  first layer whose output the gradients need, so this grows with the number of adapted layers."""
+  cfg = clip.preset(name)
+  data = random_batch(cfg, batch_size, NUM_CLASSES)
+  hf_model = transformers.CLIPModel._from_config(transformers.CLIPConfig(**cfg.to_hf_dict()))  # pylint: disable=protected-access
+  out = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_model.save_pretrained(tmp)
+    for start in start_layers:
+      step = jax_step(tmp, adapters.MoRAConfig(targets=("q_proj", "v_proj"), start_layer=start), data, dtype)
+      out[start] = step.compiled.memory_analysis().temp_size_in_bytes / 2**20
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--configs", nargs="+", default=list(DEFAULT_BATCH))
@@ -59,9 +75,18 @@ def main():
                       help="backbone weights and compute (adapters and optimizer stay float32)")
   parser.add_argument("--no_peer", action="store_true", help="skip the PyTorch peer (e.g. on a GPU host)")
   parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, for MFU")
+  parser.add_argument("--start_layers", type=int, nargs="+", default=None,
+                      help="instead of timing: compiled-step temporaries for these first adapted layers")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads), {args.dtype}, best of {args.repeats}")
+  if args.start_layers:
+    print("| config | batch | start layer | temporaries (MiB) |\n|---|---|---|---|")
+    for name in args.configs:
+      batch = args.batch or DEFAULT_BATCH.get(name, 8)
+      for start, mib in temporaries_by_start_layer(name, batch, args.start_layers, jnp.dtype(args.dtype)).items():
+        print(f"| {name} | {batch} | {start} | {mib:.0f} |")
+    return
   print("| config | batch | ms/step | steps/s | samples/s | peer samples/s | ours / peer | peak memory (MiB) "
         "| GFLOP/s | MFU |")
   print("|---|---|---|---|---|---|---|---|---|---|")

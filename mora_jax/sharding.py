@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 # logical axis -> mesh axis. FSDP: shard every weight along its model-width ("embed") dimension.
@@ -59,6 +60,14 @@ def place(value, target: NamedSharding) -> jax.Array:
   so it works on one host and on many."""
   host = np.asarray(jax.device_get(value))
   return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+
+def host_numpy(array: jax.Array) -> np.ndarray:
+  """The whole value of a global array on this host; gathered across processes when it is sharded over
+  several (every process must call it then)."""
+  if not array.is_fully_addressable:
+    array = multihost_utils.process_allgather(array, tiled=True)
+  return np.asarray(array)
 
 
 def replicate(tree, mesh: Mesh):

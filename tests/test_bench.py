@@ -42,3 +42,12 @@ def test_train_bench_runs():
                        cwd=ROOT, env=ENV, capture_output=True, text=True, check=True).stdout
   row = next(line for line in out.splitlines() if line.startswith("| tiny | 4 |")).split("|")
   assert row[7].strip().endswith("x") and float(row[8]) > 0, out  # ours / peer, peak memory
+
+
+def test_train_bench_reports_temporaries_per_start_layer():
+  pytest.importorskip("torch", reason="the benchmark builds its checkpoint with transformers' PyTorch CLIP")
+  out = subprocess.run([sys.executable, "bench/train.py", "--configs", "tiny", "--batch", "4", "--start_layers", "1",
+                        "0"], cwd=ROOT, env=ENV, capture_output=True, text=True, check=True).stdout
+  rows = [line.split("|") for line in out.splitlines() if line.startswith("| tiny | 4 |")]
+  assert [int(row[3]) for row in rows] == [1, 0], out
+  assert float(rows[1][4]) >= float(rows[0][4]), out  # more adapted layers keep more activations

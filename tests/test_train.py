@@ -12,8 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from mora_jax.train import checkpoint, config as config_lib, loop, recipes, writers
@@ -186,8 +188,7 @@ def _config(memes, workdir_overrides):
 def _final_state(workdir):
   ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints", read_only=True)
   step = ckpt.latest_step()
-  state = ckpt.manager.restore(step, args=__import__("orbax.checkpoint").checkpoint.args.Composite(
-      state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore()))["state"]
+  state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   ckpt.close()
   return step, jax.tree.map(np.asarray, state)
 
@@ -307,7 +308,7 @@ def test_food101_mora_checkpoint_holds_only_trainables_and_two_adam_moments(tmp_
 
 def test_checkpointer_keeps_the_latest_and_the_best(tmp_path):
   ckpt = checkpoint.Checkpointer(tmp_path, keep=1, metric="accuracy")
-  iterator = iter(__import__("grain").MapDataset.range(8).batch(2).to_iter_dataset())
+  iterator = iter(grain.MapDataset.range(8).batch(2).to_iter_dataset())
   for step, accuracy in enumerate([0.5, 0.9, 0.6, 0.7], start=1):
     ckpt.save(step, {"w": np.full(2, step, np.float32)}, iterator, {"step": step}, metrics={"accuracy": accuracy})
   ckpt.save(5, {"w": np.zeros(2, np.float32)}, iterator, {"step": 5})  # mid-epoch (SIGTERM), no metric

@@ -16,7 +16,6 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mora_jax import sharding
@@ -215,19 +214,13 @@ def from_pretrained(name_or_path: str | os.PathLike, dtype=jnp.float32, *, mesh:
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def _host_numpy(array: jax.Array) -> np.ndarray:
-  if not array.is_fully_addressable:
-    array = multihost_utils.process_allgather(array, tiled=True)
-  return np.asarray(array)
-
-
 def to_hf_tensors(model: CLIP) -> dict[str, np.ndarray]:
   """The model's parameters as Hugging Face state-dict tensors (torch layout)."""
   if type(model) is not CLIP:  # pylint: disable=unidiomatic-typecheck
     raise TypeError(f"save_pretrained takes a plain mora_jax CLIP, got {type(model).__name__}; merge adapters "
                     "into the backbone first.")
   # np.array(order="C"), not np.ascontiguousarray, which turns the 0-d logit_scale into shape [1].
-  return {hf_key(path): np.array(_to_hf_layout(str(path[-1]), _host_numpy(v.get_value())), order="C")
+  return {hf_key(path): np.array(_to_hf_layout(str(path[-1]), sharding.host_numpy(v.get_value())), order="C")
           for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 

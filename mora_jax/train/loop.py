@@ -10,7 +10,6 @@ and writes logs, and all processes take part in checkpointing.
 
 import dataclasses
 import json
-import logging
 import signal
 import time
 from pathlib import Path
@@ -35,7 +34,6 @@ from mora_jax.train import config as config_lib
 from mora_jax.train import recipes, step as step_lib
 from mora_jax.train.writers import MetricWriter
 
-log = logging.getLogger("mora_jax")
 EVAL_FILE = "eval.json"
 CONFIG_FILE = "config.json"
 
@@ -144,17 +142,6 @@ def _host(array) -> np.ndarray:
   return np.asarray(array.addressable_data(0))
 
 
-def _global(host_batch: dict, keys, target: NamedSharding, micro_axis: bool) -> dict:
-  out = {}
-  for key in keys:
-    local = np.asarray(host_batch[key])
-    batch_dim = 1 if micro_axis else 0
-    shape = list(local.shape)
-    shape[batch_dim] *= jax.process_count()
-    out[key] = jax.make_array_from_process_local_data(target, local, tuple(shape))
-  return out
-
-
 def _sum_over_processes(value: int) -> int:
   if jax.process_count() == 1:
     return int(value)
@@ -170,7 +157,7 @@ def evaluate(job: Job, eval_step, params, backbone_state, ds: data.Dataset, desc
   for host_batch in tqdm(job.batches(ds, batch_size, train=False), desc=desc, total=steps, leave=False,
                          disable=not is_main()):
     corrupt += int(np.sum(host_batch["corrupt"]))
-    out = eval_step(params, backbone_state, _global(host_batch, step_lib.EVAL_KEYS, target, False))
+    out = eval_step(params, backbone_state, step_lib.global_batch(host_batch, step_lib.EVAL_KEYS, target, False))
     outputs.append({k: _host(v) for k, v in out.items()})
   joined = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
   valid = joined["valid"].astype(bool)
@@ -312,7 +299,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
         micro = [next(train_iter) for _ in range(c.accum_steps)]
         corrupt += sum(int(np.sum(m["corrupt"])) for m in micro)
         host = {k: np.stack([m[k] for m in micro]) for k in step_lib.TRAIN_KEYS}
-        state, metrics = train_step(state, backbone_state, _global(host, step_lib.TRAIN_KEYS, micro_target, True))
+        state, metrics = train_step(state, backbone_state,
+                                    step_lib.global_batch(host, step_lib.TRAIN_KEYS, micro_target, True))
         step += 1
         window_samples += c.batch_size
         bar.update(1)

@@ -15,13 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from mora_jax import sharding
 from mora_jax.data import pipeline
 from mora_jax.models.clip import CLIP
+from mora_jax.train import step as step_lib
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100
 
@@ -39,7 +39,6 @@ def _decay_mask(params):
 
 
 def make_step(graphdef, tx, mesh, param_shardings):
-  batch_sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def step(params, opt_state, batch):
@@ -54,7 +53,7 @@ def make_step(graphdef, tx, mesh, param_shardings):
     params["logit_scale"].set_value(jnp.minimum(params["logit_scale"].get_value(), MAX_LOGIT_SCALE))
     return params, opt_state, loss
 
-  return jax.jit(step, in_shardings=(param_shardings, replicated, batch_sharding),
+  return jax.jit(step, in_shardings=(param_shardings, replicated, step_lib.batch_sharding(mesh, micro_axis=False)),
                  out_shardings=(param_shardings, replicated, replicated), donate_argnums=(0, 1))
 
 
@@ -81,21 +80,18 @@ def train(model: CLIP, source, tokenizer, prep: pipeline.Preprocessing, *, epoch
   batches = iter(pipeline.batches(source, table, tokenizer, per_process, train=True, seed=seed, prep=prep,
                                   process_index=jax.process_index(), process_count=count,
                                   num_threads=num_threads, source_name="pretraining pairs"))
-  target = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+  target = step_lib.batch_sharding(mesh, micro_axis=False)
   losses = []
   for epoch in range(epochs):
-    total_loss = 0.0
-    bar = tqdm(range(steps_per_epoch), desc=f"pre-training epoch {epoch + 1}/{epochs}", unit="step",
-               disable=jax.process_index() != 0)
-    for _ in bar:
-      host = next(batches)
-      batch = {k: jax.make_array_from_process_local_data(
-          target, np.asarray(host[k]), (batch_size, *np.shape(host[k])[1:]))
-               for k in ("pixel_values", "input_ids", "attention_mask")}
+    step_losses = []  # device scalars, read once per epoch: no host sync inside the step loop
+    for _ in tqdm(range(steps_per_epoch), desc=f"pre-training epoch {epoch + 1}/{epochs}", unit="step",
+                  disable=jax.process_index() != 0):
+      batch = step_lib.global_batch(next(batches), ("pixel_values", "input_ids", "attention_mask"), target, False)
       params, opt_state, loss = step(params, opt_state, batch)
-      total_loss += float(np.asarray(loss.addressable_data(0)))
-      bar.set_postfix(loss=f"{total_loss / (bar.n + 1):.3f}")
-    losses.append(total_loss / steps_per_epoch)
+      step_losses.append(loss)
+    losses.append(float(np.mean([np.asarray(loss.addressable_data(0)) for loss in step_losses])))
+    if jax.process_index() == 0:
+      tqdm.write(f"pre-training epoch {epoch + 1}/{epochs}: mean contrastive loss {losses[-1]:.4f}")
   return nnx.merge(graphdef, params), losses
 
 
@@ -105,11 +101,9 @@ def features(model: CLIP, images: np.ndarray, input_ids: np.ndarray, attention_m
   graphdef, state = nnx.split(model)
   image_fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).get_image_features(x))
   text_fn = jax.jit(lambda s, i, m: nnx.merge(graphdef, s).get_text_features(i, m))
-  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)) if not x.is_fully_addressable \
-      else np.asarray(x)
-  image = np.concatenate([gather(image_fn(state, images[i:i + batch_size]))
+  image = np.concatenate([sharding.host_numpy(image_fn(state, images[i:i + batch_size]))
                           for i in range(0, len(images), batch_size)])
-  text = np.concatenate([gather(text_fn(state, input_ids[i:i + batch_size], attention_mask[i:i + batch_size]))
+  text = np.concatenate([sharding.host_numpy(text_fn(state, input_ids[i:i + batch_size], attention_mask[i:i + batch_size]))
                          for i in range(0, len(input_ids), batch_size)])
   return (image / np.linalg.norm(image, axis=-1, keepdims=True),
           text / np.linalg.norm(text, axis=-1, keepdims=True))

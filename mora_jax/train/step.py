@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -37,6 +38,19 @@ def batch_sharding(mesh: Mesh, micro_axis: bool) -> NamedSharding:
   """Batch dimension split over every mesh axis (data and fsdp); the micro-batch axis, if any, unsplit."""
   spec = (tuple(mesh.axis_names),)
   return NamedSharding(mesh, PartitionSpec(None, *spec) if micro_axis else PartitionSpec(*spec))
+
+
+def global_batch(host_batch: dict, keys, target: NamedSharding, micro_axis: bool) -> dict:
+  """This process's rows of a batch -> global arrays sharded by `target`; the batch dimension (after the
+  micro-batch axis, if any) is the concatenation of every process's rows, in process order."""
+  batch_dim = 1 if micro_axis else 0
+  out = {}
+  for key in keys:
+    local = np.asarray(host_batch[key])
+    shape = list(local.shape)
+    shape[batch_dim] *= jax.process_count()
+    out[key] = jax.make_array_from_process_local_data(target, local, tuple(shape))
+  return out
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
