@@ -67,3 +67,17 @@ def test_padding_rows_are_ignored():
   ml_labels = rng.randint(0, 2, (10, 4))
   assert metrics.multilabel_f1(np.where(valid[:, None], ml, 5.0), ml_labels, valid) == \
       metrics.multilabel_f1(ml[:7], ml_labels[:7])
+
+
+def test_grouped_accuracy_equals_sklearn_per_group():
+  rng = np.random.RandomState(0)
+  n = 300
+  logits, labels = rng.randn(n, 13), rng.randint(0, 13, n)
+  groups = rng.choice([0, 2], n)  # group 1 ("color") has no sample and is left out
+  valid = rng.rand(n) < 0.9
+  ours = metrics.summary("easy_vqa", logits, labels, valid, groups=groups, group_names=("yes/no", "color", "shape"))
+  assert set(ours) == {"accuracy", "accuracy_yes/no", "accuracy_shape"}
+  for g, name in ((0, "yes/no"), (2, "shape")):
+    rows = valid & (groups == g)
+    assert ours[f"accuracy_{name}"] == pytest.approx(
+        sk.accuracy_score(labels[rows], logits[rows].argmax(-1)), abs=1e-6)

@@ -70,7 +70,7 @@ def eight_device_run(memes, one_device_run):
 
 def test_every_shipped_config_loads_and_names_its_adapter():
   files = sorted((ROOT / "configs").glob("*.py"))
-  assert len(files) == 16
+  assert len(files) == 20  # 4 datasets x {mora, lora, dora, moka, linear}
   for path in files:
     config = config_lib.load(path)
     assert isinstance(loop.adapter_config(config.adapter), (type(None), *[c for c in recipes.METHODS.values() if c]))
@@ -87,6 +87,12 @@ def test_published_recipes():
           memes.optim.weight_decay) == (("k_proj", "v_proj"), 8, 0.1, 5, 16, 0.1)
   imdb = config_lib.load(ROOT / "configs" / "mm_imdb_lora.py")
   assert (imdb.adapter.method, imdb.adapter.targets, imdb.adapter.rank) == ("lora", ("q_proj", "k_proj"), 4)
+  moka = config_lib.load(ROOT / "configs" / "mm_imdb_moka.py")
+  assert (moka.adapter.targets, moka.adapter.rank, moka.adapter.alpha, moka.adapter.lam,
+          moka.adapter.temperature, moka.adapter.scale_placement) == (
+              ("q_proj", "k_proj"), 4, 16.0, 0.05, "sqrt_rank", "after_b")
+  default = config_lib.load(ROOT / "configs" / "easy_vqa_mora.py")
+  assert (default.backbone.path, default.preprocessing.max_length, default.head.type) == ("embedded", 24, "linear")
 
 
 def test_overrides_keep_types_and_unknown_keys_are_named():
@@ -369,3 +375,15 @@ def test_corrupt_images_are_skipped_and_counted_when_asked(tmp_path):
   counts = {kind: r["corrupt_skipped"] for kind, r in results["test"].items()}
   assert counts == {"complete": 1, "text_missing": 1, "image_missing": 0, "mix": 1}
   assert results["test"]["complete"]["samples"] == 7 and results["test"]["image_missing"]["samples"] == 8
+
+
+def test_moka_trains_and_is_tested_unmerged_and_reproducibly(memes, one_device_run):
+  config = config_lib.load(ROOT / "configs" / "hateful_memes_moka.py")
+  config_lib.apply_overrides(config, [tuple(flag[len("--config."):].split("=", 1)) for flag in
+                                      memes_overrides(memes, max_steps=2, **{"head.type": "mlp"})])
+  workdir = memes / "moka"
+  results = loop.train(config, workdir)
+  assert results["method"] == "moka" and results["merged"] is False
+  assert all(np.isfinite(loss) for loss in train_losses(workdir))
+  again = loop.evaluate_checkpoint(workdir)
+  assert again["merged"] is False and again["test"] == results["test"]

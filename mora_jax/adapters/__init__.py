@@ -1,4 +1,5 @@
-"""Adapters on frozen CLIP towers: MoRA, LoRA, DoRA, or none (linear probe), on one partitioned tree.
+"""Adapters on frozen CLIP towers: MoRA, LoRA, DoRA, MokA (two-tower), or none (linear probe), on one
+partitioned tree.
 
     from mora_jax import adapters, clip
     cfg = adapters.MoRAConfig(targets=("q_proj", "v_proj"), start_layer=10, rank=4, alpha=0.01, dropout=0.1)
@@ -8,14 +9,15 @@
     merged = adapters.merge(clf)                            # towers are plain CLIP weights
 """
 
-from mora_jax.adapters.classifier import Classifier, build_classifier, count_parameters, merge
+from mora_jax.adapters.classifier import Classifier, build_classifier, count_parameters, merge, mergeable
 from mora_jax.adapters.common import AdapterConfig
 from mora_jax.adapters.dora import DoRAConfig
 from mora_jax.adapters.lora import LoRAConfig
+from mora_jax.adapters.moka import MokAConfig
 from mora_jax.adapters.mora import MoRAConfig
 from mora_jax.adapters.partition import PARTITIONS, join, split, trainable
 
 __all__ = [
-    "AdapterConfig", "Classifier", "DoRAConfig", "LoRAConfig", "MoRAConfig", "PARTITIONS", "build_classifier",
-    "count_parameters", "join", "merge", "split", "trainable",
+    "AdapterConfig", "Classifier", "DoRAConfig", "LoRAConfig", "MoRAConfig", "MokAConfig", "PARTITIONS",
+    "build_classifier", "count_parameters", "join", "merge", "mergeable", "split", "trainable",
 ]

@@ -1,4 +1,5 @@
-"""The MoRA classifier: adapted CLIP towers -> concat(image feature, text feature) -> one linear head."""
+"""The MoRA classifier: adapted CLIP towers -> concat(image feature, text feature) -> a head (MORA.md's linear
+head, or an optional small MLP)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +8,14 @@ from flax import nnx
 from mora_jax.adapters import common, partition
 from mora_jax.adapters.dora import DoRAConfig, DoRALinear
 from mora_jax.adapters.lora import LoRAConfig, LoRALinear
+from mora_jax.adapters import moka
 from mora_jax.adapters.mora import MoRACommon, MoRAConfig, MoRALinear
 from mora_jax.models.clip import CLIP
 
-ADAPTED = (MoRALinear, LoRALinear, DoRALinear)
+ADAPTED = (MoRALinear, LoRALinear, DoRALinear, moka.TowerLinear)
+
+
+HEADS = ("linear", "mlp")
 
 
 class HeadLinear(nnx.Module):
@@ -25,23 +30,52 @@ class HeadLinear(nnx.Module):
     return x.astype(jnp.float32) @ self.kernel[...] + self.bias[...]
 
 
+class HeadMLP(nnx.Module):
+  """logits = output(gelu(hidden(x))): unlike the linear head it can combine the two towers' features
+  multiplicatively (a question's meaning with the image's content), still without touching the towers."""
+
+  def __init__(self, d_in: int, hidden: int, num_classes: int, *, rngs: nnx.Rngs):
+    self.hidden = HeadLinear(d_in, hidden, rngs=rngs)
+    self.output = HeadLinear(hidden, num_classes, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.output(jax.nn.gelu(self.hidden(x), approximate=False))
+
+
 class Classifier(nnx.Module):
   """logits = head(concat(image_features, text_features)); features are not L2-normalised (MORA.md)."""
 
   def __init__(self, backbone: CLIP, adapter: common.AdapterConfig | None, num_classes: int, multi_label: bool,
-               *, rngs: nnx.Rngs):
+               *, head: str = "linear", head_hidden: int = 256, rngs: nnx.Rngs):
     self.adapter = adapter
     self.num_classes, self.multi_label = num_classes, multi_label
     self.adapter_common = nnx.Dict()
+    self.tower_pairs = nnx.Dict()  # MokA (two-tower): one hand-over per paired projection
     self.backbone = backbone
     if adapter is not None:
       _apply(self, adapter, rngs)
-    self.head = HeadLinear(2 * backbone.config.projection_dim, num_classes, rngs=rngs)
+    d_features = 2 * backbone.config.projection_dim
+    if head not in HEADS:
+      raise ValueError(f"head={head!r}: use one of {HEADS}.")
+    self.head = (HeadLinear(d_features, num_classes, rngs=rngs) if head == "linear"
+                 else HeadMLP(d_features, head_hidden, num_classes, rngs=rngs))
 
   def features(self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                rngs: nnx.Rngs | None = None) -> jax.Array:
-    image = self.backbone.get_image_features(pixel_values, rngs)
-    text = self.backbone.get_text_features(input_ids, attention_mask, rngs)
+    if not self.tower_pairs:
+      image = self.backbone.get_image_features(pixel_values, rngs)
+      text = self.backbone.get_text_features(input_ids, attention_mask, rngs)
+      return jnp.concatenate([image, text], axis=-1)
+    # MokA (two-tower): the text tower first, its projections handing their rows to the vision projections.
+    keys = moka.text_keys(input_ids, attention_mask)
+    for pair in self.tower_pairs.values():
+      pair.set(key_mask=keys)
+    try:
+      text = self.backbone.get_text_features(input_ids, attention_mask, rngs)
+      image = self.backbone.get_image_features(pixel_values, rngs)
+    finally:
+      for pair in self.tower_pairs.values():
+        pair.clear()
     return jnp.concatenate([image, text], axis=-1)
 
   def __call__(self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -60,27 +94,45 @@ def _apply(clf: Classifier, cfg: common.AdapterConfig, rngs: nnx.Rngs) -> None:
         clf.adapter_common[key] = MoRACommon(backbone.config.text.hidden_size, backbone.config.vision.hidden_size,
                                           cfg.rank, rngs=rngs)
       adapted = MoRALinear(base, clf.adapter_common[key], tower, cfg, rngs=rngs)
+    elif isinstance(cfg, moka.MokAConfig):
+      key = f"{index}/{name}"
+      if set(cfg.towers) != {"vision", "text"}:
+        raise ValueError(f"MokA (two-tower) pairs the vision and text projections; towers={cfg.towers} lacks one.")
+      if key not in clf.tower_pairs:
+        clf.tower_pairs[key] = moka.TowerPair()
+      adapted = moka.TowerLinear(base, clf.tower_pairs[key], tower, cfg, rngs=rngs)
     elif isinstance(cfg, DoRAConfig):
       adapted = DoRALinear(base, tower, cfg, rngs=rngs)
     elif isinstance(cfg, LoRAConfig):
       adapted = LoRALinear(base, tower, cfg, rngs=rngs)
     else:
-      raise TypeError(f"Unknown adapter config {type(cfg).__name__}; use MoRAConfig, LoRAConfig, DoRAConfig "
-                      "or None (frozen towers, linear probe).")
+      raise TypeError(f"Unknown adapter config {type(cfg).__name__}; use MoRAConfig, LoRAConfig, DoRAConfig, "
+                      "MokAConfig or None (frozen towers, linear probe).")
     setattr(parent, name, adapted)
 
 
 def build_classifier(backbone: CLIP, adapter: common.AdapterConfig | None, num_classes: int,
-                     multi_label: bool = False, seed: int = 0) -> Classifier:
+                     multi_label: bool = False, seed: int = 0, head: str = "linear",
+                     head_hidden: int = 256) -> Classifier:
   """Wraps `backbone` (modified in place: its target projections become adapted ones) in a classifier.
 
   adapter: MoRAConfig, LoRAConfig, DoRAConfig, or None for frozen towers + head (the linear probe).
+  head: "linear" (MORA.md) or "mlp" (one GELU hidden layer of `head_hidden` units).
   """
-  return Classifier(backbone, adapter, num_classes, multi_label, rngs=nnx.Rngs(params=seed))
+  return Classifier(backbone, adapter, num_classes, multi_label, head=head, head_hidden=head_hidden,
+                    rngs=nnx.Rngs(params=seed))
+
+
+def mergeable(adapter: common.AdapterConfig | None) -> bool:
+  """False for MokA, whose cross term depends on the input (MOKA.md): it is evaluated unmerged."""
+  return not isinstance(adapter, moka.MokAConfig)
 
 
 def merge(clf: Classifier) -> Classifier:
   """A copy of `clf` whose towers are plain CLIP weights with every adapter folded in."""
+  if not mergeable(clf.adapter):
+    raise ValueError("MokA cannot be merged into the backbone: its cross term depends on the input (the text "
+                     "rows). Evaluate the unmerged classifier.")
   merged = nnx.clone(clf)
   for _, _, parent, name in (common.targets(merged.backbone, clf.adapter) if clf.adapter else ()):
     adapted = getattr(parent, name)

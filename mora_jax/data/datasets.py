@@ -53,6 +53,7 @@ class Dataset:
   class_names: tuple[str, ...]
   multi_label: bool
   missing: missing_lib.Missing
+  group_names: tuple[str, ...] = ()  # names of the batches' "group" ids (easy-VQA question types), if any
 
   @property
   def num_classes(self) -> int:
@@ -97,8 +98,11 @@ def load(name: str, split: str, data_dir: str | Path, manual_dir: str | Path | N
   base_table = missing_lib.load_or_build(Path(data_dir) / "missing_tables", name, split, len(source), missing)
   label = builder.info.features["label"]
   class_names = tuple(label.names) if isinstance(label, tfds.features.ClassLabel) else manual.MMIMDB_GENRES
+  features = builder.info.features
+  group = features[pipeline.GROUP_FEATURE] if pipeline.GROUP_FEATURE in features else None
   return Dataset(name=name, split=split, source=view, table=base_table[view.base_index], class_names=class_names,
-                 multi_label=not isinstance(label, tfds.features.ClassLabel), missing=missing)
+                 multi_label=not isinstance(label, tfds.features.ClassLabel), missing=missing,
+                 group_names=tuple(group.names) if group is not None else ())
 
 
 def batches(ds: Dataset, batch_size: int, tokenizer, *, train: bool, **options):

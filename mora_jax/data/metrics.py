@@ -20,6 +20,15 @@ def accuracy(logits, labels, valid=None) -> float:
   return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 
+def grouped_accuracy(logits, labels, groups, group_names, valid=None) -> dict[str, float]:
+  """{"accuracy_<name>": top-1 accuracy over the samples whose `groups` [N] id is the index of <name> in
+  `group_names`} (easy-VQA's yes/no, color and shape questions); a group without samples is left out."""
+  logits, labels, groups = _select(valid, logits, labels, groups)
+  groups = np.asarray(groups)
+  return {f"accuracy_{name}": accuracy(logits, labels, groups == g) for g, name in enumerate(group_names)
+          if np.any(groups == g)}
+
+
 def _f1(tp, fp, fn):
   """2 TP / (2 TP + FP + FN), 0 where the denominator is 0 (zero_division=0)."""
   denominator = 2 * tp + fp + fn
@@ -85,12 +94,16 @@ def primary(dataset: str) -> str:
   return PRIMARY.get(dataset, "accuracy")
 
 
-def summary(dataset: str, logits, labels, valid=None, multi_label: bool = False) -> dict[str, float]:
+def summary(dataset: str, logits, labels, valid=None, multi_label: bool = False, groups=None,
+            group_names=()) -> dict[str, float]:
   """The dataset's metrics by name: F1 macro/micro/samples for multi-label, accuracy otherwise, plus the
-  softmax AUROC for two-class datasets. `primary(dataset)` names the one used for selection."""
+  softmax AUROC for two-class datasets and the accuracy per group when `group_names` are given.
+  `primary(dataset)` names the one used for selection."""
   if multi_label:
     return {f"f1_{k}": v for k, v in multilabel_f1(logits, labels, valid).items()}
   result = {"accuracy": accuracy(logits, labels, valid)}
   if np.shape(logits)[-1] == 2:
     result["auroc"] = softmax_auroc(logits, labels, valid)
+  if group_names:
+    result.update(grouped_accuracy(logits, labels, groups, group_names, valid))
   return result

@@ -58,6 +58,9 @@ def _image(record, source_name: str) -> Image.Image:
   return Image.fromarray(np.asarray(value))
 
 
+GROUP_FEATURE = "question_type"
+
+
 class _Decode:
   """Record index -> one preprocessed example (runs in Grain's worker threads)."""
 
@@ -85,9 +88,11 @@ class _Decode:
         # Kept as a masked row (like padding) and counted, so batches and evaluation stay aligned.
         pixels, corrupt, valid = np.zeros_like(self.white), True, False
     text = "" if code == missing_lib.TEXT_MISSING else _text(record["text"])
+    # The sample's group for per-group metrics (easy-VQA's question type); -1 where a dataset has none.
+    group = np.int8(record[GROUP_FEATURE]) if GROUP_FEATURE in record else np.int8(-1)
     return {"pixel_values": pixels, "text": text, "label": np.asarray(record["label"]),
             "missing": np.int8(code), "index": np.int64(index), "valid": np.bool_(valid),
-            "corrupt": np.bool_(corrupt)}
+            "corrupt": np.bool_(corrupt), "group": group}
 
 
 class _Tokenize:

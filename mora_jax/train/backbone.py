@@ -18,6 +18,7 @@ from mora_jax.data import tokenizers
 from mora_jax.models import clip as clip_lib
 from mora_jax.models import config as config_lib
 from mora_jax.models import hf
+from mora_jax.train import embedded
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -57,12 +58,18 @@ class Backbone:
   identity: dict  # {"source": path or "random:<preset>/seed<s>", "sha256": weights hash}
 
 
-def load(cfg: ml_collections.ConfigDict, max_length: int, cache_dir: str | Path, *, mesh: Mesh | None,
-         rules) -> Backbone:
-  """The configured backbone (`cfg` is the run config's `backbone` section), placed on `mesh` by `rules`."""
+def load(cfg: ml_collections.ConfigDict, max_length: int, data_dir: str | Path, *, mesh: Mesh | None,
+         rules, log=print) -> Backbone:
+  """The configured backbone (`cfg` is the run config's `backbone` section), placed on `mesh` by `rules`.
+
+  path "embedded" is the project's small CLIP pre-trained on easy-VQA, built in `cfg.cache_dir` on first use.
+  """
   dtype = compute_dtype(cfg.dtype)
   if cfg.path:
-    directory = hf.resolve(cfg.path)
+    if cfg.path == embedded.NAME:
+      directory = embedded.ensure(cfg.cache_dir, data_dir, cfg.seed, log=log)
+    else:
+      directory = hf.resolve(cfg.path)
     tensors, source = hf.read_weights(directory)
     abstract = nnx.eval_shape(lambda: clip_lib.CLIP(hf.read_config(directory), dtype=dtype, rngs=nnx.Rngs(0)))
     model = hf.load_state_into(abstract, tensors, source, mesh=mesh, rules=rules)
@@ -75,7 +82,7 @@ def load(cfg: ml_collections.ConfigDict, max_length: int, cache_dir: str | Path,
   if not cfg.random_preset:
     raise ValueError("config.backbone: set `path` (a Hugging Face id or checkpoint directory) or "
                      "`random_preset` (a randomly initialised CLIP, e.g. 'tiny').")
-  tokenizer = tokenizers.byte_level_clip_tokenizer(Path(cache_dir) / "byte_level_tokenizer")
+  tokenizer = tokenizers.byte_level_clip_tokenizer(Path(data_dir) / "byte_level_tokenizer")
   model = clip_lib.init(random_config(cfg.random_preset, tokenizer, max_length), seed=cfg.seed, dtype=dtype)
   if mesh is not None:
     sharding.shard_module(model, mesh, rules)

@@ -1,7 +1,9 @@
 """The training job and its evaluation: everything `train.py` and `eval.py` run, as library functions.
 
-    results = loop.train(config, workdir)        # trains, validates every epoch, tests the best (merged)
+    results = loop.train(config, workdir)        # trains, validates every epoch, tests the best (merged*)
     results = loop.evaluate_checkpoint(workdir)  # re-tests a finished run, any missing scenario
+
+* MokA, whose cross term depends on the input, is tested unmerged (eval.json says "merged": false).
 
 Multi-host: every process runs the same calls; each reads its own part of the data (Grain shards by
 process), global batches are assembled with `jax.make_array_from_process_local_data`, only process 0 prints
@@ -128,11 +130,12 @@ def load_split(config: ml_collections.ConfigDict, split: str, missing: data.Miss
 def build(config: ml_collections.ConfigDict, class_split: str = "train") -> Job:
   mesh, rules = make_mesh(config.mesh)
   backbone = backbone_lib.load(config.backbone, config.preprocessing.max_length, config.data_dir, mesh=mesh,
-                               rules=rules)
+                               rules=rules, log=say)
   prep = data.Preprocessing(image_size=backbone.model.config.vision.image_size, **config.preprocessing)
   probe = load_split(config, class_split)
   clf = adapters.build_classifier(backbone.model, adapter_config(config.adapter), probe.num_classes,
-                                  probe.multi_label, seed=config.seed)
+                                  probe.multi_label, seed=config.seed, head=config.head.type,
+                                  head_hidden=config.head.hidden)
   graphdef, params = adapters.split(clf)
   return Job(config, mesh, rules, backbone, prep, graphdef, params, probe.class_names, probe.multi_label)
 
@@ -161,7 +164,8 @@ def evaluate(job: Job, eval_step, params, backbone_state, ds: data.Dataset, desc
     outputs.append({k: _host(v) for k, v in out.items()})
   joined = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
   valid = joined["valid"].astype(bool)
-  result = metrics_lib.summary(job.config.dataset, joined["logits"], joined["label"], valid, job.multi_label)
+  result = metrics_lib.summary(job.config.dataset, joined["logits"], joined["label"], valid, job.multi_label,
+                               joined["group"], ds.group_names)
   result["samples"] = int(valid.sum())
   result["corrupt_skipped"] = _sum_over_processes(corrupt)
   return result
@@ -200,17 +204,21 @@ class _Sigterm:
     signal.signal(signal.SIGTERM, self.previous)
 
 
-def _merged_test(job: Job, trainable, scenarios, missing: data.Missing, writer, step: int) -> dict:
-  """Test metrics of the merged model (adapters folded into the backbone), one entry per scenario."""
-  clf = adapters.merge(adapters.join(job.graphdef, {"backbone": job.params["backbone"], **trainable}))
-  graphdef, merged = adapters.split(clf)
-  backbone_shardings = sharding.state_shardings(merged["backbone"], job.mesh, job.rules)
+def _test(job: Job, trainable, scenarios, missing: data.Missing, writer, step: int) -> dict:
+  """Test metrics per scenario of the merged model (adapters folded into the backbone), or of the unmerged
+  one for a method that cannot be merged (MokA)."""
+  clf = adapters.join(job.graphdef, {"backbone": job.params["backbone"], **trainable})
+  if adapters.mergeable(clf.adapter):
+    clf = adapters.merge(clf)
+  graphdef, params = adapters.split(clf)
+  backbone_shardings = sharding.state_shardings(params["backbone"], job.mesh, job.rules)
   eval_step = step_lib.make_eval_step(graphdef, job.mesh, backbone_shardings)
   test = job.load("test", missing)
-  head = adapters.trainable(merged)
+  trainable_params = adapters.trainable(params)
   results = {}
   for kind in scenarios:
-    results[kind] = evaluate(job, eval_step, head, merged["backbone"], test.scenario(kind), f"test/{kind}")
+    results[kind] = evaluate(job, eval_step, trainable_params, params["backbone"], test.scenario(kind),
+                             f"test/{kind}")
     writer.write(step, f"test/{kind}", results[kind])
     if results[kind]["corrupt_skipped"]:
       say(f"warning: test/{kind}: {results[kind]['corrupt_skipped']} samples with a corrupt image were skipped "
@@ -227,7 +235,7 @@ def format_table(results: dict, metric: str) -> str:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=None) -> dict:
-  """Trains (resuming from `workdir` if it holds checkpoints), then tests the best checkpoint, merged."""
+  """Trains (resuming from `workdir` if it holds checkpoints), then tests the best checkpoint, merged*."""
   workdir = Path(workdir)
   c = config
   job = build(c)
@@ -346,13 +354,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
   if loop["corrupt_skipped"]:
     say(f"warning: {loop['corrupt_skipped']} training samples had a corrupt image and were skipped")
   results = {"dataset": c.dataset, "method": c.adapter.method, "metric": job.metric, "checkpoint_step": best,
-             "best_validation": loop["best_metric"], "missing": c.missing.to_dict(), "merged": True,
-             "test": _merged_test(job, state["params"], data.SCENARIOS, data.Missing(**c.missing), writer, best),
+             "best_validation": loop["best_metric"], "missing": c.missing.to_dict(),
+             "merged": adapters.mergeable(adapter_config(c.adapter)),
+             "test": _test(job, state["params"], data.SCENARIOS, data.Missing(**c.missing), writer, best),
              "corrupt_skipped_in_training": loop["corrupt_skipped"]}
   writer.close()
   if is_main():
     (workdir / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n")
-  say(f"test ({c.dataset}, checkpoint of step {best}, merged; missing {c.missing.type} {c.missing.rate}):\n"
+  say(f"test ({c.dataset}, checkpoint of step {best}, {'merged' if results['merged'] else 'unmerged'}; "
+      f"missing {c.missing.type} {c.missing.rate}):\n"
       + format_table(results["test"], job.metric) + f"\nwritten to {workdir / EVAL_FILE}")
   return results
 
@@ -391,12 +401,13 @@ def evaluate_checkpoint(workdir: str | Path | None = None, checkpoint: str | Pat
   template = {"params": trainable, "opt": tx.init(trainable), "step": jnp.int32(0), "rng": jax.random.PRNGKey(0)}
   state = ckpt.restore_state(step, _abstract(template, replicated))
   ckpt.close()
-  say(f"evaluating {directory / str(step)} (merged) on {config.dataset} test, missing {config.missing.type} "
+  say(f"evaluating {directory / str(step)} on {config.dataset} test, missing {config.missing.type} "
       f"{config.missing.rate}")
   writer = MetricWriter(Path(directory).parent)
   results = {"dataset": config.dataset, "method": config.adapter.method, "metric": job.metric,
-             "checkpoint_step": step, "missing": config.missing.to_dict(), "merged": True,
-             "test": _merged_test(job, state["params"], scenarios, data.Missing(**config.missing), writer, step)}
+             "checkpoint_step": step, "missing": config.missing.to_dict(),
+             "merged": adapters.mergeable(adapter_config(config.adapter)),
+             "test": _test(job, state["params"], scenarios, data.Missing(**config.missing), writer, step)}
   writer.close()
   say(format_table(results["test"], job.metric))
   if export_hf is not None:
@@ -406,14 +417,18 @@ def evaluate_checkpoint(workdir: str | Path | None = None, checkpoint: str | Pat
 
 def export(job: Job, trainable, out_dir: str | Path) -> Path:
   """The merged towers as a Hugging Face CLIP checkpoint (config.json, model.safetensors, tokenizer files),
-  plus `head.safetensors` (kernel [2 * projection_dim, classes], bias) and `head.json` (class names)."""
+  plus `head.safetensors` and `head.json` (class names, head type). A linear head is `kernel`
+  [2 * projection_dim, classes] and `bias`; an MLP head is `hidden.kernel`, `hidden.bias`, `output.kernel`,
+  `output.bias` with a GELU (exact) between them."""
   merged = adapters.merge(adapters.join(job.graphdef, {"backbone": job.params["backbone"], **trainable}))
   out = hf.save_pretrained(merged.backbone, out_dir)
-  head = {"kernel": _host(merged.head.kernel.get_value()), "bias": _host(merged.head.bias.get_value())}
+  head = {".".join(map(str, path)): _host(variable.get_value())
+          for path, variable in nnx.to_flat_state(nnx.state(merged.head))}
   if is_main():
     job.backbone.tokenizer.save_pretrained(str(out))
     safetensors.numpy.save_file(head, out / "head.safetensors")
     (out / "head.json").write_text(json.dumps({"class_names": list(job.class_names), "multi_label": job.multi_label,
+                                               "head": job.config.head.type,
                                                "features": "concat(image_features, text_features)"}, indent=2))
   say(f"exported the merged model to {out}")
   return out

@@ -10,10 +10,12 @@ import ml_collections
 from mora_jax import adapters
 from mora_jax.adapters import partition
 
-METHODS = {"mora": adapters.MoRAConfig, "lora": adapters.LoRAConfig, "dora": adapters.DoRAConfig, "linear": None}
+METHODS = {"mora": adapters.MoRAConfig, "lora": adapters.LoRAConfig, "dora": adapters.DoRAConfig,
+           "moka": adapters.MokAConfig, "linear": None}
 
 # MORA.md "Published configs" (CLIP ViT-B/16, start_layer 10, dropout 0.1). LoRA and DoRA use the same
-# targets, rank, schedule and weight decay (the paper compares them on the same pipeline) with PEFT's alpha.
+# targets, rank, schedule and weight decay (the paper compares them on the same pipeline) with PEFT's alpha;
+# MokA (two-tower) too, with the MokA authors' alpha (16) and visual-text lambda (0.05), MOKA.md.
 PUBLISHED = {
     "mm_imdb": dict(targets=("q_proj", "k_proj"), rank=4, alpha=0.001, epochs=20, batch_size=256,
                     weight_decay=0.02),
@@ -21,10 +23,10 @@ PUBLISHED = {
                          weight_decay=0.02),
     "hateful_memes": dict(targets=("k_proj", "v_proj"), rank=8, alpha=0.1, epochs=5, batch_size=16,
                           weight_decay=0.1),
-    # The embedded default: a small CLIP on CPU in minutes (train.py with no arguments). Until the project's
-    # pre-trained small CLIP exists, its backbone is a randomly initialised tiny CLIP.
+    # The embedded default (train.py with no arguments, minutes on a CPU): the project's small CLIP
+    # pre-trained on easy-VQA train images (mora_jax/train/embedded.py; 4 layers per tower, 24 text positions).
     "easy_vqa": dict(targets=("q_proj", "v_proj"), rank=4, alpha=0.01, epochs=3, batch_size=64,
-                     weight_decay=0.02, start_layer=1, random_preset="tiny", path=""),
+                     weight_decay=0.02, start_layer=1, path="embedded", max_length=24),
 }
 
 
@@ -37,12 +39,15 @@ def base() -> ml_collections.ConfigDict:
   c.missing = ml_collections.ConfigDict(dict(rate=0.7, type="both", seed=0))
   c.preprocessing = ml_collections.ConfigDict(dict(max_length=77, missing_image="white",
                                                    rewrite_position_75=True))
-  # path: a Hugging Face id or local checkpoint directory. random_preset (with path ""): a randomly
+  # path: a Hugging Face id, a local checkpoint directory, or "embedded". random_preset (with path ""): a randomly
   # initialised CLIP of that preset whose text side fits a byte-level tokenizer (no download; smoke runs).
   # dtype of the frozen backbone and of the compute: "auto" = bfloat16 on GPU/TPU, float32 on CPU.
+  # cache_dir: where path="embedded" (the project's small pre-trained CLIP) is built on first use.
   c.backbone = ml_collections.ConfigDict(dict(path="openai/clip-vit-base-patch16", random_preset="", seed=0,
-                                              dtype="auto"))
+                                              dtype="auto", cache_dir="~/.cache/mora_jax"))
   c.adapter = adapter("mora")
+  # The head on concat(image, text features): "linear" (MORA.md) or "mlp" (one GELU layer of `hidden` units).
+  c.head = ml_collections.ConfigDict(dict(type="linear", hidden=256))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-2, weight_decay=0.02, b1=0.9, b2=0.98, eps=1e-8, warmup_fraction=0.1,
       lr_mults={name: 1.0 for name in partition.TRAINABLE_PARTITIONS},
@@ -79,8 +84,9 @@ def get(dataset: str, method: str) -> ml_collections.ConfigDict:
   c.dataset = dataset
   c.epochs, c.batch_size = recipe.pop("epochs"), recipe.pop("batch_size")
   c.optim.weight_decay = recipe.pop("weight_decay")
-  if "random_preset" in recipe:
-    c.backbone.random_preset, c.backbone.path = recipe.pop("random_preset"), recipe.pop("path")
+  if "path" in recipe:
+    c.backbone.path = recipe.pop("path")
+    c.preprocessing.max_length = recipe.pop("max_length")
   alpha = recipe.pop("alpha")
   if method == "mora":
     recipe["alpha"] = alpha

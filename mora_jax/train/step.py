@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mora_jax import adapters
 
 TRAIN_KEYS = ("pixel_values", "input_ids", "attention_mask", "label", "valid")
-EVAL_KEYS = ("pixel_values", "input_ids", "attention_mask", "label", "valid", "missing", "index")
+EVAL_KEYS = ("pixel_values", "input_ids", "attention_mask", "label", "valid", "missing", "index", "group")
 
 
 def lr_schedule(peak: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
@@ -105,7 +105,7 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, backbone_shardings) -> Ca
     model = adapters.join(graphdef, {"backbone": backbone, **params})
     logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
     return {"logits": logits.astype(jnp.float32),
-            **{k: batch[k] for k in ("label", "valid", "missing", "index")}}
+            **{k: batch[k] for k in ("label", "valid", "missing", "index", "group")}}
 
   return jax.jit(step, in_shardings=(replicated, backbone_shardings, batch_sharding(mesh, False)),
                  out_shardings=replicated)

@@ -1,0 +1,7 @@
+"""easy-VQA (the embedded default dataset) with MokA (two-tower): the recipe in mora_jax/train/recipes.py (MORA.md, PROTOCOL.md)."""
+
+from mora_jax.train import recipes
+
+
+def get_config():
+  return recipes.get("easy_vqa", "moka")

@@ -1,0 +1,7 @@
+"""Hateful Memes with MokA (two-tower): the recipe in mora_jax/train/recipes.py (MORA.md, PROTOCOL.md)."""
+
+from mora_jax.train import recipes
+
+
+def get_config():
+  return recipes.get("hateful_memes", "moka")

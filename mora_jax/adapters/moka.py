@@ -1,0 +1,273 @@
+"""MokA (arXiv 2506.05191): LoRA for token sequences that mix modalities, exactly as `shared/spec/MOKA.md`.
+
+Per-modality down-projections A_m, a parameter-free cross-attention in rank space (non-text rows are queries,
+text rows are keys and values), and one up-projection B shared by all tokens. With our kernel layout
+K = W0^T [in, out], A [M, in, r] and B [r, out], an adapted linear computes, for row i of modality m(i):
+
+    z_i   = dropout(x_i) A_{m(i)}
+    att_i = sum_j softmax_j(z_i . z_j / tau) z_j     over key rows j: valid (key_mask), non-padding text rows
+    z_i  += lambda_{m(i)} * att_i                     non-text, non-padding rows only; text rows never change
+    y_i   = x_i K + b + scale * z_i B                 scale = alpha / r; padding rows get no update
+
+A row whose sample has no valid key gets a zero cross term (a "safe" softmax), so MokA degenerates to
+per-modality A + shared B, and with one modality to plain LoRA. Options (`MokAConfig`): tau = sqrt(r) or
+sqrt(number of keys of the sample); `scale` after B (the authors' default) or on z before the attention.
+
+No `merge`: the per-modality part K + scale * A_m B (`MokALinear.delta`) folds into the kernel for inference,
+but the cross term depends on the input, so the full layer cannot be folded.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mora_jax.adapters import partition
+from mora_jax.adapters.common import AdapterConfig, dropout
+from mora_jax.adapters.lora import kaiming_uniform_a
+from mora_jax.models.clip import Linear
+
+TEMPERATURES = ("sqrt_rank", "sqrt_num_keys")
+SCALE_PLACEMENTS = ("after_b", "before_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class MokAConfig(AdapterConfig):
+  """MokA hyper-parameters; `lambdas`, when given, is lambda per modality id and overrides `lam`."""
+  alpha: float = 16.0  # scale = alpha / rank
+  lam: float = 0.05  # lambda of every non-text modality (the authors' visual-text value; 1.0 audio-visual)
+  lambdas: tuple[float, ...] = ()
+  temperature: str = "sqrt_rank"  # tau = sqrt(rank), or "sqrt_num_keys": sqrt(valid keys of the sample)
+  scale_placement: str = "after_b"  # or "before_attention": z *= scale before the attention, B z unscaled
+
+  def __post_init__(self):
+    super().__post_init__()
+    object.__setattr__(self, "lambdas", tuple(float(v) for v in self.lambdas))
+    if self.temperature not in TEMPERATURES:
+      raise ValueError(f"MokAConfig.temperature={self.temperature!r}: use one of {TEMPERATURES}.")
+    if self.scale_placement not in SCALE_PLACEMENTS:
+      raise ValueError(f"MokAConfig.scale_placement={self.scale_placement!r}: use one of {SCALE_PLACEMENTS}.")
+
+  def modality_lambdas(self, num_modalities: int) -> tuple[float, ...]:
+    """lambda per modality id (the text modality's entry is never read: text rows are not queries)."""
+    if not self.lambdas:
+      return (self.lam,) * num_modalities
+    if len(self.lambdas) != num_modalities:
+      raise ValueError(f"MokAConfig.lambdas has {len(self.lambdas)} entries for {num_modalities} modalities.")
+    return self.lambdas
+
+
+def temperature(cfg_or_name: MokAConfig | str, rank: int, key_mask: jax.Array) -> jax.Array:
+  """tau per sample, [B]: sqrt(rank), or sqrt of the sample's number of valid keys (floored at 1)."""
+  name = cfg_or_name.temperature if isinstance(cfg_or_name, MokAConfig) else cfg_or_name
+  if name == "sqrt_rank":
+    return jnp.full(key_mask.shape[:1], rank**0.5, jnp.float32)
+  if name == "sqrt_num_keys":
+    return jnp.sqrt(jnp.maximum(key_mask.sum(-1), 1).astype(jnp.float32))
+  raise ValueError(f"temperature={name!r}: use one of {TEMPERATURES}.")
+
+
+def cross_attention(queries: jax.Array, keys: jax.Array, key_mask: jax.Array, temperature: jax.Array | float
+                   ) -> jax.Array:
+  """softmax(q k^T / tau) k over the valid keys (keys are the values), [B, Lq, r], softmax in float32.
+
+  queries [B, Lq, r]; keys [B, Lk, r]; key_mask bool [B, Lk]; temperature a scalar or [B]. A sample with no
+  valid key gets exactly 0, with finite (zero) gradients.
+  """
+  q, k = queries.astype(jnp.float32), keys.astype(jnp.float32)
+  tau = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), q.shape[:1])
+  mask = key_mask[:, None, :]
+  logits = jnp.einsum("bqr,bkr->bqk", q, k) / tau[:, None, None]
+  # The max shift is stop-gradient, which softmax's shift invariance allows; it is 0 for a row with no key.
+  peak = jax.lax.stop_gradient(jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1, keepdims=True))
+  peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+  # Masked entries go to exp as 0, so that no exp overflows: an inf there, even masked out afterwards, would
+  # send 0 * inf = NaN back in the backward pass.
+  weights = jnp.where(mask, jnp.exp(jnp.where(mask, logits - peak, 0.0)), 0.0)
+  total = weights.sum(-1, keepdims=True)  # >= 1 when a key is valid (the peak's term is exp(0))
+  weights = weights / jnp.where(total > 0, total, 1.0)
+  return jnp.einsum("bqk,bkr->bqr", weights, k).astype(queries.dtype)
+
+
+def key_rows(modality: jax.Array, key_mask: jax.Array, padding: jax.Array, text_modality: int = 0) -> jax.Array:
+  """Rows that serve as keys and values, bool [B, L]: text, allowed by `key_mask`, not padding."""
+  return (modality == text_modality) & key_mask & ~padding
+
+
+def row_lambdas(lambdas: jax.Array, modality: jax.Array) -> jax.Array:
+  """lambda_{m(i)} per row, [B, L, 1], from lambdas [M] by modality id."""
+  # Out-of-range ids only appear on padding rows, which are no queries, so clipping them is harmless.
+  return jnp.take(jnp.asarray(lambdas, jnp.float32), modality, mode="clip")[..., None]
+
+
+def rank_space_update(z: jax.Array, modality: jax.Array, key_mask: jax.Array, padding: jax.Array,
+                      lambdas: jax.Array, tau: jax.Array | float, text_modality: int = 0) -> jax.Array:
+  """MokA's cross term for any layout: non-text, non-padding rows get z_i + lambda_{m(i)} att_i, others keep z.
+
+  z [B, L, r]; modality int [B, L]; key_mask bool [B, L] (which text rows may be keys); padding bool [B, L];
+  lambdas [M] by modality id; tau a scalar or [B]. Logits are [B, L, L].
+  """
+  queries = (modality != text_modality) & ~padding
+  att = cross_attention(z, z, key_rows(modality, key_mask, padding, text_modality), tau)
+  return jnp.where(queries[..., None], z + (row_lambdas(lambdas, modality) * att).astype(z.dtype), z)
+
+
+def fixed_layout_update(z_queries: jax.Array, z_keys: jax.Array, key_mask: jax.Array, lam: jax.Array | float,
+                        tau: jax.Array | float) -> jax.Array:
+  """The updated query rows z_q + lam * att for a layout known to be [query rows; key rows].
+
+  z_queries [B, Lq, r] (the non-text rows); z_keys [B, Lk, r] (the text rows, unchanged by definition);
+  key_mask bool [B, Lk]; lam a scalar or broadcastable to [B, Lq, 1]; tau a scalar or [B]. Logits are
+  [B, Lq, Lk] only.
+  """
+  att = cross_attention(z_queries, z_keys, key_mask, tau)
+  return z_queries + (jnp.asarray(lam, jnp.float32) * att).astype(z_queries.dtype)
+
+
+class MokALinear(nnx.Module):
+  """The frozen Linear it wraps (`base`) plus MokA's branch, for a sequence with a modality id per row.
+
+  Trainable variables are of `variable_type` (a `partition.Trainable` subclass, i.e. the partition they
+  belong to). No `merge`: see `delta`.
+  """
+
+  def __init__(self, base: Linear, num_modalities: int, cfg: MokAConfig, *,
+               variable_type: type[partition.Trainable], rngs: nnx.Rngs):
+    if not (isinstance(variable_type, type) and issubclass(variable_type, partition.Trainable)
+            and variable_type is not partition.Trainable):
+      raise ValueError(f"variable_type={variable_type!r}: use a subclass of partition.Trainable, "
+                       "e.g. partition.TextSpecific.")
+    if num_modalities < 1:
+      raise ValueError(f"num_modalities={num_modalities} must be >= 1.")
+    self.base, self.cfg, self.num_modalities = base, cfg, num_modalities
+    self.lambdas = cfg.modality_lambdas(num_modalities)
+    d_in, d_out = base.kernel.shape
+    keys = jax.random.split(rngs.params(), num_modalities)
+    self.lora_A = variable_type(jax.vmap(lambda key: kaiming_uniform_a(key, d_in, cfg.rank))(keys))
+    self.lora_B = variable_type(jnp.zeros((cfg.rank, d_out), jnp.float32))
+
+  @property
+  def scale(self) -> float:
+    return self.cfg.alpha / self.cfg.rank
+
+  def delta(self, modality_id: int) -> jax.Array:
+    """scale * A_m B [in, out]: modality m's foldable update of the kernel.
+
+    K + delta(m) is what rows of modality m see without the cross term (text rows always, every row when
+    lambda = 0 or its sample has no key), so it can be folded into the kernel for inference; the cross term
+    depends on the input and cannot, hence no `merge` for the full MokA layer.
+    """
+    return self.scale * (self.lora_A[modality_id] @ self.lora_B[...])
+
+  def project(self, x: jax.Array, modality: jax.Array) -> jax.Array:
+    """z_i = x_i A_{m(i)}, [B, L, r]: one matmul against all M A's side by side, then a one-hot selection.
+
+    With r small, M r extra columns cost less than gathering an [in, r] matrix per row; an id outside
+    [0, M) (e.g. -1 on padding) selects nothing and gives z = 0.
+    """
+    every = jnp.einsum("bli,mir->blmr", x, self.lora_A[...])
+    return jnp.einsum("blmr,blm->blr", every, jax.nn.one_hot(modality, self.num_modalities, dtype=every.dtype))
+
+  def __call__(self, x: jax.Array, modality: jax.Array, key_mask: jax.Array, padding: jax.Array | None = None,
+               *, layout: int | None = None, text_modality: int = 0, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """x [B, L, in] -> [B, L, out].
+
+    modality int [B, L]; key_mask bool [B, L] (text rows allowed as keys); padding bool [B, L] (None: none).
+    layout: None for any arrangement of rows ([B, L, L] logits), or a Python int n when rows [:n] are non-text
+    and rows [n:] text ([B, n, L - n] logits; `modality` is then read on rows [:n] only).
+    """
+    y = self.base(x)
+    if padding is None:
+      padding = jnp.zeros(modality.shape, bool)
+    if layout is not None:
+      modality = jnp.concatenate([modality[:, :layout], jnp.full_like(modality[:, layout:], text_modality)], 1)
+    z = self.project(dropout(x, self.cfg.dropout, rngs), modality)
+    after_b = self.cfg.scale_placement == "after_b"
+    if not after_b:
+      z = self.scale * z
+    keys = key_rows(modality, key_mask, padding, text_modality)
+    tau = temperature(self.cfg, self.cfg.rank, keys)
+    if layout is None:
+      z = rank_space_update(z, modality, key_mask, padding, self.lambdas, tau, text_modality)
+    else:
+      lam = row_lambdas(self.lambdas, modality[:, :layout])
+      queries = fixed_layout_update(z[:, :layout], z[:, layout:], keys[:, layout:], lam, tau)
+      z = jnp.concatenate([queries, z[:, layout:]], 1)
+    branch = z @ self.lora_B[...]
+    if after_b:
+      branch = self.scale * branch
+    return y + jnp.where(padding[..., None], 0.0, branch).astype(y.dtype)
+
+
+class TowerPair(nnx.Module):
+  """MokA (two-tower)'s hand-over between the text and the vision projection of one name and layer.
+
+  During one classifier forward it holds the key mask (set by the classifier) and the text projection's
+  rank-space rows (set by the text projection), which the vision projection attends over; the classifier
+  clears both afterwards, so between forwards a pair holds no state at all.
+  """
+
+  def set(self, **values: jax.Array) -> None:
+    for name, value in values.items():
+      setattr(self, name, nnx.Intermediate(value))
+
+  def get(self, name: str) -> jax.Array:
+    if not hasattr(self, name):
+      raise RuntimeError("a MokA (two-tower) vision projection ran without its text partner's rows: run the "
+                         "classifier (Classifier.features / __call__), which runs the text tower first, not the "
+                         "vision tower alone.")
+    return getattr(self, name)[...]
+
+  def clear(self) -> None:
+    for name in ("key_mask", "text_rows"):
+      if hasattr(self, name):
+        delattr(self, name)
+
+
+class TowerLinear(nnx.Module):
+  """One tower's projection under MokA (two-tower): the tower's own A [in, r] and B [r, out] (per-tower LoRA;
+  768 vs 512 widths forbid one shared B), and for the vision tower the rank-space cross-attention of its rows
+  over the paired text projection's rows. Text rows never change, so the text tower runs first and hands its
+  rows over: the same numbers as running vision layer l and text layer l in lockstep."""
+
+  def __init__(self, base: Linear, pair: TowerPair, tower: str, cfg: MokAConfig, *, rngs: nnx.Rngs):
+    self.base, self.pair, self.tower, self.cfg = base, pair, tower, cfg
+    d_in, d_out = base.kernel.shape
+    specific = partition.SPECIFIC[tower]
+    self.lora_A = specific(kaiming_uniform_a(rngs.params(), d_in, cfg.rank))
+    self.lora_B = specific(jnp.zeros((cfg.rank, d_out), jnp.float32))
+    self.lam = cfg.modality_lambdas(2)[1]  # modality ids: 0 text, 1 vision
+
+  @property
+  def scale(self) -> float:
+    return self.cfg.alpha / self.cfg.rank
+
+  def foldable_delta(self) -> jax.Array:
+    """scale * A B: the part of the update that folds into the kernel (all of it for the text tower)."""
+    return self.scale * (self.lora_A[...] @ self.lora_B[...])
+
+  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    y = self.base(x)
+    z = dropout(x, self.cfg.dropout, rngs) @ self.lora_A[...]
+    after_b = self.cfg.scale_placement == "after_b"
+    if not after_b:
+      z = self.scale * z
+    if self.tower == "text":
+      self.pair.set(text_rows=z)
+    else:
+      key_mask = self.pair.get("key_mask")
+      tau = temperature(self.cfg, self.cfg.rank, key_mask)
+      z = fixed_layout_update(z, self.pair.get("text_rows"), key_mask, self.lam, tau)
+    branch = z @ self.lora_B[...]
+    if after_b:
+      branch = self.scale * branch
+    return y + branch.astype(y.dtype)
+
+
+def text_keys(input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+  """Which text rows are keys, bool [B, L]: the valid tokens of samples that have a text. A missing text is
+  the empty string (PROTOCOL.md's dummy), i.e. start and end tokens only, and gives no key at all."""
+  valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+  has_text = valid.sum(-1, keepdims=True) > 2
+  return valid & has_text
