@@ -1,4 +1,5 @@
-"""Train-step time per adapter method, the PyTorch MoRA peer, and merged-MoRA inference, in one run.
+"""Train-step time per adapter method, the PyTorch MoRA peer, merged-MoRA inference and MokA's forward
+overhead over LoRA, in one run.
 
     python bench/adapters.py                          # tiny and ViT-B/16
     python bench/adapters.py --configs tiny --repeats 2
@@ -7,7 +8,8 @@ A train step is the library's (mora_jax.train.step): forward + backward + AdamW 
 MoRA recipe's targets (q, v; layers >= 10, or >= 1 on the 2-layer tiny config; rank 4; 101 classes).
 The PyTorch peer is transformers.CLIPModel with the same projections replaced by MoRA layers written from
 shared/spec/MORA.md (materialized form), AdamW over the trainable parameters only, eager mode.
-Ratios are printed relative to our LoRA step and to the peer.
+MokA (two-tower) runs with every text token a key (the batch has no missing text), so its cross term is
+always computed. Ratios are printed relative to our LoRA step and to the peer.
 """
 
 import dataclasses
@@ -57,10 +59,11 @@ def jax_step(backbone_dir, adapter, data, dtype=jnp.float32):
   return run
 
 
-def jax_inference(backbone_dir, adapter, data):
-  """A no-argument call computing logits: adapter None -> plain backbone, else the merged classifier."""
+def jax_inference(backbone_dir, adapter, data, merge: bool = True):
+  """A no-argument call computing logits: adapter None -> plain backbone, else the classifier, merged if
+  `merge` (and the method can be merged)."""
   clf = adapters.build_classifier(clip.from_pretrained(backbone_dir), adapter, NUM_CLASSES)
-  if adapter is not None:
+  if adapter is not None and merge:
     clf = adapters.merge(clf)
   graphdef, state = nnx.split(clf)
   forward = jax.jit(lambda state, *x: nnx.merge(graphdef, state)(*x))
@@ -135,6 +138,7 @@ def bench_config(name: str, batch_size: int, repeats: int) -> dict:
       "dora": adapters.DoRAConfig(targets=recipe.targets, start_layer=start, rank=4),
       "mora-materialized": dataclasses.replace(recipe, form="materialized"),
       "mora-fused": dataclasses.replace(recipe, form="fused"),
+      "moka": adapters.MokAConfig(targets=recipe.targets, start_layer=start, rank=4, dropout=0.1),
   }
   data = random_batch(cfg, batch_size, NUM_CLASSES)
   torch.manual_seed(0)
@@ -147,9 +151,12 @@ def bench_config(name: str, batch_size: int, repeats: int) -> dict:
     steps["peer"] = torch_step(hf_model, cfg, recipe, data)
     steps["plain"] = jax_inference(tmp, None, data)
     steps["merged"] = jax_inference(tmp, recipe, data)
+    steps["lora-forward"] = jax_inference(tmp, methods["lora"], data, merge=False)
+    steps["moka-forward"] = jax_inference(tmp, methods["moka"], data, merge=False)
     seconds = dict(zip(steps, interleaved_best_seconds(list(steps.values()), repeats)))
   return dict(config=name, batch=batch_size, step={m: seconds[m] for m in methods}, peer=seconds["peer"],
-              plain=seconds["plain"], merged=seconds["merged"])
+              plain=seconds["plain"], merged=seconds["merged"], lora_forward=seconds["lora-forward"],
+              moka_forward=seconds["moka-forward"])
 
 
 def main():
@@ -163,10 +170,11 @@ def main():
             f"{seconds / r['step']['lora']:.2f}x | {r['peer'] / seconds:.2f}x |")
     print(f"| {r['config']} | {r['batch']} | PyTorch MoRA peer | {1e3 * r['peer']:.1f} | "
           f"{r['peer'] / r['step']['lora']:.2f}x | 1.00x |")
-  print("\n| config | batch | merged MoRA inference / plain backbone |")
-  print("|---|---|---|")
+  print("\n| config | batch | merged MoRA inference / plain backbone | MokA forward / LoRA forward (unmerged) |")
+  print("|---|---|---|---|")
   for r in rows:
-    print(f"| {r['config']} | {r['batch']} | {r['merged'] / r['plain']:.3f}x |")
+    print(f"| {r['config']} | {r['batch']} | {r['merged'] / r['plain']:.3f}x | "
+          f"{r['moka_forward'] / r['lora_forward']:.3f}x |")
 
 
 if __name__ == "__main__":

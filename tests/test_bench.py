@@ -24,9 +24,10 @@ def test_adapters_bench_runs():
   out = subprocess.run([sys.executable, "bench/adapters.py", "--configs", "tiny", "--repeats", "1", "--batch", "4"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, check=True).stdout
   rows = [line.split("|") for line in out.splitlines() if line.startswith("| tiny | 4 |")]
-  assert [row[3].strip() for row in rows[:6]] == ["none", "lora", "dora", "mora-materialized", "mora-fused",
-                                                  "PyTorch MoRA peer"], out
-  assert rows[6][3].strip().endswith("x"), out  # merged inference / plain backbone
+  assert [row[3].strip() for row in rows[:7]] == ["none", "lora", "dora", "mora-materialized", "mora-fused",
+                                                  "moka", "PyTorch MoRA peer"], out
+  # merged inference / plain backbone, MokA forward / LoRA forward
+  assert rows[7][3].strip().endswith("x") and rows[7][4].strip().endswith("x"), out
 
 
 def test_data_bench_runs(tmp_path):

@@ -357,7 +357,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
              "best_validation": loop["best_metric"], "missing": c.missing.to_dict(),
              "merged": adapters.mergeable(adapter_config(c.adapter)),
              "test": _test(job, state["params"], data.SCENARIOS, data.Missing(**c.missing), writer, best),
-             "corrupt_skipped_in_training": loop["corrupt_skipped"]}
+             "corrupt_skipped_in_training": loop["corrupt_skipped"],
+             "parameters": adapters.count_parameters(adapters.join(job.graphdef, job.params))}
   writer.close()
   if is_main():
     (workdir / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n")

@@ -25,7 +25,7 @@ PUBLISHED = {
                           weight_decay=0.1),
     # The embedded default (train.py with no arguments, minutes on a CPU): the project's small CLIP
     # pre-trained on easy-VQA train images (mora_jax/train/embedded.py; 4 layers per tower, 24 text positions).
-    "easy_vqa": dict(targets=("q_proj", "v_proj"), rank=4, alpha=0.01, epochs=3, batch_size=64,
+    "easy_vqa": dict(targets=("q_proj", "v_proj"), rank=4, alpha=0.01, epochs=1, batch_size=64,
                      weight_decay=0.02, start_layer=1, path="embedded", max_length=24),
 }
 
@@ -91,5 +91,5 @@ def get(dataset: str, method: str) -> ml_collections.ConfigDict:
   if method == "mora":
     recipe["alpha"] = alpha
   c.adapter = adapter(method, **({} if method == "linear" else recipe))
-  c.eval.batch_size = max(c.batch_size, 64)
+  c.eval.batch_size = max(c.batch_size, 256)
   return c
