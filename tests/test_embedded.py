@@ -8,7 +8,7 @@ import pytest
 import transformers
 
 from mora_jax import clip, data
-from mora_jax.data import preprocess
+from mora_jax.data import pipeline, preprocess
 from mora_jax.data.builders import easy_vqa
 from mora_jax.models import hf
 from mora_jax.train import config as config_lib
@@ -53,7 +53,7 @@ def test_checkpoint_loads_in_transformers_with_our_features(built):
   processor = transformers.CLIPImageProcessor.from_pretrained(str(directory))
   test = data.load("easy_vqa", "test", data_dir)
   pairs = easy_vqa.image_captions(test.source.source, test.class_names)[:16]
-  images = [preprocess.to_rgb(pil_image(p["image"])) for p in pairs]
+  images = [preprocess.to_rgb(pipeline.record_image(p, "test captions")) for p in pairs]
   pixels = np.stack([preprocess.image_to_pixels(im, embedded.IMAGE_SIZE, embedded.IMAGE_SIZE) for im in images])
   np.testing.assert_allclose(processor(images=images, return_tensors="np")["pixel_values"], pixels, atol=1e-5)
   ids, mask = data.tokenize(tokenizer, [p["text"] for p in pairs],
@@ -64,11 +64,6 @@ def test_checkpoint_loads_in_transformers_with_our_features(built):
   # float32 through 4 layers of width 128 in both frameworks: agreement to ~1e-6 is typical; 1e-4 is the bound.
   np.testing.assert_allclose(np.asarray(ours.get_image_features(pixels)), pooled(image_ref), atol=1e-4)
   np.testing.assert_allclose(np.asarray(ours.get_text_features(ids, mask)), pooled(text_ref), atol=1e-4)
-
-
-def pil_image(array):
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  return Image.fromarray(np.asarray(array))
 
 
 def pooled(output) -> np.ndarray:

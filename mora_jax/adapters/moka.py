@@ -243,10 +243,6 @@ class TowerLinear(nnx.Module):
   def scale(self) -> float:
     return self.cfg.alpha / self.cfg.rank
 
-  def foldable_delta(self) -> jax.Array:
-    """scale * A B: the part of the update that folds into the kernel (all of it for the text tower)."""
-    return self.scale * (self.lora_A[...] @ self.lora_B[...])
-
   def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
     y = self.base(x)
     z = dropout(x, self.cfg.dropout, rngs) @ self.lora_A[...]

@@ -50,7 +50,8 @@ def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _image(record, source_name: str) -> Image.Image:
+def record_image(record, source_name: str) -> Image.Image:
+  """A record's image as PIL: encoded bytes are decoded (errors name the sample), arrays converted."""
   value = record["image"]
   if isinstance(value, (bytes, bytearray)):
     where = f" ({_text(record['file'])})" if "file" in record else ""
@@ -80,7 +81,7 @@ class _Decode:
       pixels = self.white if self.prep.missing_image == "white" else np.ones_like(self.white)
     else:
       try:
-        pixels = preprocess.image_to_pixels(_image(record, self.source_name), self.prep.image_size,
+        pixels = preprocess.image_to_pixels(record_image(record, self.source_name), self.prep.image_size,
                                             self.prep.image_size)
       except ValueError:
         if not self.skip_corrupt:

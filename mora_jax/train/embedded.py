@@ -20,7 +20,7 @@ import transformers
 from tokenizers import models, normalizers, pre_tokenizers, trainers
 
 from mora_jax import data
-from mora_jax.data import preprocess
+from mora_jax.data import pipeline, preprocess
 from mora_jax.data.builders import easy_vqa
 from mora_jax.models import clip as clip_lib
 from mora_jax.models import config as config_lib
@@ -76,17 +76,13 @@ def _zero_shot(model, tokenizer, prep, data_dir) -> tuple[float, int]:
   test = data.load("easy_vqa", "test", data_dir, missing=data.Missing(rate=0.0))
   pairs = easy_vqa.image_captions(test.source.source, test.class_names)
   captions = sorted({p["text"] for p in pairs})
-  images = np.stack([preprocess.image_to_pixels(preprocess.to_rgb(_pil(p["image"])), prep.image_size,
-                                                prep.image_size) for p in pairs])
+  images = np.stack([
+      preprocess.image_to_pixels(preprocess.to_rgb(pipeline.record_image(p, "easy_vqa test captions")),
+                                 prep.image_size, prep.image_size) for p in pairs])
   ids, mask = data.tokenize(tokenizer, captions, prep)
   image_features, caption_features = pretrain.features(model, images, ids, mask)
   truth = np.array([captions.index(p["text"]) for p in pairs])
   return pretrain.retrieval_recall_at_1(image_features, caption_features, truth), len(captions)
-
-
-def _pil(array):
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  return Image.fromarray(np.asarray(array))
 
 
 def directory_name(seed: int) -> str:
