@@ -6,8 +6,8 @@
 1. Aligned vs unaligned towers: LoRA and MoRA on the pre-trained backbone vs on a "mismatched" one whose vision
    tower and text tower come from two independent pre-training runs (seeds 0 and 1, `embedded.combine_towers`).
 2. Methods on the aligned backbone: linear probe, LoRA, DoRA, MoRA (+ identity_start, + the MLP head), and
-   MokA (two-tower) (+ lambda 0, its cross term off), each with several fine-tuning seeds (adapter and head
-   init, data order, dropout).
+   MokA (two-tower) (+ lambda 0, its cross term off; + a lower learning rate), each with several fine-tuning
+   seeds (adapter and head init, data order, dropout).
 
 Every run is the library's own `loop.train` with the easy-VQA recipe (70% missing of type both in training,
 test per scenario and per question type); a run whose workdir already holds eval.json is reused, so an
@@ -31,6 +31,8 @@ RUNS = {
     "MokA (two-tower)": ("moka", {}, "aligned"),
     # Without the cross term MokA is per-tower LoRA at MokA's alpha (16, LoRA's is PEFT's 8): separates the two.
     "MokA, lambda 0": ("moka", {"adapter.lam": 0.0}, "aligned"),
+    # The recipe's lr (1e-2) was set for MoRA; MokA's scale is twice LoRA's.
+    "MokA (two-tower), lr 3e-3": ("moka", {"optim.lr": 3e-3}, "aligned"),
     "LoRA": ("lora", {}, "aligned"),
     "LoRA, mismatched towers": ("lora", {}, "mismatched"),
     "MoRA, mismatched towers": ("mora", {}, "mismatched"),
