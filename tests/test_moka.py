@@ -129,7 +129,7 @@ def test_lambda_zero_is_per_modality_a_with_shared_b_and_delta_folds_it():
   kernel, bias = np.asarray(module.base.kernel[...], np.float64), np.asarray(module.base.bias[...], np.float64)
   a, b = np.asarray(module.lora_A[...], np.float64), np.asarray(module.lora_B[...], np.float64)
   per_row_a = a[modality]  # [B, L, in, r]
-  update = module.scale * np.einsum("bli,blir->blr", x, per_row_a) @ b
+  update = module.cfg.scale * np.einsum("bli,blir->blr", x, per_row_a) @ b
   expected = x @ kernel + bias + np.where(padding[..., None], 0.0, update)
   y = np.asarray(module(x, modality, key_mask, padding))
   np.testing.assert_allclose(y, expected, **TOL)
@@ -265,7 +265,7 @@ def test_fixed_layout_update_is_queries_plus_lambda_attention():
 
 def test_temperature_options():
   key_mask = np.array([[True, True, False, True], [False] * 4, [True, False, False, False]])
-  np.testing.assert_allclose(np.asarray(moka.temperature(config(), RANK, key_mask)), [2.0, 2.0, 2.0])
+  np.testing.assert_allclose(np.asarray(moka.temperature(config().temperature, RANK, key_mask)), [2.0, 2.0, 2.0])
   np.testing.assert_allclose(np.asarray(moka.temperature("sqrt_num_keys", RANK, key_mask)), [3**0.5, 1.0, 1.0])
   with pytest.raises(ValueError, match="temperature='sqrt_dim'"):
     moka.temperature("sqrt_dim", RANK, key_mask)

@@ -49,6 +49,11 @@ class MokAConfig(AdapterConfig):
     if self.scale_placement not in SCALE_PLACEMENTS:
       raise ValueError(f"MokAConfig.scale_placement={self.scale_placement!r}: use one of {SCALE_PLACEMENTS}.")
 
+  @property
+  def scale(self) -> float:
+    """alpha / rank, applied after B or on z before the attention (`scale_placement`)."""
+    return self.alpha / self.rank
+
   def modality_lambdas(self, num_modalities: int) -> tuple[float, ...]:
     """lambda per modality id (the text modality's entry is never read: text rows are not queries)."""
     if not self.lambdas:
@@ -58,9 +63,9 @@ class MokAConfig(AdapterConfig):
     return self.lambdas
 
 
-def temperature(cfg_or_name: MokAConfig | str, rank: int, key_mask: jax.Array) -> jax.Array:
-  """tau per sample, [B]: sqrt(rank), or sqrt of the sample's number of valid keys (floored at 1)."""
-  name = cfg_or_name.temperature if isinstance(cfg_or_name, MokAConfig) else cfg_or_name
+def temperature(name: str, rank: int, key_mask: jax.Array) -> jax.Array:
+  """tau per sample, [B]: "sqrt_rank" sqrt(rank), or "sqrt_num_keys" sqrt of the sample's number of valid keys
+  (floored at 1)."""
   if name == "sqrt_rank":
     return jnp.full(key_mask.shape[:1], rank**0.5, jnp.float32)
   if name == "sqrt_num_keys":
@@ -147,10 +152,6 @@ class MokALinear(nnx.Module):
     self.lora_A = variable_type(jax.vmap(lambda key: kaiming_uniform_a(key, d_in, cfg.rank))(keys))
     self.lora_B = variable_type(jnp.zeros((cfg.rank, d_out), jnp.float32))
 
-  @property
-  def scale(self) -> float:
-    return self.cfg.alpha / self.cfg.rank
-
   def delta(self, modality_id: int) -> jax.Array:
     """scale * A_m B [in, out]: modality m's foldable update of the kernel.
 
@@ -158,7 +159,7 @@ class MokALinear(nnx.Module):
     lambda = 0 or its sample has no key), so it can be folded into the kernel for inference; the cross term
     depends on the input and cannot, hence no `merge` for the full MokA layer.
     """
-    return self.scale * (self.lora_A[modality_id] @ self.lora_B[...])
+    return self.cfg.scale * (self.lora_A[modality_id] @ self.lora_B[...])
 
   def project(self, x: jax.Array, modality: jax.Array) -> jax.Array:
     """z_i = x_i A_{m(i)}, [B, L, r]: one matmul against all M A's side by side, then a one-hot selection.
@@ -185,9 +186,9 @@ class MokALinear(nnx.Module):
     z = self.project(dropout(x, self.cfg.dropout, rngs), modality)
     after_b = self.cfg.scale_placement == "after_b"
     if not after_b:
-      z = self.scale * z
+      z = self.cfg.scale * z
     keys = key_rows(modality, key_mask, padding, text_modality)
-    tau = temperature(self.cfg, self.cfg.rank, keys)
+    tau = temperature(self.cfg.temperature, self.cfg.rank, keys)
     if layout is None:
       z = rank_space_update(z, modality, key_mask, padding, self.lambdas, tau, text_modality)
     else:
@@ -196,7 +197,7 @@ class MokALinear(nnx.Module):
       z = jnp.concatenate([queries, z[:, layout:]], 1)
     branch = z @ self.lora_B[...]
     if after_b:
-      branch = self.scale * branch
+      branch = self.cfg.scale * branch
     return y + jnp.where(padding[..., None], 0.0, branch).astype(y.dtype)
 
 
@@ -239,25 +240,21 @@ class TowerLinear(nnx.Module):
     self.lora_B = specific(jnp.zeros((cfg.rank, d_out), jnp.float32))
     self.lam = cfg.modality_lambdas(2)[1]  # modality ids: 0 text, 1 vision
 
-  @property
-  def scale(self) -> float:
-    return self.cfg.alpha / self.cfg.rank
-
   def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
     y = self.base(x)
     z = dropout(x, self.cfg.dropout, rngs) @ self.lora_A[...]
     after_b = self.cfg.scale_placement == "after_b"
     if not after_b:
-      z = self.scale * z
+      z = self.cfg.scale * z
     if self.tower == "text":
       self.pair.set(text_rows=z)
     else:
       key_mask = self.pair.get("key_mask")
-      tau = temperature(self.cfg, self.cfg.rank, key_mask)
+      tau = temperature(self.cfg.temperature, self.cfg.rank, key_mask)
       z = fixed_layout_update(z, self.pair.get("text_rows"), key_mask, self.lam, tau)
     branch = z @ self.lora_B[...]
     if after_b:
-      branch = self.scale * branch
+      branch = self.cfg.scale * branch
     return y + branch.astype(y.dtype)
 
 

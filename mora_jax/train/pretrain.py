@@ -86,7 +86,7 @@ def train(model: CLIP, source, tokenizer, prep: pipeline.Preprocessing, *, epoch
     step_losses = []  # device scalars, read once per epoch: no host sync inside the step loop
     for _ in tqdm(range(steps_per_epoch), desc=f"pre-training epoch {epoch + 1}/{epochs}", unit="step",
                   disable=jax.process_index() != 0):
-      batch = step_lib.global_batch(next(batches), ("pixel_values", "input_ids", "attention_mask"), target, False)
+      batch = step_lib.global_batch(next(batches), step_lib.MODEL_INPUTS, target, False)
       params, opt_state, loss = step(params, opt_state, batch)
       step_losses.append(loss)
     losses.append(float(np.mean([np.asarray(loss.addressable_data(0)) for loss in step_losses])))
@@ -103,8 +103,9 @@ def features(model: CLIP, images: np.ndarray, input_ids: np.ndarray, attention_m
   text_fn = jax.jit(lambda s, i, m: nnx.merge(graphdef, s).get_text_features(i, m))
   image = np.concatenate([sharding.host_numpy(image_fn(state, images[i:i + batch_size]))
                           for i in range(0, len(images), batch_size)])
-  text = np.concatenate([sharding.host_numpy(text_fn(state, input_ids[i:i + batch_size], attention_mask[i:i + batch_size]))
-                         for i in range(0, len(input_ids), batch_size)])
+  text = np.concatenate([
+      sharding.host_numpy(text_fn(state, input_ids[i:i + batch_size], attention_mask[i:i + batch_size]))
+      for i in range(0, len(input_ids), batch_size)])
   return (image / np.linalg.norm(image, axis=-1, keepdims=True),
           text / np.linalg.norm(text, axis=-1, keepdims=True))
 

@@ -17,8 +17,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mora_jax import adapters
 
-TRAIN_KEYS = ("pixel_values", "input_ids", "attention_mask", "label", "valid")
-EVAL_KEYS = ("pixel_values", "input_ids", "attention_mask", "label", "valid", "missing", "index", "group")
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
+TRAIN_KEYS = MODEL_INPUTS + ("label", "valid")
+EVAL_OUTPUTS = ("label", "valid", "missing", "index", "group")  # returned by the eval step beside the logits
+EVAL_KEYS = MODEL_INPUTS + EVAL_OUTPUTS
 
 
 def lr_schedule(peak: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
@@ -105,7 +107,7 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, backbone_shardings) -> Ca
     model = adapters.join(graphdef, {"backbone": backbone, **params})
     logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
     return {"logits": logits.astype(jnp.float32),
-            **{k: batch[k] for k in ("label", "valid", "missing", "index", "group")}}
+            **{k: batch[k] for k in EVAL_OUTPUTS}}
 
   return jax.jit(step, in_shardings=(replicated, backbone_shardings, batch_sharding(mesh, False)),
                  out_shardings=replicated)
