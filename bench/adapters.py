@@ -13,19 +13,17 @@ always computed. Ratios are printed relative to our LoRA step and to the peer.
 """
 
 import dataclasses
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
 from flax import nnx
 
 from mora_jax import adapters, clip, sharding
 from mora_jax.adapters import optim
 from mora_jax.train import step as step_lib
-from harness import interleaved_best_seconds, parse_args, random_batch
+from harness import interleaved_best_seconds, parse_args, random_batch, random_checkpoint
 
 DEFAULT_BATCH = {"tiny": 32, "ViT-B/16": 8}
 NUM_CLASSES = 101
@@ -142,9 +140,7 @@ def bench_config(name: str, batch_size: int, repeats: int) -> dict:
   }
   data = random_batch(cfg, batch_size, NUM_CLASSES)
   torch.manual_seed(0)
-  hf_model = transformers.CLIPModel._from_config(transformers.CLIPConfig(**cfg.to_hf_dict()))  # pylint: disable=protected-access
-  with tempfile.TemporaryDirectory() as tmp:
-    hf_model.save_pretrained(tmp)
+  with random_checkpoint(cfg) as (hf_model, tmp):
     steps = {m: jax_step(tmp, a, data) for m, a in methods.items()}
     # Interleaved timing: every method, the peer and both inference variants are timed in turn in each round,
     # so load drift on the shared cores hits them alike. Merged and plain inference run the same computation.

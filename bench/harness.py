@@ -1,11 +1,14 @@
-"""Shared by the benchmark scripts: command line, best-of-N timing, and one random CLIP batch."""
+"""Shared by the benchmark scripts: command line, best-of-N timing, a random CLIP checkpoint and batch."""
 
 import argparse
+import contextlib
+import tempfile
 import time
 
 import jax
 import numpy as np
 import torch
+import transformers
 
 from mora_jax import clip
 
@@ -39,6 +42,16 @@ def interleaved_best_seconds(fns, repeats: int) -> list[float]:
       fn()
       t.append(time.perf_counter() - start)
   return [min(t) for t in times]
+
+
+@contextlib.contextmanager
+def random_checkpoint(cfg: clip.CLIPConfig):
+  """(a randomly initialised transformers.CLIPModel of `cfg`, a temporary directory holding its
+  save_pretrained checkpoint), for the body of the `with`."""
+  hf_model = transformers.CLIPModel._from_config(transformers.CLIPConfig(**cfg.to_hf_dict()))  # pylint: disable=protected-access
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_model.save_pretrained(tmp)
+    yield hf_model, tmp
 
 
 def random_batch(cfg: clip.CLIPConfig, size: int, num_classes: int = 2):

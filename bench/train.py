@@ -12,16 +12,14 @@ Model FLOPs utilisation = XLA's FLOP count of the step / step time / --peak_tflo
 """
 
 import argparse
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import torch
-import transformers
 
 from mora_jax import adapters, clip
 from adapters import NUM_CLASSES, jax_step, torch_step
-from harness import interleaved_best_seconds, random_batch
+from harness import interleaved_best_seconds, random_batch, random_checkpoint
 
 DEFAULT_BATCH = {"tiny": 32, "ViT-B/16": 8}
 
@@ -40,9 +38,7 @@ def bench(name: str, batch_size: int, repeats: int, dtype, peer: bool) -> dict:
   recipe = adapters.MoRAConfig(targets=("q_proj", "v_proj"), start_layer=start, rank=4, alpha=0.01, dropout=0.1)
   data = random_batch(cfg, batch_size, NUM_CLASSES)
   torch.manual_seed(0)
-  hf_model = transformers.CLIPModel._from_config(transformers.CLIPConfig(**cfg.to_hf_dict()))  # pylint: disable=protected-access
-  with tempfile.TemporaryDirectory() as tmp:
-    hf_model.save_pretrained(tmp)
+  with random_checkpoint(cfg) as (hf_model, tmp):
     ours = jax_step(tmp, recipe, data, dtype)
   steps = [ours, torch_step(hf_model, cfg, recipe, data)] if peer else [ours]
   seconds = interleaved_best_seconds(steps, repeats)
@@ -56,10 +52,8 @@ def temporaries_by_start_layer(name: str, batch_size: int, start_layers, dtype) 
   first layer whose output the gradients need, so this grows with the number of adapted layers."""
   cfg = clip.preset(name)
   data = random_batch(cfg, batch_size, NUM_CLASSES)
-  hf_model = transformers.CLIPModel._from_config(transformers.CLIPConfig(**cfg.to_hf_dict()))  # pylint: disable=protected-access
   out = {}
-  with tempfile.TemporaryDirectory() as tmp:
-    hf_model.save_pretrained(tmp)
+  with random_checkpoint(cfg) as (_, tmp):
     for start in start_layers:
       step = jax_step(tmp, adapters.MoRAConfig(targets=("q_proj", "v_proj"), start_layer=start), data, dtype)
       out[start] = step.compiled.memory_analysis().temp_size_in_bytes / 2**20
