@@ -54,10 +54,18 @@ def test_mmimdb_raw_layout(tmp_path):
   assert len(builder.as_data_source("validation")) == len(builder.as_data_source("test")) == 1
 
 
-def test_mmimdb_unknown_genre_names_the_sample(tmp_path):
-  write_mmimdb(tmp_path / "raw", genres_of_0002=("Comedy", "Cooking"))
-  with pytest.raises(ValueError, match=r"0002.json: sample 0002 has labels \['Cooking'\] outside the class list"):
-    build(manual.MmImdb, tmp_path / "data", tmp_path / "raw")
+def test_mmimdb_genres_outside_the_23_are_ignored_and_counted(tmp_path):
+  from mora_jax import data  # pylint: disable=import-outside-toplevel
+  write_mmimdb(tmp_path / "raw", genres_of_0002=("Comedy", "Reality-TV", "News"))
+  labels = json.loads((tmp_path / "raw" / "labels" / "0001.json").read_text())
+  (tmp_path / "raw" / "labels" / "0001.json").write_text(json.dumps({**labels, "genres": ["News"]}))
+  logged = []
+  builder = data.prepare("mm_imdb", tmp_path / "data", tmp_path / "raw", log=logged.append)
+  train = records(builder, "train")
+  assert train["0002"]["label"].tolist() == (np.asarray(manual.MMIMDB_GENRES) == "Comedy").astype(int).tolist()
+  assert not train["0001"]["label"].any()
+  assert logged == ["MM-IMDb train: genres outside the 23 classes ignored (News 2, Reality-TV 1); 1 of 2 movies "
+                    "are left with none of the 23."]
 
 
 def test_food101_raw_layout_drops_samples_without_text(tmp_path):
@@ -117,19 +125,74 @@ def test_missing_manual_files_point_to_the_instructions(tmp_path):
 
 
 def test_authors_arrow_files(tmp_path):
-  pa = pytest.importorskip("pyarrow")
+  pytest.importorskip("pyarrow")
   root = tmp_path / "raw"
   root.mkdir()
   for k, split in enumerate(("train", "val", "test")):
-    table = pa.table({"image": [image_bytes((30, 30)), image_bytes((20, 40), "L")],
-                      "text": [[f"{split} one"], [f"{split} two"]], "label": [0, 1 - k % 2]})
-    with pa.OSFile(str(root / f"{split}.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-      writer.write_table(table)
+    write_arrow(root / f"{split}.arrow", {"image": [image_bytes((30, 30)), image_bytes((20, 40), "L")],
+                                          "text": [[f"{split} one"], [f"{split} two"]], "label": [0, 1 - k % 2]})
   builder = build(manual.HatefulMemes, tmp_path / "data", root)
   train = records(builder, "train")
   assert {k: [t.decode() for t in r["texts"]] for k, r in train.items()} == {
       "train-0": ["train one"], "train-1": ["train two"]}
   assert int(records(builder, "validation")["validation-1"]["label"]) == 0
+
+
+def write_arrow(path, columns: dict) -> None:
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  table = pa.table(columns)
+  with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+    writer.write_table(table)
+
+
+@pytest.mark.parametrize("dataset", ["hateful_memes", "mm_imdb"])
+def test_the_authors_tables_give_every_sample_the_code_of_its_own_row(tmp_path, dataset):
+  """The authors' Arrow files (60 rows a split) and their tables, written with torch.save under their names in
+  data_dir/missing_tables: through data.load and the pipeline, row i's samples get entry i, and no table is
+  generated. Keys ("train-0", ...) are what TFDS would have hash-shuffled before."""
+  torch = pytest.importorskip("torch", reason="the authors' tables are written with torch.save")
+  from mora_jax import data  # pylint: disable=import-outside-toplevel
+  from mora_jax.data import tokenizers  # pylint: disable=import-outside-toplevel
+  rows, root, tables = 60, tmp_path / "raw", tmp_path / "data" / "missing_tables"
+  root.mkdir()
+  tables.mkdir(parents=True)
+  alias = {"hateful_memes": "hatememes", "mm_imdb": "mmimdb"}[dataset]
+  rng = np.random.RandomState(0)
+  codes = {}
+  for split in ("train", "val", "test"):
+    texts = [[f"{split} row {r} plot {k}" for k in range(1 + r % 3)] for r in range(rows)]
+    columns = {"image": [image_bytes((24, 24)) for _ in range(rows)]}
+    if dataset == "mm_imdb":
+      columns.update(plots=texts, label=[np.eye(23, dtype=int)[r % 23].tolist() for r in range(rows)])
+    else:
+      columns.update(text=[t[:1] for t in texts], label=[r % 2 for r in range(rows)])
+    write_arrow(root / f"{split}.arrow", columns)
+    codes[split] = rng.choice([0, 1, 2], rows).astype(np.float32)  # the authors save float tensors
+    if split != "test":
+      torch.save(torch.tensor(codes[split]), tables / f"{alias}_split{split}_missing_both_0.7.pt")
+  tokenizer = tokenizers.byte_level_clip_tokenizer(tmp_path / "tok")
+  logged = []
+  for split, name in (("train", "train"), ("validation", "val")):
+    ds = data.load(dataset, split, tmp_path / "data", root, missing=data.Missing(rate=0.7, type="both"),
+                   log=logged.append)
+    assert f"{dataset}/{split}: missing both 0.7: provided table {tables / f'{alias}_split{name}_missing_both_0.7.pt'}" in logged
+    row_of = [int(ds.source[i]["text"].decode().split()[2]) for i in range(len(ds.source))]
+    assert sorted(set(row_of)) == list(range(rows))
+    np.testing.assert_array_equal(ds.table, codes[name][row_of])
+    batches = list(data.batches(ds, 16, tokenizer, train=False, prep=data.Preprocessing(image_size=32, max_length=16)))
+    index = np.concatenate([b["index"] for b in batches])
+    missing_codes = np.concatenate([b["missing"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches])
+    np.testing.assert_array_equal(missing_codes[valid], codes[name][np.asarray(row_of)[index[valid]]])
+  assert not list(tables.glob("*.npy"))  # nothing generated for train and val
+
+
+def test_a_record_out_of_its_row_is_an_error():
+  from mora_jax.data import datasets  # pylint: disable=import-outside-toplevel
+  view = datasets._TextView([{"row": 0, "texts": [b"a"]}, {"row": 2, "texts": [b"b"]}], True, "somewhere/1.1.0")
+  assert view[0]["text"] == b"a"
+  with pytest.raises(ValueError, match="somewhere/1.1.0: record 1 is source row 2.*prepare the dataset again"):
+    view[1]  # pylint: disable=pointless-statement
 
 
 def test_mmimdb_one_sample_per_plot_shares_the_movie_missing_flag(tmp_path):

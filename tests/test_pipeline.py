@@ -52,6 +52,29 @@ def test_epochs_are_reshuffled_and_seeded(tokenizer):
   assert np.array_equal(a, order(1)) and not np.array_equal(a, order(2))
 
 
+@pytest.mark.parametrize("hosts, accum_steps", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_training_epochs_are_ceil_n_over_b_steps_with_the_last_padded(tokenizer, hosts, accum_steps):
+  """23 samples, steps of 8 (hosts x accum_steps micro-batches): 3 steps an epoch, every sample once, the last
+  step holding 7 real rows and one padding row, then the next epoch starts with a fresh shuffle."""
+  n, step_size = 23, 8
+  micro = step_size // (hosts * accum_steps)
+  source, table = make_source(n), np.zeros(n, np.int8)
+  per_host = [take(iter(pipeline.batches(source, table, tokenizer, micro, train=True, seed=3, prep=PREP,
+                                         process_index=h, process_count=hosts, accum_steps=accum_steps)), 6 * accum_steps)
+              for h in range(hosts)]
+  def global_rows(key):  # micro-batch after micro-batch, each the concatenation of the hosts' blocks
+    return np.concatenate([per_host[h][m][key] for m in range(6 * accum_steps) for h in range(hosts)])
+
+  index, valid = global_rows("index"), global_rows("valid")
+  for epoch in range(2):
+    rows_of_epoch = slice(epoch * 24, (epoch + 1) * 24)
+    assert sorted(index[rows_of_epoch][valid[rows_of_epoch]]) == list(range(n))
+    assert valid[rows_of_epoch].tolist() == [True] * 23 + [False] and index[rows_of_epoch][-1] == -1
+  assert not np.array_equal(index[:23], index[24:47])
+  padding = per_host[-1][accum_steps * 3 - 1]  # the last host's part of epoch 1's last micro-batch
+  assert padding["pixel_values"].shape == (micro, 3, 32, 32) and padding["label"].shape == (micro,)
+
+
 @pytest.mark.parametrize("hosts", [1, 2, 3])
 def test_evaluation_sees_every_sample_once(tokenizer, hosts):
   source, table = make_source(23), np.zeros(23, np.int8)

@@ -21,10 +21,13 @@ SCENARIOS = ("complete", "text_missing", "image_missing", "mix")
 
 class _TextView:
   """Random access to records with one "text" each: record j of a multi-text record (an MM-IMDb movie with k
-  plots) becomes k samples, or only its first text when `one_sample_per_text` is off."""
+  plots) becomes k samples, or only its first text when `one_sample_per_text` is off.
 
-  def __init__(self, source, one_sample_per_text: bool):
-    self.source = source
+  Every access checks that the record is the source row the missing table gives its code to (records carry
+  their source "row"), so a table can never be applied to other samples than its own."""
+
+  def __init__(self, source, one_sample_per_text: bool, where: str):
+    self.source, self.where = source, where
     if one_sample_per_text and "texts" in source[0]:
       counts = np.array([len(source[i]["texts"]) for i in range(len(source))])
     else:
@@ -35,8 +38,16 @@ class _TextView:
   def __len__(self) -> int:
     return len(self.base_index)
 
+  def record(self, base: int) -> dict:
+    record = self.source[base]
+    if "row" in record and int(record["row"]) != base:
+      raise ValueError(f"{self.where}: record {base} is source row {int(record['row'])}, so its missing-table "
+                       "entry would belong to another sample. The prepared files are out of order: delete them "
+                       "and prepare the dataset again.")
+    return record
+
   def __getitem__(self, index: int) -> dict:
-    record = dict(self.source[int(self.base_index[index])])
+    record = dict(self.record(int(self.base_index[index])))
     if "texts" in record:
       texts = record.pop("texts")
       record["text"] = texts[int(self.text_index[index])] if len(texts) else b""
@@ -70,8 +81,10 @@ class Dataset:
     return dataclasses.replace(self, table=np.full_like(self.table, codes[kind]))
 
 
-def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = None) -> tfds.core.DatasetBuilder:
-  """Builds the dataset once per data_dir (with a progress bar); later calls reuse the prepared files."""
+def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = None, log=print
+            ) -> tfds.core.DatasetBuilder:
+  """Builds the dataset once per data_dir (with a progress bar); later calls reuse the prepared files. What a
+  build leaves out (the builder's `build_notes`) is passed to `log`."""
   if name not in BUILDERS:
     raise ValueError(f"Unknown dataset {name!r}; known: {sorted(BUILDERS)}.")
   builder = BUILDERS[name](data_dir=str(data_dir))
@@ -83,19 +96,28 @@ def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = Non
         f"(`python -c \"from mora_jax.data.builders import manual; print(manual.{cls}.MANUAL_DOWNLOAD_INSTRUCTIONS)\"`).")
   config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
   builder.download_and_prepare(file_format="array_record", download_config=config)
+  for note in getattr(builder, "build_notes", ()):
+    log(note)
   return builder
 
 
 def load(name: str, split: str, data_dir: str | Path, manual_dir: str | Path | None = None,
-         missing: missing_lib.Missing = missing_lib.Missing(), one_sample_per_text: bool = True) -> Dataset:
-  """A prepared split with its missing table (cached in `data_dir`, keyed by split/type/rate/seed; the authors'
-  `.pt` tables are used when placed there). The table is per base sample: an MM-IMDb movie's plots share it."""
-  builder = prepare(name, data_dir, manual_dir)
+         missing: missing_lib.Missing = missing_lib.Missing(), one_sample_per_text: bool = True,
+         log=print) -> Dataset:
+  """A prepared split with its missing table from `data_dir/missing_tables`: a provided one (the authors'
+  `.pt` files under their names, `missing.provided_table_names`) when placed there, else one generated from
+  the seed and cached there. `log` gets one line saying which. The table is per base sample (an MM-IMDb movie's
+  plots share it), entry i for source row i."""
+  builder = prepare(name, data_dir, manual_dir, log)
   if split not in builder.info.splits:
     raise ValueError(f"{name} has no split {split!r}; it has {sorted(builder.info.splits)}.")
   source = builder.as_data_source(split)
-  view = _TextView(source, one_sample_per_text)
-  base_table = missing_lib.load_or_build(Path(data_dir) / "missing_tables", name, split, len(source), missing)
+  view = _TextView(source, one_sample_per_text, f"{builder.data_dir}, split {split}")
+  for row in sorted({0, len(source) - 1} - {-1}):  # both ends before any training: misordered files fail here
+    view.record(row)
+  table = missing_lib.load_or_build(Path(data_dir) / "missing_tables", name, split, len(source), missing)
+  log(f"{name}/{split}: missing {missing.type} {missing.rate}: {table.describe()}")
+  base_table = table.codes
   label = builder.info.features["label"]
   class_names = tuple(label.names) if isinstance(label, tfds.features.ClassLabel) else manual.MMIMDB_GENRES
   features = builder.info.features

@@ -1,7 +1,9 @@
 """Missing-modality tables (PROTOCOL.md): one code per base sample, 0 complete, 1 text missing, 2 image missing.
 
 Tables are built once per (split, type, rate, seed), cached next to the data as .npy, and reused by every
-method. The authors' published `.pt` tables are read when present, without torch (`read_torch_tensor`).
+method. A provided table (the authors' published `.pt` files under their names, or a table under the
+project's name) is used instead when present, read without torch (`read_torch_tensor`). Entry i of a table is
+the code of source row i (the authors' Arrow row, or the raw layout's split-file order).
 """
 
 import dataclasses
@@ -44,35 +46,80 @@ def build_table(num_samples: int, missing: Missing) -> np.ndarray:
   return table
 
 
-def _rate_name(rate: float) -> str:
-  return f"{rate:g}"
+# The authors name their datasets and splits differently: mmimdb / food101 / hatememes, train / val / test.
+AUTHORS_DATASETS = {"mm_imdb": "mmimdb", "upmc_food101": "food101", "hateful_memes": "hatememes"}
+AUTHORS_SPLITS = {"train": "train", "validation": "val", "test": "test"}
 
 
-def authors_table_name(dataset: str, split: str, missing: Missing) -> str:
-  """`<dataset>_split<split>_missing_<type>_<rate>.pt`, as the authors publish them."""
-  return f"{dataset}_split{split}_missing_{missing.type}_{_rate_name(missing.rate)}.pt"
+def rate_name(rate: float) -> str:
+  """The rate as Python prints a float (0.7, 1.0), which is how the authors' file names write it."""
+  return str(float(rate))
 
 
-def load_or_build(cache_dir: Path, dataset: str, split: str, num_samples: int, missing: Missing) -> np.ndarray:
-  """The authors' `.pt` table if it is in `cache_dir`, else our cached table, else a new one (then cached)."""
+def provided_table_names(dataset: str, split: str, missing: Missing) -> list[str]:
+  """File names under which a table someone else made is looked for, in this order: the authors' name
+  (`<mmimdb|food101|hatememes>_split<train|val|test>_missing_<type>_<rate>.pt`), then the project's name
+  (`<dataset>_<split>_missing_<type>_<rate>.pt` or `.npy`, with this library's dataset and split names)."""
+  names = []
+  if dataset in AUTHORS_DATASETS and split in AUTHORS_SPLITS:
+    names.append(f"{AUTHORS_DATASETS[dataset]}_split{AUTHORS_SPLITS[split]}_missing_{missing.type}_"
+                 f"{rate_name(missing.rate)}.pt")
+  project = f"{dataset}_{split}_missing_{missing.type}_{rate_name(missing.rate)}"
+  return names + [f"{project}.pt", f"{project}.npy"]
+
+
+def generated_table_name(dataset: str, split: str, missing: Missing) -> str:
+  return f"{dataset}_{split}_missing_{missing.type}_{rate_name(missing.rate)}_seed{missing.seed}.npy"
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """A split's codes (one per base sample, in the source's row order) and where they came from."""
+  codes: np.ndarray
+  path: Path
+  seed: int | None  # the seed it was generated from here (now or by an earlier run); None for a provided table
+
+  def describe(self) -> str:
+    if self.seed is None:
+      return f"provided table {self.path}"
+    return f"generated from seed {self.seed}, cached at {self.path}"
+
+
+def _read(path: Path) -> np.ndarray:
+  return np.load(path) if path.suffix == ".npy" else read_torch_tensor(path)
+
+
+def _checked(values: np.ndarray, path: Path, split: str, num_samples: int, generated: bool) -> np.ndarray:
+  """Codes 0/1/2, one per sample; anything else is an error naming the file (never a silent rebuild)."""
+  fix = ("Delete it to rebuild it from the seed." if generated else
+         "It was made for another version of this split (rows are matched by position: entry i is source row "
+         "i); use the table that belongs to these files, or remove it to have one generated from the seed.")
+  if values.shape != (num_samples,):
+    raise ValueError(f"{path}: a missing table for the {num_samples} {split} samples was expected, got shape "
+                     f"{values.shape}. {fix}")
+  codes = values.astype(np.int8)
+  if not (np.array_equal(codes, values) and np.isin(codes, (COMPLETE, TEXT_MISSING, IMAGE_MISSING)).all()):
+    bad = sorted(set(values[~np.isin(values, (COMPLETE, TEXT_MISSING, IMAGE_MISSING))].tolist()))
+    raise ValueError(f"{path}: missing codes must be 0 (complete), 1 (text missing) or 2 (image missing); it "
+                     f"holds {bad[:5]}. {fix}")
+  return codes
+
+
+def load_or_build(cache_dir: Path, dataset: str, split: str, num_samples: int, missing: Missing) -> Table:
+  """A provided table in `cache_dir` (`provided_table_names`, first found), else the table generated from
+  the seed and cached there by an earlier run, else a new one (then cached)."""
   cache_dir = Path(cache_dir)
-  authors = cache_dir / authors_table_name(dataset, split, missing)
-  if authors.is_file():
-    table = read_torch_tensor(authors).astype(np.int8)
-  else:
-    ours = cache_dir / f"{dataset}_{split}_missing_{missing.type}_{_rate_name(missing.rate)}_seed{missing.seed}.npy"
-    if ours.is_file():
-      table = np.load(ours)
-    else:
-      table = build_table(num_samples, missing)
-      cache_dir.mkdir(parents=True, exist_ok=True)
-      np.save(ours, table)
-    authors = ours
-  if table.shape != (num_samples,) or not np.isin(table, (COMPLETE, TEXT_MISSING, IMAGE_MISSING)).all():
-    raise ValueError(f"{authors}: a missing table for {num_samples} {split} samples with codes 0/1/2 was "
-                     f"expected, got shape {table.shape} and codes {sorted(set(table.tolist()))[:5]}. Delete it "
-                     "to rebuild, or fix its source.")
-  return table
+  for name in provided_table_names(dataset, split, missing):
+    path = cache_dir / name
+    if path.is_file():
+      return Table(_checked(_read(path), path, split, num_samples, generated=False), path, seed=None)
+  path = cache_dir / generated_table_name(dataset, split, missing)
+  if path.is_file():
+    return Table(_checked(np.load(path), path, split, num_samples, generated=True), path, missing.seed)
+  codes = build_table(num_samples, missing)
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  np.save(path, codes)
+  return Table(codes, path, missing.seed)
 
 
 # --------------------------------------------------------------------------- torch .pt files without torch

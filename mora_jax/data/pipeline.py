@@ -3,8 +3,8 @@ numpy arrays with the missing modality replaced by its dummy input, and checkpoi
 
 A source is any random-access sequence of records (a TFDS data source, or a list in tests) whose records are
 dicts with "id", "image" (uint8 HWC array, or encoded bytes), "text" (str or bytes) and "label" (int, or a
-multi-hot vector). Evaluation sees every sample exactly once: each process's last batch is padded and a
-`valid` mask marks real rows.
+multi-hot vector). Every epoch, in training as in evaluation, sees every sample exactly once: its last batch
+is padded with rows that a `valid` mask marks as padding.
 """
 
 import dataclasses
@@ -70,10 +70,17 @@ class _Decode:
     self.skip_corrupt = skip_corrupt
     self.white = preprocess.image_to_pixels(preprocess.white_image(prep.image_size), prep.image_size,
                                             prep.image_size)
+    self.padding_label = np.zeros_like(np.asarray(source[0]["label"])) if len(source) else None
+
+  def padding(self) -> dict:
+    """A masked row (index -1) of the right shapes; nothing is read or decoded for it."""
+    return {"pixel_values": self.white, "text": "", "label": self.padding_label, "missing": np.int8(missing_lib.COMPLETE),
+            "index": np.int64(-1), "valid": np.bool_(False), "corrupt": np.bool_(False), "group": np.int8(-1)}
 
   def __call__(self, index: int) -> dict:
-    valid = index >= 0
-    index = max(index, 0)  # padding rows repeat record 0 and are masked out
+    if index < 0:
+      return self.padding()
+    valid = True
     record = self.source[index]
     code = int(self.table[index])
     corrupt = False
@@ -122,32 +129,48 @@ def eval_indices(num_samples: int, batch_size: int, process_index: int, process_
   return np.concatenate([own, np.full(padded_length - len(own), -1)]).astype(np.int64)
 
 
+def train_indices(num_samples: int, step_size: int, seed: int) -> grain.MapDataset:
+  """Endless record indices, epoch after epoch: each epoch a new seeded shuffle of all samples followed by -1
+  (padding) up to a whole number of steps of `step_size` samples, i.e. ceil(N / step_size) steps per epoch, the
+  last one smaller, as a PyTorch DataLoader without drop_last runs them."""
+  order = grain.MapDataset.range(num_samples).shuffle(seed=seed).repeat(None)
+  epoch_length = -(-num_samples // step_size) * step_size
+
+  def index(position: int, _) -> int:
+    epoch, offset = divmod(position, epoch_length)
+    return order[epoch * num_samples + offset] if offset < num_samples else -1
+
+  return grain.MapDataset.range(epoch_length).repeat(None).map_with_index(index)
+
+
 def batches(source, table: np.ndarray, tokenizer, batch_size: int, *, train: bool, seed: int = 0,
             prep: Preprocessing = Preprocessing(), process_index: int = 0, process_count: int = 1,
-            num_threads: int = 2, source_name: str = "dataset", skip_corrupt: bool = False) -> grain.IterDataset:
+            accum_steps: int = 1, num_threads: int = 2, source_name: str = "dataset",
+            skip_corrupt: bool = False) -> grain.IterDataset:
   """Batches for this process. `batch_size` is the per-process batch.
 
-  train=True: endless, reshuffled every epoch (seeded); each process reads its contiguous block of every
-  global batch (process_count x batch_size consecutive samples of the epoch order); batches may span epochs. train=False: one pass in order, every sample exactly once across
-  processes, the last batch padded (`valid` False on padding rows).
+  train=True: endless, reshuffled every epoch (seeded). An optimizer step takes `accum_steps` consecutive
+  batches (micro-batches); each epoch is ceil(N / step) steps of process_count x batch_size x accum_steps
+  samples, its last step padded with masked rows. Each process reads its contiguous block of every global
+  micro-batch (process_count x batch_size consecutive samples of the epoch order). train=False: one pass in
+  order, every sample exactly once across processes, the last batch padded.
   Iterate with `iter(...)`; the iterator's `get_state()` / `set_state()` resume mid-epoch.
   A corrupt image raises an error naming the sample; with skip_corrupt=True its row is masked instead
   (`valid` False, `corrupt` True, so callers count and report it) and nothing else is dropped.
   """
   if len(table) != len(source):
     raise ValueError(f"{source_name}: missing table has {len(table)} entries for {len(source)} samples.")
+  decode = _Decode(source, table, prep, source_name, skip_corrupt)
   if train:
-    # Process p takes the p-th block of every global batch of the epoch-wise shuffled order, so a global batch
-    # holds the same samples in the same row order for any process count (row-dependent randomness such as
-    # dropout masks then does not depend on how many hosts feed the run).
-    order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
-    indices = order.batch(batch_size * process_count, drop_remainder=True).map(
+    # Process p takes the p-th block of every global micro-batch, so a global batch holds the same samples in
+    # the same row order for any process count (row-dependent randomness such as dropout masks then does not
+    # depend on how many hosts feed the run).
+    global_micro_batch = batch_size * process_count
+    indices = train_indices(len(source), global_micro_batch * accum_steps, seed).batch(global_micro_batch).map(
         lambda rows: rows[process_index * batch_size:(process_index + 1) * batch_size])
-    decode = _Decode(source, table, prep, source_name, skip_corrupt)
     dataset = indices.map(lambda rows: _stack([decode(int(i)) for i in rows]))
   else:
     indices = grain.MapDataset.source(eval_indices(len(source), batch_size, process_index, process_count))
-    dataset = (indices.map(_Decode(source, table, prep, source_name, skip_corrupt))
-               .batch(batch_size, drop_remainder=False, batch_fn=_stack))
+    dataset = indices.map(decode).batch(batch_size, drop_remainder=False, batch_fn=_stack)
   dataset = dataset.map(_Tokenize(tokenizer, prep))
   return dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2))

@@ -71,9 +71,9 @@ def small_config(tokenizer) -> config_lib.CLIPConfig:
   return dataclasses.replace(tiny, text=text, vision=vision, projection_dim=128)
 
 
-def _zero_shot(model, tokenizer, prep, data_dir) -> tuple[float, int]:
+def _zero_shot(model, tokenizer, prep, data_dir, log) -> tuple[float, int]:
   """(recall@1 of each test image's caption among all distinct test captions, number of those captions)."""
-  test = data.load("easy_vqa", "test", data_dir, missing=data.Missing(rate=0.0))
+  test = data.load("easy_vqa", "test", data_dir, missing=data.Missing(rate=0.0), log=log)
   pairs = easy_vqa.image_captions(test.source.source, test.class_names)
   captions = sorted({p["text"] for p in pairs})
   images = np.stack([
@@ -123,7 +123,7 @@ def build(directory: str | Path, data_dir: str | Path, seed: int = 0, recipe: di
   returns it. Every process calls it."""
   directory = Path(directory).expanduser()
   recipe = {**RECIPE, **(recipe or {})}
-  train = data.load("easy_vqa", "train", data_dir, missing=data.Missing(rate=0.0))
+  train = data.load("easy_vqa", "train", data_dir, missing=data.Missing(rate=0.0), log=log)
   pairs = easy_vqa.image_captions(train.source.source, train.class_names)
   texts = [train.source[i]["text"].decode() for i in range(len(train.source))] + [p["text"] for p in pairs]
   # Staged under a per-process name and renamed when complete: a crash never leaves a half-written backbone.
@@ -133,7 +133,7 @@ def build(directory: str | Path, data_dir: str | Path, seed: int = 0, recipe: di
   model = clip_lib.init(small_config(tokenizer), seed=seed)
   log(f"pre-training on {len(pairs)} (image, caption) pairs: {recipe}")
   model, losses = pretrain.train(model, pairs, tokenizer, prep, seed=seed, **recipe)
-  recall, num_captions = _zero_shot(model, tokenizer, prep, data_dir)
+  recall, num_captions = _zero_shot(model, tokenizer, prep, data_dir, log)
   log(f"zero-shot retrieval on easy-VQA test images: recall@1 {100 * recall:.1f}% among {num_captions} "
       f"captions (chance {100 / num_captions:.1f}%)")
   hf.save_pretrained(model, staging)

@@ -99,13 +99,14 @@ class Job:
   def load(self, split: str, missing: data.Missing | None = None) -> data.Dataset:
     return load_split(self.config, split, missing)
 
-  def batches(self, ds: data.Dataset, global_batch: int, train: bool):
+  def batches(self, ds: data.Dataset, global_batch: int, train: bool, accum_steps: int = 1):
     per_process, remainder = divmod(global_batch, jax.process_count())
     if remainder:
       raise ValueError(f"batch {global_batch} is not divisible by the {jax.process_count()} processes.")
     return data.batches(ds, per_process, self.backbone.tokenizer, train=train, seed=self.config.seed,
                         prep=self.prep, process_index=jax.process_index(), process_count=jax.process_count(),
-                        num_threads=self.config.data_threads, skip_corrupt=self.config.skip_corrupt)
+                        accum_steps=accum_steps, num_threads=self.config.data_threads,
+                        skip_corrupt=self.config.skip_corrupt)
 
 
 def load_split(config: ml_collections.ConfigDict, split: str, missing: data.Missing | None = None) -> data.Dataset:
@@ -118,7 +119,8 @@ def load_split(config: ml_collections.ConfigDict, split: str, missing: data.Miss
 
   def load():
     return data.load(config.dataset, split, config.data_dir, config.manual_dir or None,
-                     missing or data.Missing(**config.missing), one_sample_per_text=config.one_sample_per_text)
+                     missing or data.Missing(**config.missing), one_sample_per_text=config.one_sample_per_text,
+                     log=say)
 
   if jax.process_count() == 1:
     return load()
@@ -244,10 +246,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
                      f"whose size divides over the {jax.device_count()} devices.")
   micro_batch = c.batch_size // c.accum_steps
   train_ds, val_ds = job.load("train"), job.load("validation")
-  steps_per_epoch = len(train_ds.source) // c.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"{c.dataset} train has {len(train_ds.source)} samples, fewer than one batch of "
-                     f"{c.batch_size}; lower config.batch_size.")
+  train_samples = len(train_ds.source)
+  if train_samples == 0:
+    raise ValueError(f"{c.dataset} has no train samples in {c.data_dir}.")
+  # Every sample once per epoch, the last step smaller (padded and masked), as the authors' DataLoader runs.
+  steps_per_epoch = -(-train_samples // c.batch_size)
   total_steps = steps_per_epoch * c.epochs
   stop_step = min(total_steps, c.max_steps) if c.max_steps > 0 else total_steps
 
@@ -261,7 +264,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
   backbone_state = job.params["backbone"]
   backbone_shardings = sharding.state_shardings(backbone_state, job.mesh, job.rules)
 
-  train_iter = iter(job.batches(train_ds, micro_batch, train=True))
+  train_iter = iter(job.batches(train_ds, micro_batch, train=True, accum_steps=c.accum_steps))
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", c.checkpoint.keep, metric=job.metric)
   loop = {"best_metric": None, "best_step": None, "bad_epochs": 0, "corrupt_skipped": 0}
   latest = ckpt.latest_step()
@@ -282,7 +285,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
     (workdir / CONFIG_FILE).write_text(config_lib.to_json(c) + "\n")
   for line in _summary_lines(job):
     say(line)
-  say(f"{c.dataset}: {len(train_ds.source)} train samples, {steps_per_epoch} steps per epoch of {c.batch_size}"
+  say(f"{c.dataset}: {train_samples} train samples, {steps_per_epoch} steps per epoch of {c.batch_size}"
       f" ({c.accum_steps} micro-batches), {total_steps} steps; devices: {jax.device_count()} on "
       f"{jax.process_count()} process(es), mesh {dict(job.mesh.shape)}")
 
@@ -309,8 +312,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
         host = {k: np.stack([m[k] for m in micro]) for k in step_lib.TRAIN_KEYS}
         state, metrics = train_step(state, backbone_state,
                                     step_lib.global_batch(host, step_lib.TRAIN_KEYS, micro_target, True))
+        window_samples += min(c.batch_size, train_samples - (step - epoch * steps_per_epoch) * c.batch_size)
         step += 1
-        window_samples += c.batch_size
         bar.update(1)
         if step % c.log_every_steps == 0 or step == epoch_end:
           values = {k: float(_host(v)) for k, v in metrics.items()}

@@ -55,15 +55,14 @@ def global_batch(host_batch: dict, keys, target: NamedSharding, micro_axis: bool
   return out
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    multi_label: bool, mesh: Mesh, backbone_shardings) -> Callable:
-  """(state, backbone, batch) -> (state, metrics); `state` is donated.
+def make_loss_and_grads(graphdef: nnx.GraphDef, multi_label: bool) -> Callable:
+  """(params, backbone, batch, key) -> (loss, gradients w.r.t. params) of a step's batch, whose arrays have a
+  leading micro-batch axis.
 
-  The loss is the mean over the valid samples of the whole step's batch (all micro-batches), so
-  accumulation gives the gradient of the large batch. Dropout keys derive from (rng, step, micro-batch):
-  with jax's partitionable threefry the masks do not depend on how the batch is split over devices/hosts.
+  The loss is the mean over the valid rows of all micro-batches together: accumulation gives the gradient of
+  the whole batch, and padding rows (an epoch's smaller last step) count for nothing. Micro-batch i's dropout
+  key is fold_in(key, i).
   """
-  replicated = NamedSharding(mesh, PartitionSpec())
 
   def summed_loss(params, backbone, micro, key):
     model = adapters.join(graphdef, {"backbone": backbone, **params})
@@ -72,25 +71,38 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     weight = micro["valid"].astype(jnp.float32)
     return jnp.sum(per_sample_loss(logits.astype(jnp.float32), micro["label"], multi_label) * weight)
 
-  def step(state, backbone, batch):
-    key = jax.random.fold_in(state["rng"], state["step"])
+  def loss_and_grads(params, backbone, batch, key):
 
     def accumulate(carry, inputs):
       grad_sum, loss_sum = carry
       micro, index = inputs
-      loss, grads = jax.value_and_grad(summed_loss)(state["params"], backbone, micro,
-                                                    jax.random.fold_in(key, index))
+      loss, grads = jax.value_and_grad(summed_loss)(params, backbone, micro, jax.random.fold_in(key, index))
       return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    zeros = jax.tree.map(jnp.zeros_like, params)
     micro_steps = batch["valid"].shape[0]
     (grad_sum, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0)), (batch, jnp.arange(micro_steps)))
     count = jnp.maximum(jnp.sum(batch["valid"]), 1).astype(jnp.float32)
-    grads = jax.tree.map(lambda g: g / count, grad_sum)
+    return loss_sum / count, jax.tree.map(lambda g: g / count, grad_sum)
+
+  return loss_and_grads
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    multi_label: bool, mesh: Mesh, backbone_shardings) -> Callable:
+  """(state, backbone, batch) -> (state, metrics); `state` is donated. The loss is `make_loss_and_grads`'s.
+  Dropout keys derive from (rng, step, micro-batch): with jax's partitionable threefry the masks do not depend
+  on how the batch is split over devices/hosts."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  loss_and_grads = make_loss_and_grads(graphdef, multi_label)
+
+  def step(state, backbone, batch):
+    key = jax.random.fold_in(state["rng"], state["step"])
+    loss, grads = loss_and_grads(state["params"], backbone, batch, key)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     new_state = {"params": optax.apply_updates(state["params"], updates), "opt": opt, "step": state["step"] + 1,
                  "rng": state["rng"]}
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "valid": jnp.sum(batch["valid"])}
     return new_state, metrics
 

@@ -1,7 +1,8 @@
 """easy-VQA (the `easy-vqa` PyPI package ships the whole dataset in its wheel) as a TFDS builder.
 
-One record per question: 64x64 PNG, the question, its answer among 13 classes, the image id, and the
-question type. A validation split is carved from train by image id, so no image is in two splits.
+One record per question: 64x64 PNG, the question, its answer among 13 classes, the image id, the question
+type, and its row (its position in the split, which keeps the package's question order). A validation
+split is carved from train by image id, so no image is in two splits.
 """
 
 import importlib.resources
@@ -44,15 +45,18 @@ def validation_image_ids(train_image_ids) -> set[int]:
 class EasyVqa(tfds.core.GeneratorBasedBuilder):
   """easy-VQA: coloured shapes and questions about them; image + question -> answer."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "easy-vqa 1.0 questions; validation = 10% of train images (seed 0)."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Records in the package's question order with their row (no TFDS shuffling).",
+                   "1.0.0": "easy-vqa 1.0 questions; validation = 10% of train images (seed 0)."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
+        disable_shuffling=True,
         features=tfds.features.FeaturesDict({
             "id": tfds.features.Text(),
+            "row": np.int64,
             "image": tfds.features.Image(shape=(64, 64, 3), encoding_format="png"),
             "text": tfds.features.Text(),
             "label": tfds.features.ClassLabel(names=answers()),
@@ -75,10 +79,11 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, directory, questions, source_split):
-    for index, (text, answer, image_id) in enumerate(questions):
-      key = f"{source_split}-{index}"
+    for row, (text, answer, image_id) in enumerate(questions):
+      key = f"{source_split}-{row}"
       yield key, {
           "id": key,
+          "row": row,
           "image": (directory / "images" / f"{image_id}.png").read_bytes(),
           "text": text,
           "label": answer,

@@ -1,13 +1,18 @@
 """MM-IMDb, UPMC Food-101 and Hateful Memes as TFDS builders over files the user downloads (PROTOCOL.md).
 
 Each reads either the raw layout or the authors' preprocessed `{train,val,test}.arrow` files from
-`manual_dir`. Records: "id", "file" (the image's path under manual_dir, or its Arrow row), "image" (the encoded file bytes, decoded by the pipeline so that a corrupt file
-is reported with its sample id), "texts" (one text, or every plot of a movie), "label" (class index, or the
-23-genre multi-hot vector for MM-IMDb). Splits: train, validation, test.
+`manual_dir`. Records: "id", "row" (the record's position in its source: the Arrow row, or the raw layout's
+split-file order; missing tables are indexed by it), "file" (the image's path under manual_dir, or its Arrow
+row), "image" (the encoded file bytes, decoded by the pipeline so that a corrupt file is reported with its
+sample id), "texts" (one text, or every plot of a movie), "label" (class index, or the 23-genre multi-hot vector
+for MM-IMDb). Splits: train, validation, test, each stored in source order (no TFDS shuffling).
+
+What a build leaves out (genres outside MM-IMDb's 23, Food-101 samples without text) is counted in
+`build_notes`, which `data.prepare` logs.
 """
 
+import collections
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,12 @@ def _require(path: Path, builder: str) -> Path:
   return path
 
 
+def _numbered(examples):
+  """(key, record) pairs with each record's "row": its position in the split's source order."""
+  for row, (key, record) in enumerate(examples):
+    yield key, {**record, "row": row}
+
+
 def _read_arrow(path: Path):
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   with pa.memory_map(str(path)) as source:
@@ -41,20 +52,28 @@ def _read_arrow(path: Path):
 class _ManualBuilder(tfds.core.GeneratorBasedBuilder):
   """Shared by the three datasets: features, split discovery (raw layout or Arrow), label checks."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Records in source order with their source row (missing tables index by it).",
+                   "1.0.0": "Initial release (records in TFDS's key-hash order)."}
   CLASSES: tuple[str, ...] = ()
   MULTI_LABEL = False
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.build_notes: list[str] = []
 
   def _info(self) -> tfds.core.DatasetInfo:
     label = (tfds.features.Tensor(shape=(len(self.CLASSES),), dtype=np.int8) if self.MULTI_LABEL
              else tfds.features.ClassLabel(num_classes=len(self.CLASSES)))
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=tfds.features.FeaturesDict({
-        "id": tfds.features.Text(),
-        "file": tfds.features.Text(),  # where the image came from, for error messages
-        "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-        "texts": tfds.features.Sequence(tfds.features.Text()),
-        "label": label,
-    }))
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, disable_shuffling=True,
+                                 features=tfds.features.FeaturesDict({
+                                     "id": tfds.features.Text(),
+                                     "row": np.int64,
+                                     "file": tfds.features.Text(),  # where the image came from, for error messages
+                                     "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+                                     "texts": tfds.features.Sequence(tfds.features.Text()),
+                                     "label": label,
+                                 }))
 
   def _split_generators(self, dl_manager):
     try:
@@ -62,18 +81,16 @@ class _ManualBuilder(tfds.core.GeneratorBasedBuilder):
     except AssertionError as e:  # TFDS asserts on a missing or empty manual_dir; its message has the instructions
       raise FileNotFoundError(str(e)) from e
     if all((root / f"{name}.arrow").is_file() for name in _ARROW_SPLITS.values()):
-      return {split: self._from_arrow(root / f"{name}.arrow", split) for split, name in _ARROW_SPLITS.items()}
+      return {split: _numbered(self._from_arrow(root / f"{name}.arrow", split))
+              for split, name in _ARROW_SPLITS.items()}
     self._read_metadata(root)
-    return {split: self._generate_examples(root, split) for split in _ARROW_SPLITS}
+    return {split: _numbered(self._generate_examples(root, split)) for split in _ARROW_SPLITS}
 
   def _read_metadata(self, root: Path) -> None:
     """Reads files that every split of the raw layout needs (none by default)."""
 
   def _label(self, value, sample: str, source: Path):
-    if self.MULTI_LABEL:
-      unknown = [g for g in value if g not in self.CLASSES]
-      if unknown:
-        raise ValueError(f"{source}: sample {sample} has labels {unknown} outside the class list {self.CLASSES}.")
+    if self.MULTI_LABEL:  # names of the classes present; each dataset decides about names outside CLASSES
       return np.isin(np.asarray(self.CLASSES), list(value)).astype(np.int8)
     if not 0 <= int(value) < len(self.CLASSES):
       raise ValueError(f"{source}: sample {sample} has label {value} outside 0..{len(self.CLASSES) - 1}.")
@@ -96,7 +113,10 @@ class _ManualBuilder(tfds.core.GeneratorBasedBuilder):
 
 
 class MmImdb(_ManualBuilder):
-  """MM-IMDb: movie poster + plot(s) -> 23 genres (multi-label). One record per movie with all its plots."""
+  """MM-IMDb: movie poster + plot(s) -> 23 genres (multi-label). One record per movie with all its plots.
+
+  The raw label files keep every IMDb genre; the 23 classes are the most frequent ones, and the others are
+  ignored (as the authors' preprocessing does), counted by name in `build_notes`."""
 
   CLASSES = MMIMDB_GENRES
   MULTI_LABEL = True
@@ -110,12 +130,20 @@ class MmImdb(_ManualBuilder):
   def _generate_examples(self, root: Path, split: str):
     split_file = _require(root / "split.json", "MmImdb")
     ids = json.loads(split_file.read_text())[{"validation": "dev"}.get(split, split)]
+    ignored, without_genre = collections.Counter(), 0
     for movie in ids:
       label_file = _require(root / "labels" / f"{movie}.json", "MmImdb")
       info = json.loads(label_file.read_text())
       image = _require(root / "images" / f"{movie}.jpeg", "MmImdb")
+      ignored.update(g for g in info["genres"] if g not in self.CLASSES)
+      label = self._label(info["genres"], movie, label_file)
+      without_genre += not label.any()
       yield str(movie), {"id": str(movie), "file": str(image.relative_to(root)), "image": image.read_bytes(),
-                         "texts": list(info["plot"]), "label": self._label(info["genres"], movie, label_file)}
+                         "texts": list(info["plot"]), "label": label}
+    if ignored:
+      counts = ", ".join(f"{genre} {count}" for genre, count in sorted(ignored.items(), key=lambda kv: -kv[1]))
+      self.build_notes.append(f"MM-IMDb {split}: genres outside the 23 classes ignored ({counts}); "
+                              f"{without_genre} of {len(ids)} movies are left with none of the 23.")
 
 
 class UpmcFood101(_ManualBuilder):
@@ -139,8 +167,8 @@ class UpmcFood101(_ManualBuilder):
     folder = "test" if split == "test" else "train"
     without_text = [file for file in files if file not in texts]
     if without_text:  # PROTOCOL.md drops them; say how many so nothing is lost silently
-      logging.info("UpmcFood101 %s: %d of %d samples have no text and are left out (e.g. %s).", split,
-                   len(without_text), len(files), without_text[0])
+      self.build_notes.append(f"UPMC Food-101 {split}: {len(without_text)} of {len(files)} samples have no text "
+                              f"and are left out (e.g. {without_text[0]}).")
     for file in files:
       if file not in texts:
         continue
