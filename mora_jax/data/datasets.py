@@ -117,12 +117,11 @@ def load(name: str, split: str, data_dir: str | Path, manual_dir: str | Path | N
     view.record(row)
   table = missing_lib.load_or_build(Path(data_dir) / "missing_tables", name, split, len(source), missing)
   log(f"{name}/{split}: missing {missing.type} {missing.rate}: {table.describe()}")
-  base_table = table.codes
   label = builder.info.features["label"]
   class_names = tuple(label.names) if isinstance(label, tfds.features.ClassLabel) else manual.MMIMDB_GENRES
   features = builder.info.features
   group = features[pipeline.GROUP_FEATURE] if pipeline.GROUP_FEATURE in features else None
-  return Dataset(name=name, split=split, source=view, table=base_table[view.base_index], class_names=class_names,
+  return Dataset(name=name, split=split, source=view, table=table.codes[view.base_index], class_names=class_names,
                  multi_label=not isinstance(label, tfds.features.ClassLabel), missing=missing,
                  group_names=tuple(group.names) if group is not None else ())
 
