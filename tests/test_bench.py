@@ -38,6 +38,15 @@ def test_data_bench_runs(tmp_path):
   assert any(line.startswith("| 1 | 4 | ") for line in out.splitlines()), out
 
 
+def test_mora_init_bench_runs():
+  out = subprocess.run([sys.executable, "bench/mora_init.py", "--backbone", "random:tiny", "--start_layer", "0"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, check=True).stdout
+  rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+  assert [(row[1].strip(), row[3].strip()) for row in rows] == [
+      (dataset, tower) for dataset in ("mm_imdb", "upmc_food101", "hateful_memes") for tower in ("vision", "text")]
+  assert all(float(row[4]) > 0 and 0 < float(row[7]) <= 1 for row in rows), out
+
+
 def test_train_bench_runs():
   pytest.importorskip("torch", reason="the benchmark's peer is PyTorch")
   out = subprocess.run([sys.executable, "bench/train.py", "--configs", "tiny", "--repeats", "1", "--batch", "4"],

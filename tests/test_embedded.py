@@ -54,10 +54,10 @@ def test_checkpoint_loads_in_transformers_with_our_features(built):
   test = data.load("easy_vqa", "test", data_dir)
   pairs = easy_vqa.image_captions(test.source.source, test.class_names)[:16]
   images = [preprocess.to_rgb(pipeline.record_image(p, "test captions")) for p in pairs]
-  pixels = np.stack([preprocess.image_to_pixels(im, embedded.IMAGE_SIZE, embedded.IMAGE_SIZE) for im in images])
+  prep = data.Preprocessing(image=embedded.IMAGE_PROCESSING, max_length=embedded.MAX_LENGTH)
+  pixels = np.stack([prep.pixels(im) for im in images])
   np.testing.assert_allclose(processor(images=images, return_tensors="np")["pixel_values"], pixels, atol=1e-5)
-  ids, mask = data.tokenize(tokenizer, [p["text"] for p in pairs],
-                            data.Preprocessing(image_size=embedded.IMAGE_SIZE, max_length=embedded.MAX_LENGTH))
+  ids, mask = data.tokenize(tokenizer, [p["text"] for p in pairs], prep)
   with torch.no_grad():
     image_ref = theirs.get_image_features(pixel_values=torch.from_numpy(pixels))
     text_ref = theirs.get_text_features(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))

@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from mora_jax.data import preprocess
 from mora_jax.data.builders import manual
 
 
@@ -179,7 +180,8 @@ def test_the_authors_tables_give_every_sample_the_code_of_its_own_row(tmp_path, 
     row_of = [int(ds.source[i]["text"].decode().split()[2]) for i in range(len(ds.source))]
     assert sorted(set(row_of)) == list(range(rows))
     np.testing.assert_array_equal(ds.table, codes[name][row_of])
-    batches = list(data.batches(ds, 16, tokenizer, train=False, prep=data.Preprocessing(image_size=32, max_length=16)))
+    prep = data.Preprocessing(image=preprocess.ImageProcessing.clip(32), max_length=16)
+    batches = list(data.batches(ds, 16, tokenizer, train=False, prep=prep))
     index = np.concatenate([b["index"] for b in batches])
     missing_codes = np.concatenate([b["missing"] for b in batches])
     valid = np.concatenate([b["valid"] for b in batches])

@@ -15,6 +15,7 @@ from flax import nnx
 from mora_jax.adapters import moka, partition
 from mora_jax.adapters.lora import LoRAConfig, LoRALinear
 from mora_jax.models.clip import Linear
+from mora_jax.train import recipes
 
 BATCH, LENGTH, D_IN, D_OUT, RANK, MODALITIES = 3, 10, 8, 6, 4, 3
 N_NONTEXT = 4  # fixed layout: rows [:4] non-text, rows [4:] text
@@ -281,6 +282,14 @@ def test_dropout_changes_the_output_only_with_rngs():
   assert np.isfinite(dropped).all() and np.abs(dropped - deterministic).max() > 1e-3
   np.testing.assert_array_equal(dropped, again)
   np.testing.assert_array_equal(dropped[padding], deterministic[padding])  # padding rows: frozen output only
+
+
+def test_defaults_are_the_moka_authors_and_reach_every_recipe():
+  cfg = moka.MokAConfig()
+  assert (cfg.rank, cfg.alpha, cfg.scale, cfg.dropout, cfg.lam) == (4, 16.0, 4.0, 0.05, 0.05)
+  for dataset in recipes.PUBLISHED:
+    assert recipes.get(dataset, "moka").adapter.dropout == 0.05, dataset
+    assert recipes.get(dataset, "mora").adapter.dropout == 0.1, dataset  # MORA.md's, unchanged
 
 
 def test_config_and_constructor_validation():

@@ -1,5 +1,6 @@
 """The Grain pipeline: host sharding, exactly-once evaluation with padding, resumable state, dummy inputs."""
 
+import dataclasses
 import io
 
 import numpy as np
@@ -8,7 +9,7 @@ from PIL import Image
 
 from mora_jax.data import missing, pipeline, preprocess, tokenizers
 
-PREP = pipeline.Preprocessing(image_size=32, max_length=16)
+PREP = pipeline.Preprocessing(image=preprocess.ImageProcessing.clip(32), max_length=16)
 
 
 def make_source(n: int = 23):
@@ -109,13 +110,13 @@ def test_missing_modalities_get_dummy_inputs(tokenizer):
   source = make_source(6)
   table = np.array([0, 1, 2, 0, 1, 2], np.int8)
   batch = next(iter(pipeline.batches(source, table, tokenizer, 6, train=False, prep=PREP)))
-  white = preprocess.image_to_pixels(preprocess.white_image(32), 32, 32)
+  white = preprocess.image_to_pixels(preprocess.white_image(32, 32), preprocess.ImageProcessing.clip(32))
   empty_ids, _ = pipeline.tokenize(tokenizer, [""], PREP)
   for row, code in enumerate(table):
     assert batch["missing"][row] == code
     assert np.array_equal(batch["pixel_values"][row], white) == (code == missing.IMAGE_MISSING)
     assert np.array_equal(batch["input_ids"][row], empty_ids[0]) == (code == missing.TEXT_MISSING)
-  ones = pipeline.Preprocessing(image_size=32, max_length=16, missing_image="ones_after_norm")
+  ones = dataclasses.replace(PREP, missing_image="ones_after_norm")
   batch = next(iter(pipeline.batches(source, table, tokenizer, 6, train=False, prep=ones)))
   assert (batch["pixel_values"][2] == 1).all()
 

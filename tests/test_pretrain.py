@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mora_jax import clip, data
-from mora_jax.data import pipeline, tokenizers
+from mora_jax.data import pipeline, preprocess, tokenizers
 from mora_jax.data.builders import easy_vqa
 from mora_jax.train import backbone, pretrain
 
@@ -29,7 +29,7 @@ def test_pretraining_lowers_the_loss_of_matching_pairs(tmp_path):
             "label": 0} for i in range(16)]
   model = clip.init(backbone.random_config("tiny", tokenizer, 16), seed=0)
   before = np.asarray(model.text_projection.kernel[...]).copy()
-  prep = pipeline.Preprocessing(image_size=32, max_length=16)
+  prep = pipeline.Preprocessing(image=preprocess.ImageProcessing.clip(32), max_length=16)
   trained, losses = pretrain.train(model, pairs, tokenizer, prep, epochs=40, batch_size=16, lr=3e-3, seed=0,
                                    warmup_fraction=0.0, num_threads=1)
   assert losses[-1] < 1.0 < 3.0 < losses[0], losses  # measured: 4.12 -> 0.31

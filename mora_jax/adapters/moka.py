@@ -34,7 +34,9 @@ SCALE_PLACEMENTS = ("after_b", "before_attention")
 
 @dataclasses.dataclass(frozen=True)
 class MokAConfig(AdapterConfig):
-  """MokA hyper-parameters; `lambdas`, when given, is lambda per modality id and overrides `lam`."""
+  """MokA hyper-parameters (the MokA authors' defaults); `lambdas`, when given, is lambda per modality id and
+  overrides `lam`."""
+  dropout: float = 0.05  # the MokA authors' (LoRA, DoRA and MoRA use 0.1)
   alpha: float = 16.0  # scale = alpha / rank
   lam: float = 0.05  # lambda of every non-text modality (the authors' visual-text value; 1.0 audio-visual)
   lambdas: tuple[float, ...] = ()

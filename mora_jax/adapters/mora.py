@@ -29,7 +29,10 @@ class MoRAConfig(AdapterConfig):
   # 2524 ms, tiny 4.3 vs 5.5 ms, CPU): with more tokens per step than the width d, the fused form's extra
   # activation-sized elementwise work costs more than the d x d weight it avoids.
   form: str = "materialized"
-  variant: str = "published"  # "published": W' ~= 2W at init; "identity_start": W' = W at init
+  # "published": m_c = m_p = ||W||_col at init, so W' = W + ||W|| (W + alpha S) / ||W + alpha S|| per column; with
+  # the published alpha and rank alpha S dominates (bench/mora_init.py), so W' ~= W + ||W|| S / ||S||: W plus a
+  # random direction of W's size, not 2W. "identity_start": W' = W at init.
+  variant: str = "published"
 
   def __post_init__(self):
     super().__post_init__()
@@ -77,8 +80,8 @@ class MoRALinear(nnx.Module):
     self.A_p = specific(_normal(rngs.params(), (d_in, cfg.rank), cfg.rank**-0.5))
     self.B_p = specific(jnp.zeros((cfg.rank, d_out), jnp.float32))
     col_norm = _row_norms(base.kernel[...].astype(jnp.float32))
-    # Published: both magnitudes start at ||W||_col, so W' ~= 2W. identity_start: m_c = 0, m_p = ||W||_col,
-    # so W' = ||W|| * W / ||W|| = W exactly (P = 0), and m_c still gets a gradient (V_c != 0) to grow from.
+    # Published: both magnitudes start at ||W||_col (W' as MoRAConfig.variant says). identity_start: m_c = 0 and
+    # m_p = ||W||_col, so W' = ||W|| * W / ||W|| = W exactly (P = 0), and m_c still gets a gradient (V_c != 0).
     self.m_c = specific(col_norm if cfg.variant == "published" else jnp.zeros_like(col_norm))
     self.m_p = specific(col_norm)
 

@@ -20,15 +20,29 @@ from mora_jax.data import preprocess
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-  """How records become model inputs (PROTOCOL.md defaults)."""
-  image_size: int = 224
+  """How records become model inputs (the authors' pipeline by default)."""
+  image: preprocess.ImageProcessing = preprocess.ImageProcessing()  # the checkpoint's preprocessor config
   max_length: int = 77
   missing_image: str = "white"  # "white" (MoRA) or "ones_after_norm" (the prompting baselines)
   rewrite_position_75: bool = True  # the authors' collate quirk; only changes truncated texts
+  transparency: str = "drop"  # "drop" (the authors' convert("RGB")) or "white" (transformers' compositing)
 
   def __post_init__(self):
     if self.missing_image not in ("white", "ones_after_norm"):
       raise ValueError(f"missing_image={self.missing_image!r}: use 'white' or 'ones_after_norm'.")
+    if self.transparency not in preprocess.TRANSPARENCY:
+      raise ValueError(f"transparency={self.transparency!r}: use one of {preprocess.TRANSPARENCY}.")
+    if self.image.output_size is None:
+      raise ValueError(f"{self.image} gives images of varying size; the model needs one size (center crop, or "
+                       "resize to a height and width).")
+
+  def pixels(self, image: Image.Image) -> np.ndarray:
+    """A PIL image -> float32 [3, height, width] model input."""
+    return preprocess.image_to_pixels(image, self.image, self.transparency)
+
+  def white_pixels(self) -> np.ndarray:
+    """MoRA's dummy input for a missing image."""
+    return self.pixels(preprocess.white_image(*self.image.output_size))
 
 
 def tokenize(tokenizer, texts: Sequence[str], prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
@@ -68,14 +82,14 @@ class _Decode:
   def __init__(self, source, table: np.ndarray, prep: Preprocessing, source_name: str, skip_corrupt: bool):
     self.source, self.table, self.prep, self.source_name = source, table, prep, source_name
     self.skip_corrupt = skip_corrupt
-    self.white = preprocess.image_to_pixels(preprocess.white_image(prep.image_size), prep.image_size,
-                                            prep.image_size)
+    self.white = prep.white_pixels()
     self.padding_label = np.zeros_like(np.asarray(source[0]["label"])) if len(source) else None
 
   def padding(self) -> dict:
     """A masked row (index -1) of the right shapes; nothing is read or decoded for it."""
-    return {"pixel_values": self.white, "text": "", "label": self.padding_label, "missing": np.int8(missing_lib.COMPLETE),
-            "index": np.int64(-1), "valid": np.bool_(False), "corrupt": np.bool_(False), "group": np.int8(-1)}
+    return {"pixel_values": self.white, "text": "", "label": self.padding_label,
+            "missing": np.int8(missing_lib.COMPLETE), "index": np.int64(-1), "valid": np.bool_(False),
+            "corrupt": np.bool_(False), "group": np.int8(-1)}
 
   def __call__(self, index: int) -> dict:
     if index < 0:
@@ -88,8 +102,7 @@ class _Decode:
       pixels = self.white if self.prep.missing_image == "white" else np.ones_like(self.white)
     else:
       try:
-        pixels = preprocess.image_to_pixels(record_image(record, self.source_name), self.prep.image_size,
-                                            self.prep.image_size)
+        pixels = self.prep.pixels(record_image(record, self.source_name))
       except ValueError:
         if not self.skip_corrupt:
           raise

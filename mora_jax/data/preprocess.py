@@ -1,22 +1,97 @@
 """Image preprocessing with the semantics of transformers' CLIPImageProcessor (its PIL backend is the
-reference): RGB (transparency composited on white), shortest side resized bicubic, centre crop, [0, 1]
-scaling, per-channel normalisation. Output is float32 NCHW-ready [3, crop, crop], as CLIPModel expects.
+reference), driven by a checkpoint's preprocessor_config.json: RGB conversion, resize (shorter side, or to an
+exact size), centre crop, rescale, per-channel normalisation. Output is float32 [3, height, width], as
+CLIPModel expects.
+
+Transparency: the authors call PIL's `convert("RGB")` before the processor, which drops alpha; transformers
+composites transparent images onto white. "drop" (default) follows the authors, "white" transformers.
 """
 
+import dataclasses
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TRANSPARENCY = ("drop", "white")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-  """RGB; images with an alpha band or palette transparency are composited onto white first."""
+@dataclasses.dataclass(frozen=True)
+class ImageProcessing:
+  """CLIPImageProcessor's image fields; the defaults are OpenAI CLIP's at 224 pixels."""
+  size: int | tuple[int, int] = 224  # int: the shorter side (aspect kept); (height, width): exactly that
+  crop_size: tuple[int, int] = (224, 224)  # (height, width)
+  resample: int = Image.Resampling.BICUBIC
+  rescale_factor: float = 1 / 255
+  mean: tuple[float, ...] = CLIP_MEAN
+  std: tuple[float, ...] = CLIP_STD
+  do_resize: bool = True
+  do_center_crop: bool = True
+  do_rescale: bool = True
+  do_normalize: bool = True
+
+  @classmethod
+  def clip(cls, image_size: int) -> "ImageProcessing":
+    """OpenAI CLIP's preprocessing for a vision tower of `image_size` pixels."""
+    return cls(size=image_size, crop_size=(image_size, image_size))
+
+  @property
+  def output_size(self) -> tuple[int, int] | None:
+    """(height, width) of every output, or None where it follows each image's size."""
+    if self.do_center_crop:
+      return self.crop_size
+    if self.do_resize and isinstance(self.size, tuple):
+      return self.size
+    return None
+
+
+def _square(value, key: str, path: Path) -> tuple[int, int]:
+  if isinstance(value, int):
+    return value, value
+  if isinstance(value, dict) and set(value) == {"height", "width"}:
+    return int(value["height"]), int(value["width"])
+  raise ValueError(f"{path}: {key}={value!r} is not supported; use an integer or {{\"height\", \"width\"}}.")
+
+
+def read_image_processing(path: str | Path) -> ImageProcessing:
+  """A checkpoint's preprocessor_config.json -> ImageProcessing; keys it leaves out keep CLIP's defaults."""
+  path = Path(path)
+  try:
+    fields = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: unreadable preprocessor config ({e}); fix or delete it (CLIP's defaults are "
+                     "then used).") from e
+  default = ImageProcessing()
+  size = fields.get("size") or default.size
+  if isinstance(size, dict) and set(size) == {"shortest_edge"}:
+    size = int(size["shortest_edge"])
+  elif not isinstance(size, int):
+    size = _square(size, "size", path)
+  resample = fields.get("resample", default.resample)
+  if resample not in {int(r) for r in Image.Resampling}:
+    raise ValueError(f"{path}: resample={resample!r} is not a PIL resampling filter "
+                     f"({', '.join(f'{int(r)}={r.name}' for r in Image.Resampling)}).")
+  return ImageProcessing(
+      size=size, crop_size=_square(fields.get("crop_size") or default.crop_size[0], "crop_size", path),
+      resample=int(resample), rescale_factor=float(fields.get("rescale_factor", default.rescale_factor)),
+      mean=tuple(map(float, fields.get("image_mean", default.mean))),
+      std=tuple(map(float, fields.get("image_std", default.std))),
+      **{flag: bool(fields.get(flag, True)) for flag in ("do_resize", "do_center_crop", "do_rescale",
+                                                        "do_normalize")})
+
+
+def to_rgb(image: Image.Image, transparency: str = "drop") -> Image.Image:
+  """RGB. With "white", images with an alpha band or palette transparency are composited onto white first;
+  with "drop", alpha is discarded as PIL's convert("RGB") does."""
+  if transparency not in TRANSPARENCY:
+    raise ValueError(f"transparency={transparency!r}: use one of {TRANSPARENCY}.")
   if image.mode == "RGB":
     return image
-  if "A" in image.getbands() or image.info.get("transparency") is not None:
+  if transparency == "white" and ("A" in image.getbands() or image.info.get("transparency") is not None):
     rgba = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
   return image.convert("RGB")
@@ -29,27 +104,38 @@ def resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]
   return int(shortest_edge * width / height), shortest_edge
 
 
-def center_crop(array: np.ndarray, crop: int) -> np.ndarray:
-  """[H, W, C] -> [crop, crop, C]: top-left at ((H - crop) // 2, (W - crop) // 2), zero-padded if smaller."""
+def center_crop(array: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
+  """[H, W, C] -> [crop_height, crop_width, C], centred as transformers does, zero-padded if smaller."""
   h, w = array.shape[:2]
-  if h < crop or w < crop:
-    padded = np.zeros((max(h, crop), max(w, crop), array.shape[2]), array.dtype)
+  if h < crop_height or w < crop_width:
+    padded = np.zeros((max(h, crop_height), max(w, crop_width), array.shape[2]), array.dtype)
     top, left = (padded.shape[0] - h) // 2, (padded.shape[1] - w) // 2
     padded[top:top + h, left:left + w] = array
     array, h, w = padded, padded.shape[0], padded.shape[1]
-  top, left = (h - crop) // 2, (w - crop) // 2
-  return array[top:top + crop, left:left + crop]
+  top, left = (h - crop_height) // 2, (w - crop_width) // 2
+  return array[top:top + crop_height, left:left + crop_width]
 
 
-def image_to_pixels(image: Image.Image, size: int = 224, crop_size: int = 224, mean=CLIP_MEAN,
-                    std=CLIP_STD) -> np.ndarray:
-  """A PIL image -> float32 [3, crop_size, crop_size]."""
-  image = to_rgb(image)
-  image = image.resize(resized_size(*image.size, size), Image.Resampling.BICUBIC)
-  array = center_crop(np.asarray(image), crop_size)
-  scaled = (array.astype(np.float64) * (1 / 255)).astype(np.float32)
-  normalised = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-  return normalised.transpose(2, 0, 1)
+def image_to_pixels(image: Image.Image, processing: ImageProcessing = ImageProcessing(),
+                    transparency: str = "drop") -> np.ndarray:
+  """A PIL image -> float32 [3, height, width]."""
+  image = to_rgb(image, transparency)
+  if processing.do_resize:
+    if isinstance(processing.size, tuple):
+      height, width = processing.size
+      target = (width, height)
+    else:
+      target = resized_size(*image.size, processing.size)
+    image = image.resize(target, processing.resample)
+  array = np.asarray(image)
+  if processing.do_center_crop:
+    array = center_crop(array, *processing.crop_size)
+  pixels = array.astype(np.float32)
+  if processing.do_rescale:
+    pixels = (array.astype(np.float64) * processing.rescale_factor).astype(np.float32)
+  if processing.do_normalize:
+    pixels = (pixels - np.asarray(processing.mean, np.float32)) / np.asarray(processing.std, np.float32)
+  return pixels.transpose(2, 0, 1)
 
 
 def decode_image(data: bytes, source: str) -> Image.Image:
@@ -62,6 +148,6 @@ def decode_image(data: bytes, source: str) -> Image.Image:
   return image
 
 
-def white_image(size: int = 224) -> Image.Image:
+def white_image(height: int = 224, width: int = 224) -> Image.Image:
   """MoRA's dummy input for a missing image: all-255 pixels through the normal preprocessing."""
-  return Image.new("RGB", (size, size), (255, 255, 255))
+  return Image.new("RGB", (width, height), (255, 255, 255))

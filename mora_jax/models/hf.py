@@ -27,8 +27,9 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 _WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX_FILE, TORCH_FILE)
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "preprocessor_config.json")
+PREPROCESSOR_FILE = "preprocessor_config.json"
+PROCESSOR_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   PREPROCESSOR_FILE)
 
 # Our leaf name -> Hugging Face's. Leaves not listed (class_embedding, logit_scale) keep their name.
 _HF_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
@@ -96,7 +97,7 @@ def _download(repo_id: str) -> Path:
     if name == SAFETENSORS_INDEX_FILE:
       for shard in sorted(set(json.loads((directory / name).read_text())["weight_map"].values())):
         hf_hub_download(repo_id, shard)
-    for optional in TOKENIZER_FILES:  # training reads the checkpoint's own tokenizer from the same directory
+    for optional in PROCESSOR_FILES:  # training reads the checkpoint's own tokenizer and image preprocessing
       try:
         hf_hub_download(repo_id, optional)
       except errors.EntryNotFoundError:

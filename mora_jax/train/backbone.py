@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mora_jax import sharding
-from mora_jax.data import tokenizers
+from mora_jax.data import preprocess, tokenizers
 from mora_jax.models import clip as clip_lib
 from mora_jax.models import config as config_lib
 from mora_jax.models import hf
@@ -56,6 +56,23 @@ class Backbone:
   model: clip_lib.CLIP
   tokenizer: transformers.CLIPTokenizer
   identity: dict  # {"source": path or "random:<preset>/seed<s>", "sha256": weights hash}
+  image_processing: preprocess.ImageProcessing
+
+
+def image_processing(directory: Path, image_size: int, log=print) -> preprocess.ImageProcessing:
+  """The checkpoint's preprocessor_config.json (CLIP's defaults at `image_size` where it has none), checked to
+  give the vision tower's input size."""
+  path = directory / hf.PREPROCESSOR_FILE
+  if not path.is_file():
+    log(f"{directory} has no {hf.PREPROCESSOR_FILE}: preprocessing images with OpenAI CLIP's mean, std and "
+        f"bicubic resize to {image_size} pixels.")
+    return preprocess.ImageProcessing.clip(image_size)
+  processing = preprocess.read_image_processing(path)
+  if processing.output_size != (image_size, image_size):
+    raise ValueError(f"{path} makes images of {processing.output_size or 'varying'} (height, width) pixels, but "
+                     f"the vision tower in {directory / hf.CONFIG_FILE} takes {image_size}x{image_size}: fix "
+                     "crop_size (or size with do_center_crop false) to match.")
+  return processing
 
 
 def load(cfg: ml_collections.ConfigDict, max_length: int, data_dir: str | Path, *, mesh: Mesh | None,
@@ -71,14 +88,16 @@ def load(cfg: ml_collections.ConfigDict, max_length: int, data_dir: str | Path, 
     else:
       directory = hf.resolve(cfg.path)
     tensors, source = hf.read_weights(directory)
-    abstract = nnx.eval_shape(lambda: clip_lib.CLIP(hf.read_config(directory), dtype=dtype, rngs=nnx.Rngs(0)))
+    clip_config = hf.read_config(directory)
+    processing = image_processing(directory, clip_config.vision.image_size, log)
+    abstract = nnx.eval_shape(lambda: clip_lib.CLIP(clip_config, dtype=dtype, rngs=nnx.Rngs(0)))
     model = hf.load_state_into(abstract, tensors, source, mesh=mesh, rules=rules)
     try:
       tokenizer = transformers.CLIPTokenizer.from_pretrained(str(directory))
     except (OSError, TypeError, ValueError) as e:
       raise FileNotFoundError(f"{directory} has no usable CLIP tokenizer ({e}); it needs the vocab.json and "
                               "merges.txt that CLIPTokenizer.save_pretrained writes.") from e
-    return Backbone(model, tokenizer, {"source": str(cfg.path), "sha256": weights_hash(tensors)})
+    return Backbone(model, tokenizer, {"source": str(cfg.path), "sha256": weights_hash(tensors)}, processing)
   if not cfg.random_preset:
     raise ValueError("config.backbone: set `path` (a Hugging Face id or checkpoint directory) or "
                      "`random_preset` (a randomly initialised CLIP, e.g. 'tiny').")
@@ -88,4 +107,4 @@ def load(cfg: ml_collections.ConfigDict, max_length: int, data_dir: str | Path, 
     sharding.shard_module(model, mesh, rules)
   identity = {"source": f"random:{cfg.random_preset}/seed{cfg.seed}",
               "sha256": weights_hash(hf.to_hf_tensors(model))}
-  return Backbone(model, tokenizer, identity)
+  return Backbone(model, tokenizer, identity, preprocess.ImageProcessing.clip(model.config.vision.image_size))

@@ -33,6 +33,7 @@ NAME = "embedded"  # the backbone.path value that selects this backbone
 VERSION = 1  # part of the cache directory name: bump it when the recipe or the architecture changes
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 IMAGE_SIZE = 64
+IMAGE_PROCESSING = preprocess.ImageProcessing.clip(IMAGE_SIZE)
 MAX_LENGTH = 24
 # Measured on 2 CPU cores (test retrieval recall@1 among 35 captions): 5 epochs at lr 3e-4 learn colour only
 # (38%, about what colour alone gives); 12 epochs at 5e-4 reach 58% in 3 minutes; 30 epochs at 5e-4 reach 66%
@@ -76,9 +77,7 @@ def _zero_shot(model, tokenizer, prep, data_dir, log) -> tuple[float, int]:
   test = data.load("easy_vqa", "test", data_dir, missing=data.Missing(rate=0.0), log=log)
   pairs = easy_vqa.image_captions(test.source.source, test.class_names)
   captions = sorted({p["text"] for p in pairs})
-  images = np.stack([
-      preprocess.image_to_pixels(preprocess.to_rgb(pipeline.record_image(p, "easy_vqa test captions")),
-                                 prep.image_size, prep.image_size) for p in pairs])
+  images = np.stack([prep.pixels(pipeline.record_image(p, "easy_vqa test captions")) for p in pairs])
   ids, mask = data.tokenize(tokenizer, captions, prep)
   image_features, caption_features = pretrain.features(model, images, ids, mask)
   truth = np.array([captions.index(p["text"]) for p in pairs])
@@ -129,7 +128,7 @@ def build(directory: str | Path, data_dir: str | Path, seed: int = 0, recipe: di
   # Staged under a per-process name and renamed when complete: a crash never leaves a half-written backbone.
   staging = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
   tokenizer = train_tokenizer(texts, staging)
-  prep = data.Preprocessing(image_size=IMAGE_SIZE, max_length=MAX_LENGTH)
+  prep = data.Preprocessing(image=IMAGE_PROCESSING, max_length=MAX_LENGTH)
   model = clip_lib.init(small_config(tokenizer), seed=seed)
   log(f"pre-training on {len(pairs)} (image, caption) pairs: {recipe}")
   model, losses = pretrain.train(model, pairs, tokenizer, prep, seed=seed, **recipe)

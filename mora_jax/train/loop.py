@@ -133,7 +133,7 @@ def build(config: ml_collections.ConfigDict, class_split: str = "train") -> Job:
   mesh, rules = make_mesh(config.mesh)
   backbone = backbone_lib.load(config.backbone, config.preprocessing.max_length, config.data_dir, mesh=mesh,
                                rules=rules, log=say)
-  prep = data.Preprocessing(image_size=backbone.model.config.vision.image_size, **config.preprocessing)
+  prep = data.Preprocessing(image=backbone.image_processing, **config.preprocessing)
   probe = load_split(config, class_split)
   clf = adapters.build_classifier(backbone.model, adapter_config(config.adapter), probe.num_classes,
                                   probe.multi_label, seed=config.seed, head=config.head.type,

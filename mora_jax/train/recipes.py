@@ -15,7 +15,7 @@ METHODS = {"mora": adapters.MoRAConfig, "lora": adapters.LoRAConfig, "dora": ada
 
 # MORA.md "Published configs" (CLIP ViT-B/16, start_layer 10, dropout 0.1). LoRA and DoRA use the same
 # targets, rank, schedule and weight decay (the paper compares them on the same pipeline) with PEFT's alpha;
-# MokA (two-tower) too, with the MokA authors' alpha (16) and visual-text lambda (0.05), MOKA.md.
+# MokA (two-tower) too, with the MokA authors' alpha (16), visual-text lambda (0.05) and dropout (0.05), MOKA.md.
 PUBLISHED = {
     "mm_imdb": dict(targets=("q_proj", "k_proj"), rank=4, alpha=0.001, epochs=20, batch_size=256,
                     weight_decay=0.02),
@@ -37,8 +37,10 @@ def base() -> ml_collections.ConfigDict:
   c.manual_dir = ""  # the raw downloads of mm_imdb / upmc_food101 / hateful_memes (see their instructions)
   c.one_sample_per_text = True  # MM-IMDb: one sample per plot, in training and evaluation
   c.missing = ml_collections.ConfigDict(dict(rate=0.7, type="both", seed=0))
+  # Image size, crop, resample, mean and std come from the backbone checkpoint's preprocessor_config.json.
+  # transparency: "drop" (the authors' convert("RGB")) or "white" (transformers composites onto white).
   c.preprocessing = ml_collections.ConfigDict(dict(max_length=77, missing_image="white",
-                                                   rewrite_position_75=True))
+                                                   rewrite_position_75=True, transparency="drop"))
   # path: a Hugging Face id, a local checkpoint directory, or "embedded". random_preset (with path ""): a randomly
   # initialised CLIP of that preset whose text side fits a byte-level tokenizer (no download; smoke runs).
   # dtype of the frozen backbone and of the compute: "auto" = bfloat16 on GPU/TPU, float32 on CPU.
