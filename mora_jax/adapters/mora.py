@@ -29,9 +29,9 @@ class MoRAConfig(AdapterConfig):
   # 2524 ms, tiny 4.3 vs 5.5 ms, CPU): with more tokens per step than the width d, the fused form's extra
   # activation-sized elementwise work costs more than the d x d weight it avoids.
   form: str = "materialized"
-  # "published": m_c = m_p = ||W||_col at init, so W' = W + ||W|| (W + alpha S) / ||W + alpha S|| per column; with
-  # the published alpha and rank alpha S dominates (bench/mora_init.py), so W' ~= W + ||W|| S / ||S||: W plus a
-  # random direction of W's size, not 2W. "identity_start": W' = W at init.
+  # "published": m_c = m_p = ||W||_col at init, so W' = W + ||W|| (W + alpha S) / ||W + alpha S|| per column. At
+  # the published alpha and rank alpha S is not small against W (docs/mora_init.md), so W' is near
+  # W + ||W|| S / ||S||: W plus a random direction of W's size, not 2W. "identity_start": W' = W at init.
   variant: str = "published"
 
   def __post_init__(self):
