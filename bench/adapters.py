@@ -46,7 +46,7 @@ def jax_step(backbone_dir, adapter, data, dtype=jnp.float32):
   pixels, ids, mask, labels = data
   batch = {"pixel_values": pixels, "input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
            "label": labels.astype(np.int32), "valid": np.ones(len(labels), bool)}
-  batch = jax.device_put({k: v[None] for k, v in batch.items()}, step_lib.batch_sharding(mesh, micro_axis=True))
+  batch = jax.device_put({k: v[None] for k, v in batch.items()}, sharding.batch_sharding(mesh, micro_axis=True))
   holder = {"state": state}
 
   def run():

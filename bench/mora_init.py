@@ -20,7 +20,7 @@ import numpy as np
 
 from mora_jax import adapters, clip
 from mora_jax.adapters import common
-from mora_jax.train import loop, recipes
+from mora_jax.train import recipes
 
 PUBLISHED = ("mm_imdb", "upmc_food101", "hateful_memes")
 
@@ -42,11 +42,11 @@ def initial_weights(backbone: str, dataset: str, start_layer: int | None = None)
   config = recipes.get(dataset, "mora")
   if start_layer is not None:
     config.adapter.start_layer = start_layer
-  cfg = loop.adapter_config(config.adapter)
+  cfg = adapters.from_config(config.adapter.to_dict())
   clf = adapters.build_classifier(load_backbone(backbone), cfg, num_classes=2, seed=config.seed)
   found = {}
-  for tower, _, parent, name in common.targets(clf.backbone, cfg):
-    layer = getattr(parent, name)
+  for target in common.targets(clf.backbone, cfg):
+    tower, layer = target.tower, getattr(target.parent, target.name)
     kernel = np.asarray(layer.base.kernel[...], np.float64)
     u, g = layer.common.factors(tower)
     shared = cfg.alpha * np.asarray(u @ g @ u.T, np.float64)

@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 from mora_jax import data
+from mora_jax.backbones import embedded
 from mora_jax.train import config as config_lib
-from mora_jax.train import embedded, loop, recipes
+from mora_jax.train import loop, recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (method, config overrides, backbone: "aligned" or "mismatched")

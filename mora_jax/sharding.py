@@ -81,3 +81,39 @@ def shard_module(module: nnx.Module, mesh: Mesh, rules: Sequence[tuple[str, str 
   for variable in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     variable.set_value(place(variable.get_value(), variable_sharding(variable, mesh, rules)))
   nnx.update(module, state)
+
+
+def is_main_process() -> bool:
+  """Process 0: the one that prints, writes shared files and prepares data for the others."""
+  return jax.process_index() == 0
+
+
+def replicated_value(array: jax.Array) -> np.ndarray:
+  """A replicated global array's value on this host (no communication)."""
+  return np.asarray(array.addressable_data(0))
+
+
+def sum_over_processes(value: int) -> int:
+  """The sum of an integer over every process (every process must call it)."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+def batch_sharding(mesh: Mesh, micro_axis: bool) -> NamedSharding:
+  """Batch dimension split over every mesh axis (data and fsdp); the micro-batch axis, if any, unsplit."""
+  spec = (tuple(mesh.axis_names),)
+  return NamedSharding(mesh, PartitionSpec(None, *spec) if micro_axis else PartitionSpec(*spec))
+
+
+def global_batch(host_batch: dict, keys, target: NamedSharding, micro_axis: bool) -> dict:
+  """This process's rows of a batch -> global arrays sharded by `target`; the batch dimension (after the
+  micro-batch axis, if any) is the concatenation of every process's rows, in process order."""
+  batch_dim = 1 if micro_axis else 0
+  out = {}
+  for key in keys:
+    local = np.asarray(host_batch[key])
+    shape = list(local.shape)
+    shape[batch_dim] *= jax.process_count()
+    out[key] = jax.make_array_from_process_local_data(target, local, tuple(shape))
+  return out

@@ -8,11 +8,12 @@ import pytest
 import transformers
 
 from mora_jax import clip, data
+from mora_jax.backbones import embedded
 from mora_jax.data import pipeline, preprocess
 from mora_jax.data.builders import easy_vqa
 from mora_jax.models import hf
 from mora_jax.train import config as config_lib
-from mora_jax.train import embedded, loop, recipes
+from mora_jax.train import loop, recipes
 from tests import helpers
 
 # Shortened for CI (the shipped recipe is embedded.RECIPE, 12 epochs, and one fine-tuning epoch of 541 steps):

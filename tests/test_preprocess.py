@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mora_jax import clip
+from mora_jax import backbones, clip
 from mora_jax.data import preprocess, tokenizers
 from mora_jax.models import hf
-from mora_jax.train import backbone
 from tests import helpers
 
 # Both run the same uint8 PIL resize and the same float64 rescale and float32 normalisation: equal bits.
@@ -135,7 +134,7 @@ def fixture_checkpoint_dir(tmp_path):
 def load_backbone(directory, log=print):
   cfg = ml_collections.ConfigDict(dict(path=str(directory), random_preset="", seed=0, dtype="float32",
                                        cache_dir=""))
-  return backbone.load(cfg, 16, directory.parent, mesh=None, rules=(), log=log)
+  return backbones.load(cfg, 16, directory.parent, mesh=None, rules=(), log=log)
 
 
 def test_backbone_reads_its_checkpoints_preprocessor_config(checkpoint_dir):

@@ -6,7 +6,7 @@ import pytest
 from mora_jax import clip, data
 from mora_jax.data import pipeline, preprocess, tokenizers
 from mora_jax.data.builders import easy_vqa
-from mora_jax.train import backbone, pretrain
+from mora_jax.backbones import backbone, pretrain
 
 
 def test_contrastive_loss_is_the_symmetric_cross_entropy():

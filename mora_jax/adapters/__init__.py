@@ -7,6 +7,9 @@ partitioned tree.
     logits = clf(pixel_values, input_ids, attention_mask)   # deterministic unless rngs is given
     adapters.count_parameters(clf)                          # {'backbone': N, 'trainable': M, 'per_partition': {...}}
     merged = adapters.merge(clf)                            # towers are plain CLIP weights
+    adapters.from_config({"method": "lora", "rank": 8})     # a run config's adapter section -> LoRAConfig
+
+Methods by name, and how to add one: mora_jax/adapters/registry.py.
 """
 
 from mora_jax.adapters.classifier import Classifier, build_classifier, count_parameters, merge, mergeable
@@ -16,8 +19,10 @@ from mora_jax.adapters.lora import LoRAConfig
 from mora_jax.adapters.moka import MokAConfig
 from mora_jax.adapters.mora import MoRAConfig
 from mora_jax.adapters.partition import PARTITIONS, join, split, trainable
+from mora_jax.adapters.registry import METHODS, from_config, to_config
 
 __all__ = [
-    "AdapterConfig", "Classifier", "DoRAConfig", "LoRAConfig", "MoRAConfig", "MokAConfig", "PARTITIONS",
-    "build_classifier", "count_parameters", "join", "merge", "mergeable", "split", "trainable",
+    "AdapterConfig", "Classifier", "DoRAConfig", "LoRAConfig", "METHODS", "MoRAConfig", "MokAConfig", "PARTITIONS",
+    "build_classifier", "count_parameters", "from_config", "join", "merge", "mergeable", "split", "to_config",
+    "trainable",
 ]

@@ -6,14 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mora_jax.adapters import common, partition
-from mora_jax.adapters.dora import DoRAConfig, DoRALinear
-from mora_jax.adapters.lora import LoRAConfig, LoRALinear
-from mora_jax.adapters import moka
-from mora_jax.adapters.mora import MoRACommon, MoRAConfig, MoRALinear
-from mora_jax.models.clip import CLIP
-
-ADAPTED = (MoRALinear, LoRALinear, DoRALinear, moka.TowerLinear)
-
+from mora_jax.models.clip import CLIP, Call
 
 HEADS = ("linear", "mlp")
 
@@ -49,11 +42,12 @@ class Classifier(nnx.Module):
                *, head: str = "linear", head_hidden: int = 256, rngs: nnx.Rngs):
     self.adapter = adapter
     self.num_classes, self.multi_label = num_classes, multi_label
-    self.adapter_common = nnx.Dict()
-    self.tower_pairs = nnx.Dict()  # MokA (two-tower): one hand-over per paired projection
+    self.adapter_common = nnx.Dict()  # modules several adapted projections share (MoRA's common pairs)
     self.backbone = backbone
-    if adapter is not None:
-      _apply(self, adapter, rngs)
+    for target in (common.targets(backbone, adapter) if adapter is not None else ()):
+      base = getattr(target.parent, target.name)
+      setattr(target.parent, target.name,
+              adapter.adapt(base, target, self.adapter_common, backbone.config, rngs=rngs))
     d_features = 2 * backbone.config.projection_dim
     if head not in HEADS:
       raise ValueError(f"head={head!r}: use one of {HEADS}.")
@@ -62,20 +56,17 @@ class Classifier(nnx.Module):
 
   def features(self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                rngs: nnx.Rngs | None = None) -> jax.Array:
-    if not self.tower_pairs:
-      image = self.backbone.get_image_features(pixel_values, rngs)
-      text = self.backbone.get_text_features(input_ids, attention_mask, rngs)
-      return jnp.concatenate([image, text], axis=-1)
-    # MokA (two-tower): the text tower first, its projections handing their rows to the vision projections.
-    keys = moka.text_keys(input_ids, attention_mask)
-    for pair in self.tower_pairs.values():
-      pair.set(key_mask=keys)
-    try:
-      text = self.backbone.get_text_features(input_ids, attention_mask, rngs)
-      image = self.backbone.get_image_features(pixel_values, rngs)
-    finally:
-      for pair in self.tower_pairs.values():
-        pair.clear()
+    text_mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
+    call = Call(rngs=rngs, text_mask=text_mask)
+    image_features = lambda: self.backbone.get_image_features(pixel_values, call)
+    text_features = lambda: self.backbone.get_text_features(input_ids, attention_mask, call)
+    # The order sets which tower's dropout draws come first, and lets MokA hand text rows to the vision tower.
+    if self.adapter is not None and self.adapter.text_first:
+      text = text_features()
+      image = image_features()
+    else:
+      image = image_features()
+      text = text_features()
     return jnp.concatenate([image, text], axis=-1)
 
   def __call__(self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -84,39 +75,13 @@ class Classifier(nnx.Module):
     return self.head(self.features(pixel_values, input_ids, attention_mask, rngs))
 
 
-def _apply(clf: Classifier, cfg: common.AdapterConfig, rngs: nnx.Rngs) -> None:
-  backbone = clf.backbone
-  for tower, index, parent, name in common.targets(backbone, cfg):
-    base = getattr(parent, name)
-    if isinstance(cfg, MoRAConfig):
-      key = str(index)
-      if key not in clf.adapter_common:
-        clf.adapter_common[key] = MoRACommon(backbone.config.text.hidden_size, backbone.config.vision.hidden_size,
-                                          cfg.rank, rngs=rngs)
-      adapted = MoRALinear(base, clf.adapter_common[key], tower, cfg, rngs=rngs)
-    elif isinstance(cfg, moka.MokAConfig):
-      key = f"{index}/{name}"
-      if set(cfg.towers) != {"vision", "text"}:
-        raise ValueError(f"MokA (two-tower) pairs the vision and text projections; towers={cfg.towers} lacks one.")
-      if key not in clf.tower_pairs:
-        clf.tower_pairs[key] = moka.TowerPair()
-      adapted = moka.TowerLinear(base, clf.tower_pairs[key], tower, cfg, rngs=rngs)
-    elif isinstance(cfg, DoRAConfig):
-      adapted = DoRALinear(base, tower, cfg, rngs=rngs)
-    elif isinstance(cfg, LoRAConfig):
-      adapted = LoRALinear(base, tower, cfg, rngs=rngs)
-    else:
-      raise TypeError(f"Unknown adapter config {type(cfg).__name__}; use MoRAConfig, LoRAConfig, DoRAConfig, "
-                      "MokAConfig or None (frozen towers, linear probe).")
-    setattr(parent, name, adapted)
-
-
 def build_classifier(backbone: CLIP, adapter: common.AdapterConfig | None, num_classes: int,
                      multi_label: bool = False, seed: int = 0, head: str = "linear",
                      head_hidden: int = 256) -> Classifier:
   """Wraps `backbone` (modified in place: its target projections become adapted ones) in a classifier.
 
-  adapter: MoRAConfig, LoRAConfig, DoRAConfig, or None for frozen towers + head (the linear probe).
+  adapter: a method's config (MoRAConfig, LoRAConfig, DoRAConfig, MokAConfig; see adapters.registry), or None
+    for frozen towers + head (the linear probe).
   head: "linear" (MORA.md) or "mlp" (one GELU hidden layer of `head_hidden` units).
   """
   return Classifier(backbone, adapter, num_classes, multi_label, head=head, head_hidden=head_hidden,
@@ -124,21 +89,21 @@ def build_classifier(backbone: CLIP, adapter: common.AdapterConfig | None, num_c
 
 
 def mergeable(adapter: common.AdapterConfig | None) -> bool:
-  """False for MokA, whose cross term depends on the input (MOKA.md): it is evaluated unmerged."""
-  return not isinstance(adapter, moka.MokAConfig)
+  """Whether the adapted towers fold into plain CLIP weights (not MokA: its cross term depends on the input)."""
+  return adapter is None or adapter.mergeable
 
 
 def merge(clf: Classifier) -> Classifier:
   """A copy of `clf` whose towers are plain CLIP weights with every adapter folded in."""
   if not mergeable(clf.adapter):
-    raise ValueError("MokA cannot be merged into the backbone: its cross term depends on the input (the text "
-                     "rows). Evaluate the unmerged classifier.")
+    raise ValueError(f"{clf.adapter.name} cannot be merged into the backbone: its update depends on the input "
+                     "(MokA: the text rows). Evaluate the unmerged classifier.")
   merged = nnx.clone(clf)
-  for _, _, parent, name in (common.targets(merged.backbone, clf.adapter) if clf.adapter else ()):
-    adapted = getattr(parent, name)
+  for target in (common.targets(merged.backbone, clf.adapter) if clf.adapter else ()):
+    adapted = getattr(target.parent, target.name)
     base = adapted.base
     base.kernel.set_value(adapted.effective_kernel().astype(base.kernel.dtype))
-    setattr(parent, name, base)
+    setattr(target.parent, target.name, base)
   merged.adapter_common = nnx.Dict()
   merged.adapter = None
   return merged

@@ -1,22 +1,41 @@
-"""What every adapter method shares: target selection, input dropout, and the config base."""
+"""What every adapter method shares: the config base (which projections, and how to wrap one), target
+selection, and input dropout."""
 
 import dataclasses
 from collections.abc import Iterator
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mora_jax.models.clip import CLIP, EncoderLayer
+from mora_jax.models.clip import CLIP, Call, EncoderLayer, Linear
+from mora_jax.models.config import CLIPConfig
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 MLP_TARGETS = ("fc1", "fc2")
 TOWERS = ("vision", "text")
 
 
+class Target(NamedTuple):
+  """One projection an adapter replaces: `parent.<name>` in layer `layer` of `tower`."""
+  tower: str
+  layer: int
+  parent: nnx.Module
+  name: str
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
-  """Which projections are adapted: `targets` by Hugging Face name, in `towers`, in layers >= start_layer."""
+  """Which projections are adapted: `targets` by Hugging Face name, in `towers`, in layers >= start_layer.
+
+  A method subclasses it with its own fields, its registry `name`, whether its update folds into the frozen
+  weights (`mergeable`), whether the classifier runs the text tower before the vision tower (`text_first`:
+  MokA's vision projections read the text rows), and `adapt`, which wraps one frozen projection.
+  """
+  name: ClassVar[str]
+  mergeable: ClassVar[bool] = True
+  text_first: ClassVar[bool] = False
   targets: tuple[str, ...] = ("q_proj", "v_proj")
   start_layer: int = 10
   rank: int = 4
@@ -36,12 +55,19 @@ class AdapterConfig:
                        f"start_layer={self.start_layer} >= 0.")
 
 
+  def adapt(self, base: Linear, target: Target, shared: nnx.Dict, model: CLIPConfig, *,
+            rngs: nnx.Rngs) -> nnx.Module:
+    """The adapted replacement of `base` at `target`. `shared` holds modules several projections share (keyed by
+    the method), `model` the backbone's architecture."""
+    raise NotImplementedError(f"{type(self).__name__} does not say how to adapt a projection.")
+
+
 def tower_layers(model: CLIP, tower: str) -> nnx.List:
   return (model.vision_model if tower == "vision" else model.text_model).encoder.layers
 
 
-def targets(model: CLIP, cfg: AdapterConfig) -> Iterator[tuple[str, int, nnx.Module, str]]:
-  """(tower, layer index, parent module, attribute name) of every projection `cfg` adapts."""
+def targets(model: CLIP, cfg: AdapterConfig) -> Iterator[Target]:
+  """Every projection `cfg` adapts."""
   for tower in cfg.towers:
     layers = tower_layers(model, tower)
     if cfg.start_layer >= len(layers):
@@ -49,7 +75,12 @@ def targets(model: CLIP, cfg: AdapterConfig) -> Iterator[tuple[str, int, nnx.Mod
     for index in range(cfg.start_layer, len(layers)):
       layer: EncoderLayer = layers[index]
       for name in cfg.targets:
-        yield tower, index, (layer.self_attn if name in ATTENTION_TARGETS else layer.mlp), name
+        yield Target(tower, index, layer.self_attn if name in ATTENTION_TARGETS else layer.mlp, name)
+
+
+def call_rngs(call: Call | None) -> nnx.Rngs | None:
+  """The dropout stream of a forward pass (None: deterministic)."""
+  return None if call is None else call.rngs
 
 
 def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:

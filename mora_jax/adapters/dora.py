@@ -7,20 +7,25 @@ y = x K + b + (m/n - 1) * (x~ K) + (m/n) * s * (x~ A B). Without dropout that is
 """
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mora_jax.adapters import partition
-from mora_jax.adapters.common import AdapterConfig, dropout
+from mora_jax.adapters.common import AdapterConfig, Target, call_rngs, dropout
 from mora_jax.adapters.lora import LoRALinear
-from mora_jax.models.clip import Linear
+from mora_jax.models.clip import Call, Linear
 
 
 @dataclasses.dataclass(frozen=True)
 class DoRAConfig(AdapterConfig):
+  name: ClassVar[str] = "dora"
   alpha: float = 8.0  # scale = alpha / rank, as PEFT's lora_alpha
+
+  def adapt(self, base: Linear, target: Target, shared: nnx.Dict, model, *, rngs: nnx.Rngs) -> nnx.Module:
+    return DoRALinear(base, target.tower, self, rngs=rngs)
 
 
 class DoRALinear(LoRALinear):
@@ -38,11 +43,11 @@ class DoRALinear(LoRALinear):
     ratio = self.magnitude[...] / self._weight_norm()
     return ratio[None, :] * super().effective_kernel()
 
-  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, call: Call | None = None) -> jax.Array:
     kernel = self.base.kernel[...]
     ratio = self.magnitude[...] / self._weight_norm()
     clean = x.astype(kernel.dtype) @ kernel
-    dropped_x = dropout(x, self.cfg.dropout, rngs)
+    dropped_x = dropout(x, self.cfg.dropout, call_rngs(call))
     dropped = clean if dropped_x is x else dropped_x.astype(kernel.dtype) @ kernel
     branch = self.scale * ((dropped_x @ self.lora_A[...]) @ self.lora_B[...])
     y = clean + ((ratio - 1) * dropped + ratio * branch).astype(clean.dtype)

@@ -1,19 +1,24 @@
 """LoRA (Hu et al. 2021) as in Hugging Face PEFT: y = x K + b + (alpha / r) * dropout(x) A B."""
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mora_jax.adapters import partition
-from mora_jax.adapters.common import AdapterConfig, dropout
-from mora_jax.models.clip import Linear
+from mora_jax.adapters.common import AdapterConfig, Target, call_rngs, dropout
+from mora_jax.models.clip import Call, Linear
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig(AdapterConfig):
+  name: ClassVar[str] = "lora"
   alpha: float = 8.0  # scale = alpha / rank, as PEFT's lora_alpha
+
+  def adapt(self, base: Linear, target: Target, shared: nnx.Dict, model, *, rngs: nnx.Rngs) -> nnx.Module:
+    return LoRALinear(base, target.tower, self, rngs=rngs)
 
 
 def kaiming_uniform_a(key, d_in: int, rank: int) -> jax.Array:
@@ -44,7 +49,7 @@ class LoRALinear(nnx.Module):
   def effective_kernel(self) -> jax.Array:
     return self.base.kernel[...].astype(jnp.float32) + self.delta()
 
-  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, call: Call | None = None) -> jax.Array:
     y = self.base(x)
-    branch = (dropout(x, self.cfg.dropout, rngs) @ self.lora_A[...]) @ self.lora_B[...]
+    branch = (dropout(x, self.cfg.dropout, call_rngs(call)) @ self.lora_A[...]) @ self.lora_B[...]
     return y + (self.scale * branch).astype(y.dtype)

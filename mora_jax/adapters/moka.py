@@ -18,15 +18,16 @@ but the cross term depends on the input, so the full layer cannot be folded.
 """
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mora_jax.adapters import partition
-from mora_jax.adapters.common import AdapterConfig, dropout
+from mora_jax.adapters.common import AdapterConfig, Target, call_rngs, dropout
 from mora_jax.adapters.lora import kaiming_uniform_a
-from mora_jax.models.clip import Linear
+from mora_jax.models.clip import Call, Linear
 
 TEMPERATURES = ("sqrt_rank", "sqrt_num_keys")
 SCALE_PLACEMENTS = ("after_b", "before_attention")
@@ -35,7 +36,10 @@ SCALE_PLACEMENTS = ("after_b", "before_attention")
 @dataclasses.dataclass(frozen=True)
 class MokAConfig(AdapterConfig):
   """MokA hyper-parameters (the MokA authors' defaults); `lambdas`, when given, is lambda per modality id and
-  overrides `lam`."""
+  overrides `lam`. As a classifier's adapter it is MokA (two-tower): see `TowerLinear`."""
+  name: ClassVar[str] = "moka"
+  mergeable: ClassVar[bool] = False  # the cross term depends on the input (the text rows)
+  text_first: ClassVar[bool] = True  # the vision projections attend over the text projections' rows
   dropout: float = 0.05  # the MokA authors' (LoRA, DoRA and MoRA use 0.1)
   alpha: float = 16.0  # scale = alpha / rank
   lam: float = 0.05  # lambda of every non-text modality (the authors' visual-text value; 1.0 audio-visual)
@@ -63,6 +67,11 @@ class MokAConfig(AdapterConfig):
     if len(self.lambdas) != num_modalities:
       raise ValueError(f"MokAConfig.lambdas has {len(self.lambdas)} entries for {num_modalities} modalities.")
     return self.lambdas
+
+  def adapt(self, base: Linear, target: Target, shared: nnx.Dict, model, *, rngs: nnx.Rngs) -> nnx.Module:
+    if set(self.towers) != {"vision", "text"}:
+      raise ValueError(f"MokA (two-tower) pairs the vision and text projections; towers={self.towers} lacks one.")
+    return TowerLinear(base, target, self, rngs=rngs)
 
 
 def temperature(name: str, rank: int, key_mask: jax.Array) -> jax.Array:
@@ -203,66 +212,49 @@ class MokALinear(nnx.Module):
     return y + jnp.where(padding[..., None], 0.0, branch).astype(y.dtype)
 
 
-class TowerPair(nnx.Module):
-  """MokA (two-tower)'s hand-over between the text and the vision projection of one name and layer.
-
-  During one classifier forward it holds the key mask (set by the classifier) and the text projection's
-  rank-space rows (set by the text projection), which the vision projection attends over; the classifier
-  clears both afterwards, so between forwards a pair holds no state at all.
-  """
-
-  def set(self, **values: jax.Array) -> None:
-    for name, value in values.items():
-      setattr(self, name, nnx.Intermediate(value))
-
-  def get(self, name: str) -> jax.Array:
-    if not hasattr(self, name):
-      raise RuntimeError("a MokA (two-tower) vision projection ran without its text partner's rows: run the "
-                         "classifier (Classifier.features / __call__), which runs the text tower first, not the "
-                         "vision tower alone.")
-    return getattr(self, name)[...]
-
-  def clear(self) -> None:
-    for name in ("key_mask", "text_rows"):
-      if hasattr(self, name):
-        delattr(self, name)
-
-
 class TowerLinear(nnx.Module):
   """One tower's projection under MokA (two-tower): the tower's own A [in, r] and B [r, out] (per-tower LoRA;
   768 vs 512 widths forbid one shared B), and for the vision tower the rank-space cross-attention of its rows
-  over the paired text projection's rows. Text rows never change, so the text tower runs first and hands its
-  rows over: the same numbers as running vision layer l and text layer l in lockstep."""
+  over the paired text projection's rows. Text rows never change, so the text tower runs first and leaves its
+  rows in the pass's `Call.handover` under the pair's key (layer and name), where the vision projection reads
+  them: the same numbers as running vision layer l and text layer l in lockstep."""
 
-  def __init__(self, base: Linear, pair: TowerPair, tower: str, cfg: MokAConfig, *, rngs: nnx.Rngs):
-    self.base, self.pair, self.tower, self.cfg = base, pair, tower, cfg
+  def __init__(self, base: Linear, target: Target, cfg: MokAConfig, *, rngs: nnx.Rngs):
+    self.base, self.tower, self.cfg = base, target.tower, cfg
+    self.handover_key = f"moka/{target.layer}/{target.name}"
     d_in, d_out = base.kernel.shape
-    specific = partition.SPECIFIC[tower]
+    specific = partition.SPECIFIC[target.tower]
     self.lora_A = specific(kaiming_uniform_a(rngs.params(), d_in, cfg.rank))
     self.lora_B = specific(jnp.zeros((cfg.rank, d_out), jnp.float32))
     self.lam = cfg.modality_lambdas(2)[1]  # modality ids: 0 text, 1 vision
 
-  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, call: Call | None = None) -> jax.Array:
+    if call is None or call.text_mask is None or (self.tower == "vision"
+                                                   and self.handover_key not in call.handover):
+      raise RuntimeError("a MokA (two-tower) projection ran outside a classifier pass: run the classifier "
+                         "(Classifier.features / __call__), which runs the text tower first and hands its rows "
+                         "to the vision tower, not one tower alone.")
     y = self.base(x)
-    z = dropout(x, self.cfg.dropout, rngs) @ self.lora_A[...]
+    z = dropout(x, self.cfg.dropout, call_rngs(call)) @ self.lora_A[...]
     after_b = self.cfg.scale_placement == "after_b"
     if not after_b:
       z = self.cfg.scale * z
     if self.tower == "text":
-      self.pair.set(text_rows=z)
+      call.handover[self.handover_key] = z
     else:
-      key_mask = self.pair.get("key_mask")
+      key_mask = text_keys(call.text_mask)
       tau = temperature(self.cfg.temperature, self.cfg.rank, key_mask)
-      z = fixed_layout_update(z, self.pair.get("text_rows"), key_mask, self.lam, tau)
+      z = fixed_layout_update(z, call.handover[self.handover_key], key_mask, self.lam, tau)
     branch = z @ self.lora_B[...]
     if after_b:
       branch = self.cfg.scale * branch
     return y + branch.astype(y.dtype)
 
 
-def text_keys(input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
-  """Which text rows are keys, bool [B, L]: the valid tokens of samples that have a text. A missing text is
-  the empty string (PROTOCOL.md's dummy), i.e. start and end tokens only, and gives no key at all."""
-  valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+def text_keys(text_mask: jax.Array) -> jax.Array:
+  """Which text rows are keys, bool [B, L]: the valid tokens (`text_mask`, the attention mask) of samples that
+  have a text. A missing text is the empty string (PROTOCOL.md's dummy), i.e. start and end tokens only, and
+  gives no key at all."""
+  valid = text_mask.astype(bool)
   has_text = valid.sum(-1, keepdims=True) > 2
   return valid & has_text

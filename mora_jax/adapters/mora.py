@@ -8,14 +8,16 @@ and the common factors keep MORA.md's shapes, so parameters compare one to one w
 """
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mora_jax.adapters import partition
-from mora_jax.adapters.common import ATTENTION_TARGETS, AdapterConfig, dropout
-from mora_jax.models.clip import Linear
+from mora_jax.adapters.common import ATTENTION_TARGETS, AdapterConfig, Target, call_rngs, dropout
+from mora_jax.models.clip import Call, Linear
+from mora_jax.models.config import CLIPConfig
 
 _NORM_FLOOR = 1e-5  # MORA.md: V = N / max(colnorm(N), 1e-5)
 
@@ -23,6 +25,7 @@ _NORM_FLOOR = 1e-5  # MORA.md: V = N / max(colnorm(N), 1e-5)
 @dataclasses.dataclass(frozen=True)
 class MoRAConfig(AdapterConfig):
   """MoRA hyper-parameters. `rank` is r_c = r_vision = r_text, as in every published config."""
+  name: ClassVar[str] = "mora"
   alpha: float = 0.01
   # "materialized" (W' then one matmul) or "fused" (low-rank, no d x d temporaries). Materialized is the
   # default because it measured as fast or faster (bench/adapters.py: ViT-B/16 batch 8 train step 2481 vs
@@ -42,6 +45,14 @@ class MoRAConfig(AdapterConfig):
       raise ValueError(f"MoRAConfig.form={self.form!r}: use 'fused' or 'materialized'.")
     if self.variant not in ("published", "identity_start"):
       raise ValueError(f"MoRAConfig.variant={self.variant!r}: use 'published' or 'identity_start'.")
+
+  def adapt(self, base: Linear, target: Target, shared: nnx.Dict, model: CLIPConfig, *,
+            rngs: nnx.Rngs) -> nnx.Module:
+    """One modality-common pair per layer index (in `shared`), read by both towers and every target there."""
+    key = str(target.layer)
+    if key not in shared:
+      shared[key] = MoRACommon(model.text.hidden_size, model.vision.hidden_size, self.rank, rngs=rngs)
+    return MoRALinear(base, shared[key], target.tower, self, rngs=rngs)
 
 
 def _normal(key, shape, std):
@@ -113,8 +124,8 @@ class MoRALinear(nnx.Module):
     n_p = _floored(kk + 2 * alpha * p_cross + alpha**2 * p_sq)
     return self.m_c[...] / n_c, self.m_p[...] / n_p
 
-  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-    x = dropout(x, self.cfg.dropout, rngs)
+  def __call__(self, x: jax.Array, call: Call | None = None) -> jax.Array:
+    x = dropout(x, self.cfg.dropout, call_rngs(call))
     bias = 0 if self.base.bias is None else self.base.bias[...]
     if self.cfg.form == "materialized":
       return x @ self.effective_kernel().astype(x.dtype) + bias

@@ -74,6 +74,7 @@ def record_image(record, source_name: str) -> Image.Image:
 
 
 GROUP_FEATURE = "question_type"
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")  # the batch keys a CLIP forward reads
 
 
 class _Decode:

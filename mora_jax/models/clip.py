@@ -8,6 +8,7 @@ Precision: weights are stored in `dtype` (bf16 halves the frozen backbone); matm
 dtype, while LayerNorm and the attention softmax always run in float32.
 """
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -26,6 +27,17 @@ _ACTIVATIONS = {
 }
 
 
+@dataclasses.dataclass
+class Call:
+  """What one forward pass threads through the towers to every projection: the dropout stream (None:
+  deterministic), the text batch's attention mask, and `handover`, where an adapted projection leaves values
+  for another one later in the same pass (MokA two-tower: a text projection's rank-space rows for the paired
+  vision projection). Made for one pass and dropped after it; modules never keep it."""
+  rngs: nnx.Rngs | None = None
+  text_mask: jax.Array | None = None
+  handover: dict = dataclasses.field(default_factory=dict)
+
+
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
   return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
@@ -38,8 +50,8 @@ class Linear(nnx.Module):
     self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), std, dtype), logical_axes=axes)
     self.bias = nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=axes[1:]) if use_bias else None
 
-  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-    del rngs  # frozen: no dropout; adapted replacements (mora_jax.adapters) use it
+  def __call__(self, x: jax.Array, call: Call | None = None) -> jax.Array:
+    del call  # frozen: nothing per call; adapted replacements (mora_jax.adapters) read it
     kernel = self.kernel[...]
     y = x.astype(kernel.dtype) @ kernel
     return y if self.bias is None else y + self.bias[...]
@@ -74,20 +86,20 @@ class Attention(nnx.Module):
     self.out_proj = Linear(hidden, hidden, axes=("joined_kv", "embed"), std=hidden**-0.5, dtype=dtype,
                            rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None, call: Call | None = None) -> jax.Array:
     """x [B, L, D]; mask bool, broadcastable to [B, heads, L, L], True where a query may attend a key."""
     b, length, d = x.shape
     head_dim = d // self.num_heads
     # Heads as a leading batch dimension ([B, H, L, Dh]): XLA's CPU backend runs these batched matmuls about
     # 3x faster than the equivalent einsums over a [B, L, H, Dh] layout (measured on ViT-B/16 shapes).
     heads = lambda t: t.reshape(b, length, self.num_heads, head_dim).transpose(0, 2, 1, 3)
-    q, k, v = (heads(proj(x, rngs)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    q, k, v = (heads(proj(x, call)) for proj in (self.q_proj, self.k_proj, self.v_proj))
     logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32) * head_dim**-0.5
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, length, d)
-    return self.out_proj(out, rngs)
+    return self.out_proj(out, call)
 
 
 class MLP(nnx.Module):
@@ -99,8 +111,8 @@ class MLP(nnx.Module):
     self.fc2 = Linear(intermediate, hidden, axes=("mlp", "embed"),
                       std=hidden**-0.5 * (2 * layers)**-0.5, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-    return self.fc2(self.act(self.fc1(x, rngs)), rngs)
+  def __call__(self, x: jax.Array, call: Call | None = None) -> jax.Array:
+    return self.fc2(self.act(self.fc1(x, call)), call)
 
 
 class EncoderLayer(nnx.Module):
@@ -113,9 +125,9 @@ class EncoderLayer(nnx.Module):
     self.layer_norm2 = LayerNorm(d, cfg.layer_norm_eps)
     self.mlp = MLP(d, cfg.intermediate_size, n, cfg.hidden_act, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None, rngs: nnx.Rngs | None = None) -> jax.Array:
-    x = x + self.self_attn(self.layer_norm1(x), mask, rngs)
-    return x + self.mlp(self.layer_norm2(x), rngs)
+  def __call__(self, x: jax.Array, mask: jax.Array | None, call: Call | None = None) -> jax.Array:
+    x = x + self.self_attn(self.layer_norm1(x), mask, call)
+    return x + self.mlp(self.layer_norm2(x), call)
 
 
 class Encoder(nnx.Module):
@@ -124,11 +136,11 @@ class Encoder(nnx.Module):
     self.layers = nnx.List([EncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
 
   def __call__(self, x: jax.Array, mask: jax.Array | None,
-               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+               call: Call | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Returns the last hidden state and all hidden states (the input, then each layer's output)."""
     hidden_states = [x]
     for layer in self.layers:
-      x = layer(x, mask, rngs)
+      x = layer(x, mask, call)
       hidden_states.append(x)
     return x, tuple(hidden_states)
 
@@ -170,7 +182,7 @@ class TextTransformer(nnx.Module):
     self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               rngs: nnx.Rngs | None = None) -> TowerOutput:
+               call: Call | None = None) -> TowerOutput:
     length = input_ids.shape[-1]
     if length > self.config.max_position_embeddings:
       raise ValueError(f"input_ids has length {length}, longer than max_position_embeddings "
@@ -178,7 +190,7 @@ class TextTransformer(nnx.Module):
     mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
     if attention_mask is not None:
       mask = mask & attention_mask.astype(bool)[:, None, None, :]
-    x, hidden_states = self.encoder(self.embeddings(input_ids), mask, rngs)
+    x, hidden_states = self.encoder(self.embeddings(input_ids), mask, call)
     x = self.final_layer_norm(x)
     pooled = x[jnp.arange(x.shape[0]), self.eos_positions(input_ids)]
     return TowerOutput(x, pooled, hidden_states)
@@ -238,8 +250,8 @@ class VisionTransformer(nnx.Module):
     self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
     self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
-  def __call__(self, pixel_values: jax.Array, rngs: nnx.Rngs | None = None) -> TowerOutput:
-    x, hidden_states = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)), None, rngs)
+  def __call__(self, pixel_values: jax.Array, call: Call | None = None) -> TowerOutput:
+    x, hidden_states = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)), None, call)
     return TowerOutput(x, self.post_layernorm(x[:, 0]), hidden_states)
 
 
@@ -258,18 +270,18 @@ class CLIP(nnx.Module):
                                   rngs=rngs)
     self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, jnp.float32), logical_axes=())
 
-  def get_image_features(self, pixel_values: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def get_image_features(self, pixel_values: jax.Array, call: Call | None = None) -> jax.Array:
     """pixel_values float [B, 3, H, W] (NCHW, as CLIPImageProcessor returns) -> float32 [B, projection_dim].
 
-    `rngs` (a `dropout` stream) only matters once adapters with dropout are applied; None is deterministic.
+    `call` (dropout stream, hand-overs) only matters once adapters are applied; None is deterministic.
     """
-    pooled = self.vision_model(pixel_values, rngs).pooler_output
+    pooled = self.vision_model(pixel_values, call).pooler_output
     return self.visual_projection(pooled).astype(jnp.float32)
 
   def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                        rngs: nnx.Rngs | None = None) -> jax.Array:
+                        call: Call | None = None) -> jax.Array:
     """input_ids int [B, L], attention_mask {0,1} [B, L] -> float32 [B, projection_dim]."""
-    pooled = self.text_model(input_ids, attention_mask, rngs).pooler_output
+    pooled = self.text_model(input_ids, attention_mask, call).pooler_output
     return self.text_projection(pooled).astype(jnp.float32)
 
   def __call__(self, pixel_values: jax.Array, input_ids: jax.Array,

@@ -26,14 +26,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from mora_jax import adapters, data, sharding
+from mora_jax import adapters, backbones, data, sharding
 from mora_jax.adapters import optim
 from mora_jax.data import metrics as metrics_lib
 from mora_jax.models import hf
-from mora_jax.train import backbone as backbone_lib
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
-from mora_jax.train import recipes, step as step_lib
+from mora_jax.train import step as step_lib
 from mora_jax.train.writers import MetricWriter
 
 EVAL_FILE = "eval.json"
@@ -48,12 +47,8 @@ class Preempted(Exception):
     self.step = step
 
 
-def is_main() -> bool:
-  return jax.process_index() == 0
-
-
 def say(message: str) -> None:
-  if is_main():
+  if sharding.is_main_process():
     tqdm.write(message)
 
 
@@ -70,22 +65,13 @@ def make_mesh(cfg: ml_collections.ConfigDict) -> tuple[Mesh, tuple]:
   return sharding.make_mesh((data_size, fsdp), ("data", "fsdp")), rules
 
 
-def adapter_config(cfg: ml_collections.ConfigDict) -> adapters.AdapterConfig | None:
-  values = cfg.to_dict()
-  method = values.pop("method")
-  if method not in recipes.METHODS:
-    raise ValueError(f"config.adapter.method={method!r}: use one of {sorted(recipes.METHODS)}.")
-  cls = recipes.METHODS[method]
-  return None if cls is None else cls(**values)
-
-
 @dataclasses.dataclass
 class Job:
   """What a config builds: mesh, backbone, preprocessing, and the classifier split into graph and params."""
   config: ml_collections.ConfigDict
   mesh: Mesh
   rules: tuple
-  backbone: backbone_lib.Backbone
+  backbone: backbones.Backbone
   prep: data.Preprocessing
   graphdef: nnx.GraphDef
   params: dict  # adapters.split layout: {"backbone", "adapter": {...}, "head"}
@@ -124,52 +110,41 @@ def load_split(config: ml_collections.ConfigDict, split: str, missing: data.Miss
 
   if jax.process_count() == 1:
     return load()
-  ds = load() if is_main() else None
+  ds = load() if sharding.is_main_process() else None
   multihost_utils.sync_global_devices(f"prepared {config.dataset}/{split}")
   return ds if ds is not None else load()
 
 
 def build(config: ml_collections.ConfigDict, class_split: str = "train") -> Job:
   mesh, rules = make_mesh(config.mesh)
-  backbone = backbone_lib.load(config.backbone, config.preprocessing.max_length, config.data_dir, mesh=mesh,
+  backbone = backbones.load(config.backbone, config.preprocessing.max_length, config.data_dir, mesh=mesh,
                                rules=rules, log=say)
   prep = data.Preprocessing(image=backbone.image_processing, **config.preprocessing)
   probe = load_split(config, class_split)
-  clf = adapters.build_classifier(backbone.model, adapter_config(config.adapter), probe.num_classes,
+  clf = adapters.build_classifier(backbone.model, adapters.from_config(config.adapter.to_dict()), probe.num_classes,
                                   probe.multi_label, seed=config.seed, head=config.head.type,
                                   head_hidden=config.head.hidden)
   graphdef, params = adapters.split(clf)
   return Job(config, mesh, rules, backbone, prep, graphdef, params, probe.class_names, probe.multi_label)
 
 
-def _host(array) -> np.ndarray:
-  """A replicated global array's value on this host."""
-  return np.asarray(array.addressable_data(0))
-
-
-def _sum_over_processes(value: int) -> int:
-  if jax.process_count() == 1:
-    return int(value)
-  return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
-
-
 def evaluate(job: Job, eval_step, params, backbone_state, ds: data.Dataset, desc: str) -> dict:
   """Metrics of one pass over `ds` (every sample exactly once; padding and corrupt rows ignored)."""
   batch_size = job.config.eval.batch_size
-  target = step_lib.batch_sharding(job.mesh, micro_axis=False)
+  target = sharding.batch_sharding(job.mesh, micro_axis=False)
   outputs, corrupt = [], 0
   steps = -(-len(ds.source) // batch_size) if jax.process_count() == 1 else None
   for host_batch in tqdm(job.batches(ds, batch_size, train=False), desc=desc, total=steps, leave=False,
-                         disable=not is_main()):
+                         disable=not sharding.is_main_process()):
     corrupt += int(np.sum(host_batch["corrupt"]))
-    out = eval_step(params, backbone_state, step_lib.global_batch(host_batch, step_lib.EVAL_KEYS, target, False))
-    outputs.append({k: _host(v) for k, v in out.items()})
+    out = eval_step(params, backbone_state, sharding.global_batch(host_batch, step_lib.EVAL_KEYS, target, False))
+    outputs.append({k: sharding.replicated_value(v) for k, v in out.items()})
   joined = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
   valid = joined["valid"].astype(bool)
   result = metrics_lib.summary(job.config.dataset, joined["logits"], joined["label"], valid, job.multi_label,
                                joined["group"], ds.group_names)
   result["samples"] = int(valid.sum())
-  result["corrupt_skipped"] = _sum_over_processes(corrupt)
+  result["corrupt_skipped"] = sharding.sum_over_processes(corrupt)
   return result
 
 
@@ -281,7 +256,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
     say(f"resumed from {ckpt.directory / str(latest)} (step {latest})")
 
   writer = MetricWriter(workdir)
-  if is_main():
+  if sharding.is_main_process():
     (workdir / CONFIG_FILE).write_text(config_lib.to_json(c) + "\n")
   for line in _summary_lines(job):
     say(line)
@@ -291,32 +266,32 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
 
   train_step = step_lib.make_train_step(job.graphdef, tx, schedule, job.multi_label, job.mesh, backbone_shardings)
   eval_step = step_lib.make_eval_step(job.graphdef, job.mesh, backbone_shardings)
-  micro_target = step_lib.batch_sharding(job.mesh, micro_axis=True)
+  micro_target = sharding.batch_sharding(job.mesh, micro_axis=True)
 
   def meta() -> dict:
     return {"config": json.loads(config_lib.to_json(c)), "backbone": job.backbone.identity, "loop": loop,
             "process_count": jax.process_count(), "steps_per_epoch": steps_per_epoch}
 
   sigterm = _Sigterm()
-  step = int(_host(state["step"]))
+  step = int(sharding.replicated_value(state["step"]))
   try:
     while step < stop_step and loop["bad_epochs"] < c.eval.patience:
       epoch = step // steps_per_epoch
       epoch_end = min(stop_step, (epoch + 1) * steps_per_epoch)
       bar = tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch, desc=f"epoch {epoch + 1}/{c.epochs}",
-                 unit="step", disable=not is_main())
+                 unit="step", disable=not sharding.is_main_process())
       window_start, window_samples, corrupt = time.perf_counter(), 0, 0
       while step < epoch_end:
         micro = [next(train_iter) for _ in range(c.accum_steps)]
         corrupt += sum(int(np.sum(m["corrupt"])) for m in micro)
         host = {k: np.stack([m[k] for m in micro]) for k in step_lib.TRAIN_KEYS}
         state, metrics = train_step(state, backbone_state,
-                                    step_lib.global_batch(host, step_lib.TRAIN_KEYS, micro_target, True))
+                                    sharding.global_batch(host, step_lib.TRAIN_KEYS, micro_target, True))
         window_samples += min(c.batch_size, train_samples - (step - epoch * steps_per_epoch) * c.batch_size)
         step += 1
         bar.update(1)
         if step % c.log_every_steps == 0 or step == epoch_end:
-          values = {k: float(_host(v)) for k, v in metrics.items()}
+          values = {k: float(sharding.replicated_value(v)) for k, v in metrics.items()}
           rate = window_samples / (time.perf_counter() - window_start)
           values["samples_per_s"] = rate
           writer.write(step, "train", values)
@@ -332,7 +307,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
           ckpt.wait()
           raise Preempted(step, ckpt.directory)
       bar.close()
-      loop["corrupt_skipped"] += _sum_over_processes(corrupt)
+      loop["corrupt_skipped"] += sharding.sum_over_processes(corrupt)
       if step % steps_per_epoch == 0:
         val = evaluate(job, eval_step, state["params"], backbone_state, val_ds, "validation")
         writer.write(step, "val", val)
@@ -358,12 +333,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
     say(f"warning: {loop['corrupt_skipped']} training samples had a corrupt image and were skipped")
   results = {"dataset": c.dataset, "method": c.adapter.method, "metric": job.metric, "checkpoint_step": best,
              "best_validation": loop["best_metric"], "missing": c.missing.to_dict(),
-             "merged": adapters.mergeable(adapter_config(c.adapter)),
+             "merged": adapters.mergeable(adapters.from_config(c.adapter.to_dict())),
              "test": _test(job, state["params"], data.SCENARIOS, data.Missing(**c.missing), writer, best),
              "corrupt_skipped_in_training": loop["corrupt_skipped"],
              "parameters": adapters.count_parameters(adapters.join(job.graphdef, job.params))}
   writer.close()
-  if is_main():
+  if sharding.is_main_process():
     (workdir / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n")
   say(f"test ({c.dataset}, checkpoint of step {best}, {'merged' if results['merged'] else 'unmerged'}; "
       f"missing {c.missing.type} {c.missing.rate}):\n"
@@ -410,7 +385,7 @@ def evaluate_checkpoint(workdir: str | Path | None = None, checkpoint: str | Pat
   writer = MetricWriter(Path(directory).parent)
   results = {"dataset": config.dataset, "method": config.adapter.method, "metric": job.metric,
              "checkpoint_step": step, "missing": config.missing.to_dict(),
-             "merged": adapters.mergeable(adapter_config(config.adapter)),
+             "merged": adapters.mergeable(adapters.from_config(config.adapter.to_dict())),
              "test": _test(job, state["params"], scenarios, data.Missing(**config.missing), writer, step)}
   writer.close()
   say(format_table(results["test"], job.metric))
@@ -426,9 +401,9 @@ def export(job: Job, trainable, out_dir: str | Path) -> Path:
   `output.bias` with a GELU (exact) between them."""
   merged = adapters.merge(adapters.join(job.graphdef, {"backbone": job.params["backbone"], **trainable}))
   out = hf.save_pretrained(merged.backbone, out_dir)
-  head = {".".join(map(str, path)): _host(variable.get_value())
+  head = {".".join(map(str, path)): sharding.replicated_value(variable.get_value())
           for path, variable in nnx.to_flat_state(nnx.state(merged.head))}
-  if is_main():
+  if sharding.is_main_process():
     job.backbone.tokenizer.save_pretrained(str(out))
     safetensors.numpy.save_file(head, out / "head.safetensors")
     (out / "head.json").write_text(json.dumps({"class_names": list(job.class_names), "multi_label": job.multi_label,

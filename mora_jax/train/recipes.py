@@ -3,30 +3,27 @@
 `configs/<dataset>_<method>.py` files are one call each into `get`, so every recipe number lives here once.
 """
 
-import dataclasses
-
 import ml_collections
 
 from mora_jax import adapters
-from mora_jax.adapters import partition
+from mora_jax.adapters import partition, registry
 
-METHODS = {"mora": adapters.MoRAConfig, "lora": adapters.LoRAConfig, "dora": adapters.DoRAConfig,
-           "moka": adapters.MokAConfig, "linear": None}
-
-# MORA.md "Published configs" (CLIP ViT-B/16, start_layer 10, dropout 0.1). LoRA and DoRA use the same
-# targets, rank, schedule and weight decay (the paper compares them on the same pipeline) with PEFT's alpha;
-# MokA (two-tower) too, with the MokA authors' alpha (16), visual-text lambda (0.05) and dropout (0.05), MOKA.md.
+# MORA.md "Published configs" (CLIP ViT-B/16, start_layer 10, dropout 0.1). `adapter` holds the fields every
+# adapter method takes; `method` the fields of one method only. LoRA and DoRA use the same targets, rank,
+# schedule and weight decay (the paper compares them on the same pipeline) with PEFT's alpha; MokA (two-tower)
+# too, with the MokA authors' alpha (16), visual-text lambda (0.05) and dropout (0.05), MOKA.md.
 PUBLISHED = {
-    "mm_imdb": dict(targets=("q_proj", "k_proj"), rank=4, alpha=0.001, epochs=20, batch_size=256,
-                    weight_decay=0.02),
-    "upmc_food101": dict(targets=("q_proj", "v_proj"), rank=4, alpha=0.01, epochs=20, batch_size=256,
-                         weight_decay=0.02),
-    "hateful_memes": dict(targets=("k_proj", "v_proj"), rank=8, alpha=0.1, epochs=5, batch_size=16,
-                          weight_decay=0.1),
+    "mm_imdb": dict(adapter=dict(targets=("q_proj", "k_proj"), rank=4), method={"mora": dict(alpha=0.001)},
+                    epochs=20, batch_size=256, weight_decay=0.02),
+    "upmc_food101": dict(adapter=dict(targets=("q_proj", "v_proj"), rank=4), method={"mora": dict(alpha=0.01)},
+                         epochs=20, batch_size=256, weight_decay=0.02),
+    "hateful_memes": dict(adapter=dict(targets=("k_proj", "v_proj"), rank=8), method={"mora": dict(alpha=0.1)},
+                          epochs=5, batch_size=16, weight_decay=0.1),
     # The embedded default (train.py with no arguments, minutes on a CPU): the project's small CLIP
-    # pre-trained on easy-VQA train images (mora_jax/train/embedded.py; 4 layers per tower, 24 text positions).
-    "easy_vqa": dict(targets=("q_proj", "v_proj"), rank=4, alpha=0.01, epochs=1, batch_size=64,
-                     weight_decay=0.02, start_layer=1, path="embedded", max_length=24),
+    # pre-trained on easy-VQA train images (mora_jax/backbones/embedded.py; 4 layers per tower, 24 text positions).
+    "easy_vqa": dict(adapter=dict(targets=("q_proj", "v_proj"), rank=4, start_layer=1),
+                     method={"mora": dict(alpha=0.01)}, epochs=1, batch_size=64, weight_decay=0.02,
+                     path="embedded", max_length=24),
 }
 
 
@@ -70,15 +67,12 @@ def base() -> ml_collections.ConfigDict:
 
 def adapter(method: str, **values) -> ml_collections.ConfigDict:
   """{"method": method, <every field of the method's adapter config>}; "linear" has no fields."""
-  if method not in METHODS:
-    raise ValueError(f"unknown adapter method {method!r}; use one of {sorted(METHODS)}.")
-  cls = METHODS[method]
-  fields = {} if cls is None else dataclasses.asdict(cls(**values))
-  return ml_collections.ConfigDict({"method": method, **fields})
+  return ml_collections.ConfigDict(adapters.to_config(adapters.from_config({"method": method, **values})))
 
 
 def get(dataset: str, method: str) -> ml_collections.ConfigDict:
-  """The published recipe of `dataset` for `method` on top of `base()`."""
+  """The published recipe of `dataset` for `method` on top of `base()`. Every recipe value is used: one that
+  nothing reads is an error, not silently dropped."""
   if dataset not in PUBLISHED:
     raise ValueError(f"no recipe for dataset {dataset!r}; known: {sorted(PUBLISHED)}.")
   recipe = dict(PUBLISHED[dataset])
@@ -89,9 +83,12 @@ def get(dataset: str, method: str) -> ml_collections.ConfigDict:
   if "path" in recipe:
     c.backbone.path = recipe.pop("path")
     c.preprocessing.max_length = recipe.pop("max_length")
-  alpha = recipe.pop("alpha")
-  if method == "mora":
-    recipe["alpha"] = alpha
-  c.adapter = adapter(method, **({} if method == "linear" else recipe))
+  shared, per_method = recipe.pop("adapter"), recipe.pop("method")
+  unknown = sorted(set(per_method) - set(registry.METHODS))
+  if recipe or unknown:
+    raise ValueError(f"recipe {dataset!r}: nothing reads {sorted(recipe) + unknown}.")
+  # The linear probe has no adapter, so no adapter field applies to it.
+  c.adapter = adapter(method) if method == registry.LINEAR_PROBE else adapter(
+      method, **shared, **per_method.get(method, {}))
   c.eval.batch_size = max(c.batch_size, 256)
   return c

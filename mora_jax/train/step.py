@@ -15,9 +15,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mora_jax import adapters
+from mora_jax import adapters, sharding
+from mora_jax.data import pipeline
 
-MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
+MODEL_INPUTS = pipeline.MODEL_INPUTS
 TRAIN_KEYS = MODEL_INPUTS + ("label", "valid")
 EVAL_OUTPUTS = ("label", "valid", "missing", "index", "group")  # returned by the eval step beside the logits
 EVAL_KEYS = MODEL_INPUTS + EVAL_OUTPUTS
@@ -34,25 +35,6 @@ def per_sample_loss(logits: jax.Array, labels: jax.Array, multi_label: bool) -> 
   if multi_label:
     return optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype)).mean(axis=-1)
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def batch_sharding(mesh: Mesh, micro_axis: bool) -> NamedSharding:
-  """Batch dimension split over every mesh axis (data and fsdp); the micro-batch axis, if any, unsplit."""
-  spec = (tuple(mesh.axis_names),)
-  return NamedSharding(mesh, PartitionSpec(None, *spec) if micro_axis else PartitionSpec(*spec))
-
-
-def global_batch(host_batch: dict, keys, target: NamedSharding, micro_axis: bool) -> dict:
-  """This process's rows of a batch -> global arrays sharded by `target`; the batch dimension (after the
-  micro-batch axis, if any) is the concatenation of every process's rows, in process order."""
-  batch_dim = 1 if micro_axis else 0
-  out = {}
-  for key in keys:
-    local = np.asarray(host_batch[key])
-    shape = list(local.shape)
-    shape[batch_dim] *= jax.process_count()
-    out[key] = jax.make_array_from_process_local_data(target, local, tuple(shape))
-  return out
 
 
 def make_loss_and_grads(graphdef: nnx.GraphDef, multi_label: bool) -> Callable:
@@ -106,7 +88,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
                "valid": jnp.sum(batch["valid"])}
     return new_state, metrics
 
-  return jax.jit(step, in_shardings=(replicated, backbone_shardings, batch_sharding(mesh, True)),
+  return jax.jit(step, in_shardings=(replicated, backbone_shardings, sharding.batch_sharding(mesh, True)),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
@@ -121,5 +103,5 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, backbone_shardings) -> Ca
     return {"logits": logits.astype(jnp.float32),
             **{k: batch[k] for k in EVAL_OUTPUTS}}
 
-  return jax.jit(step, in_shardings=(replicated, backbone_shardings, batch_sharding(mesh, False)),
+  return jax.jit(step, in_shardings=(replicated, backbone_shardings, sharding.batch_sharding(mesh, False)),
                  out_shardings=replicated)

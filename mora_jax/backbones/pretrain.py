@@ -2,8 +2,9 @@
 parameter trained, on the device mesh of fine-tuning (batch sharded over all devices, weights placed by
 logical-axis rules, global batches assembled per process).
 
-    model = pretrain.train(model, source, tokenizer, prep, epochs=10, batch_size=128, lr=1e-3, seed=0)
-    recall = pretrain.retrieval_recall_at_1(model, images, captions, tokenizer, prep)
+    model, epoch_losses = pretrain.train(model, source, tokenizer, prep, epochs=10, batch_size=128, lr=1e-3, seed=0)
+    image_features, text_features = pretrain.features(model, images, input_ids, attention_mask)
+    recall = pretrain.retrieval_recall_at_1(image_features, text_features, truth)
 
 `source` is any pipeline source (records with "image" and "text"), e.g. image-caption pairs.
 """
@@ -21,7 +22,6 @@ from tqdm import tqdm
 from mora_jax import sharding
 from mora_jax.data import pipeline
 from mora_jax.models.clip import CLIP
-from mora_jax.train import step as step_lib
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100
 
@@ -53,7 +53,7 @@ def make_step(graphdef, tx, mesh, param_shardings):
     params["logit_scale"].set_value(jnp.minimum(params["logit_scale"].get_value(), MAX_LOGIT_SCALE))
     return params, opt_state, loss
 
-  return jax.jit(step, in_shardings=(param_shardings, replicated, step_lib.batch_sharding(mesh, micro_axis=False)),
+  return jax.jit(step, in_shardings=(param_shardings, replicated, sharding.batch_sharding(mesh, micro_axis=False)),
                  out_shardings=(param_shardings, replicated, replicated), donate_argnums=(0, 1))
 
 
@@ -80,17 +80,17 @@ def train(model: CLIP, source, tokenizer, prep: pipeline.Preprocessing, *, epoch
   batches = iter(pipeline.batches(source, table, tokenizer, per_process, train=True, seed=seed, prep=prep,
                                   process_index=jax.process_index(), process_count=count,
                                   num_threads=num_threads, source_name="pretraining pairs"))
-  target = step_lib.batch_sharding(mesh, micro_axis=False)
+  target = sharding.batch_sharding(mesh, micro_axis=False)
   losses = []
   for epoch in range(epochs):
     step_losses = []  # device scalars, read once per epoch: no host sync inside the step loop
     for _ in tqdm(range(steps_per_epoch), desc=f"pre-training epoch {epoch + 1}/{epochs}", unit="step",
-                  disable=jax.process_index() != 0):
-      batch = step_lib.global_batch(next(batches), step_lib.MODEL_INPUTS, target, False)
+                  disable=not sharding.is_main_process()):
+      batch = sharding.global_batch(next(batches), pipeline.MODEL_INPUTS, target, False)
       params, opt_state, loss = step(params, opt_state, batch)
       step_losses.append(loss)
     losses.append(float(np.mean([np.asarray(loss.addressable_data(0)) for loss in step_losses])))
-    if jax.process_index() == 0:
+    if sharding.is_main_process():
       tqdm.write(f"pre-training epoch {epoch + 1}/{epochs}: mean contrastive loss {losses[-1]:.4f}")
   return nnx.merge(graphdef, params), losses
 

@@ -14,11 +14,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mora_jax import sharding
+from mora_jax.backbones import embedded
 from mora_jax.data import preprocess, tokenizers
 from mora_jax.models import clip as clip_lib
 from mora_jax.models import config as config_lib
 from mora_jax.models import hf
-from mora_jax.train import embedded
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

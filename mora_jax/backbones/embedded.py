@@ -19,13 +19,13 @@ import tokenizers
 import transformers
 from tokenizers import models, normalizers, pre_tokenizers, trainers
 
-from mora_jax import data
+from mora_jax import data, sharding
+from mora_jax.backbones import pretrain
 from mora_jax.data import pipeline, preprocess
 from mora_jax.data.builders import easy_vqa
 from mora_jax.models import clip as clip_lib
 from mora_jax.models import config as config_lib
 from mora_jax.models import hf
-from mora_jax.train import pretrain
 
 from jax.experimental import multihost_utils
 
@@ -136,7 +136,7 @@ def build(directory: str | Path, data_dir: str | Path, seed: int = 0, recipe: di
   log(f"zero-shot retrieval on easy-VQA test images: recall@1 {100 * recall:.1f}% among {num_captions} "
       f"captions (chance {100 / num_captions:.1f}%)")
   hf.save_pretrained(model, staging)
-  if jax.process_index() == 0:
+  if sharding.is_main_process():
     tokenizer.save_pretrained(str(staging))
     transformers.CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                     crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(str(staging))

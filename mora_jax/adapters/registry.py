@@ -1,0 +1,55 @@
+"""Every adapter method by name, and the one lookup from a run config's `adapter` section to a method's config.
+
+Adding a method is one new file plus one line here. The file defines the config and the adapted projection:
+
+    # mora_jax/adapters/vera.py
+    @dataclasses.dataclass(frozen=True)
+    class VeRAConfig(AdapterConfig):
+      name: ClassVar[str] = "vera"
+      scale: float = 1.0
+
+      def adapt(self, base, target, shared, model, *, rngs):
+        return VeRALinear(base, target.tower, self, rngs=rngs)  # an nnx.Module with __call__(x, call=None)
+
+and the line adds `vera.VeRAConfig` to `METHODS` below. `mergeable` (default True) says whether the adapted
+projection's `effective_kernel()` folds into the frozen weights for inference.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+
+from mora_jax.adapters.common import AdapterConfig
+from mora_jax.adapters.dora import DoRAConfig
+from mora_jax.adapters.lora import LoRAConfig
+from mora_jax.adapters.moka import MokAConfig
+from mora_jax.adapters.mora import MoRAConfig
+
+LINEAR_PROBE = "linear"  # no adapter: frozen towers and a trained head
+METHODS: dict[str, type[AdapterConfig]] = {cls.name: cls for cls in (MoRAConfig, LoRAConfig, DoRAConfig, MokAConfig)}
+NAMES = (*METHODS, LINEAR_PROBE)
+
+
+def from_config(values: Mapping) -> AdapterConfig | None:
+  """{"method": name, <that method's fields>} -> its config (None for "linear"). Unknown methods and fields are
+  errors that list the known ones; a field left out keeps the method's default."""
+  values = dict(values)
+  method = values.pop("method", None)
+  if method == LINEAR_PROBE:
+    if values:
+      raise ValueError(f"adapter method 'linear' (the frozen linear probe) takes no fields; got {sorted(values)}.")
+    return None
+  if method not in METHODS:
+    raise ValueError(f"adapter.method={method!r}: use one of {list(NAMES)}.")
+  cls = METHODS[method]
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"adapter method {method!r} has no field(s) {unknown}; its fields are {sorted(known)}.")
+  return cls(**values)
+
+
+def to_config(adapter: AdapterConfig | None) -> dict:
+  """The inverse of `from_config`: {"method": name, <every field>}."""
+  if adapter is None:
+    return {"method": LINEAR_PROBE}
+  return {"method": adapter.name, **dataclasses.asdict(adapter)}
