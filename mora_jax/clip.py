@@ -7,7 +7,7 @@
     clip.save_pretrained(model, "out/")                            # loads in transformers.CLIPModel
 """
 
-from mora_jax.models.clip import CLIP, TowerOutput, count_params, init
+from mora_jax.models.modeling import CLIP, TowerOutput, count_params, init
 from mora_jax.models.config import PRESETS, CLIPConfig, TextConfig, VisionConfig, preset
 from mora_jax.models.hf import CheckpointError, from_pretrained, save_pretrained
 

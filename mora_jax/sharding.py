@@ -93,6 +93,20 @@ def replicated_value(array: jax.Array) -> np.ndarray:
   return np.asarray(array.addressable_data(0))
 
 
+def process_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a global array sharded over its first axis (as `global_batch` placed them)."""
+  shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+  return np.concatenate([np.asarray(shard.data) for shard in shards])
+
+
+def gather_rows(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Every process's rows of host arrays, concatenated in process order (every process must call it; each
+  holds the same number of rows)."""
+  if jax.process_count() == 1:
+    return arrays
+  return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(arrays, tiled=True).items()}
+
+
 def sum_over_processes(value: int) -> int:
   """The sum of an integer over every process (every process must call it)."""
   if jax.process_count() == 1:

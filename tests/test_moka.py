@@ -14,7 +14,7 @@ from flax import nnx
 
 from mora_jax.adapters import moka, partition
 from mora_jax.adapters.lora import LoRAConfig, LoRALinear
-from mora_jax.models.clip import Linear
+from mora_jax.models.modeling import Linear
 from mora_jax.train import recipes
 
 BATCH, LENGTH, D_IN, D_OUT, RANK, MODALITIES = 3, 10, 8, 6, 4, 3

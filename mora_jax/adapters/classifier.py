@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mora_jax.adapters import common, partition
-from mora_jax.models.clip import CLIP, Call
+from mora_jax.models.modeling import CLIP, Call
 
 HEADS = ("linear", "mlp")
 

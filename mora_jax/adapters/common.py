@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mora_jax.models.clip import CLIP, Call, EncoderLayer, Linear
+from mora_jax.models.modeling import CLIP, Call, EncoderLayer, Linear
 from mora_jax.models.config import CLIPConfig
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

@@ -16,7 +16,7 @@ from flax import nnx
 from mora_jax.adapters import partition
 from mora_jax.adapters.common import AdapterConfig, Target, call_rngs, dropout
 from mora_jax.adapters.lora import LoRALinear
-from mora_jax.models.clip import Call, Linear
+from mora_jax.models.modeling import Call, Linear
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from flax import nnx
 from mora_jax.adapters import partition
 from mora_jax.adapters.common import AdapterConfig, Target, call_rngs, dropout
 from mora_jax.adapters.lora import kaiming_uniform_a
-from mora_jax.models.clip import Call, Linear
+from mora_jax.models.modeling import Call, Linear
 
 TEMPERATURES = ("sqrt_rank", "sqrt_num_keys")
 SCALE_PLACEMENTS = ("after_b", "before_attention")

@@ -16,7 +16,7 @@ from flax import nnx
 
 from mora_jax.adapters import partition
 from mora_jax.adapters.common import ATTENTION_TARGETS, AdapterConfig, Target, call_rngs, dropout
-from mora_jax.models.clip import Call, Linear
+from mora_jax.models.modeling import Call, Linear
 from mora_jax.models.config import CLIPConfig
 
 _NORM_FLOOR = 1e-5  # MORA.md: V = N / max(colnorm(N), 1e-5)
@@ -28,9 +28,8 @@ class MoRAConfig(AdapterConfig):
   name: ClassVar[str] = "mora"
   alpha: float = 0.01
   # "materialized" (W' then one matmul) or "fused" (low-rank, no d x d temporaries). Materialized is the
-  # default because it measured as fast or faster (bench/adapters.py: ViT-B/16 batch 8 train step 2481 vs
-  # 2524 ms, tiny 4.3 vs 5.5 ms, CPU): with more tokens per step than the width d, the fused form's extra
-  # activation-sized elementwise work costs more than the d x d weight it avoids.
+  # default: with more tokens per step than the width d, the fused form's activation-sized elementwise work
+  # costs more than the d x d weight it avoids (bench/adapters.py; README, "Adapter step time").
   form: str = "materialized"
   # "published": m_c = m_p = ||W||_col at init, so W' = W + ||W|| (W + alpha S) / ||W + alpha S|| per column. At
   # the published alpha and rank alpha S is not small against W (docs/mora_init.md), so W' is near

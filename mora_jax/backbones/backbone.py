@@ -16,8 +16,8 @@ from jax.sharding import Mesh
 from mora_jax import sharding
 from mora_jax.backbones import embedded
 from mora_jax.data import preprocess, tokenizers
-from mora_jax.models import clip as clip_lib
-from mora_jax.models import config as config_lib
+from mora_jax.models import modeling as clip_lib
+from mora_jax.models.config import CLIPConfig, preset
 from mora_jax.models import hf
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -42,9 +42,9 @@ def weights_hash(tensors: dict[str, np.ndarray]) -> str:
   return digest.hexdigest()
 
 
-def random_config(preset: str, tokenizer: transformers.CLIPTokenizer, max_length: int) -> config_lib.CLIPConfig:
+def random_config(preset_name: str, tokenizer: transformers.CLIPTokenizer, max_length: int) -> CLIPConfig:
   """A preset whose text side fits `tokenizer` (vocabulary, special ids) and `max_length` tokens."""
-  cfg = config_lib.preset(preset)
+  cfg = preset(preset_name)
   text = dataclasses.replace(cfg.text, vocab_size=len(tokenizer), max_position_embeddings=max_length,
                              eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                              pad_token_id=tokenizer.pad_token_id)

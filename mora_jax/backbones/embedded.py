@@ -23,8 +23,8 @@ from mora_jax import data, sharding
 from mora_jax.backbones import pretrain
 from mora_jax.data import pipeline, preprocess
 from mora_jax.data.builders import easy_vqa
-from mora_jax.models import clip as clip_lib
-from mora_jax.models import config as config_lib
+from mora_jax.models import modeling as clip_lib
+from mora_jax.models.config import CLIPConfig, preset
 from mora_jax.models import hf
 
 from jax.experimental import multihost_utils
@@ -35,9 +35,8 @@ SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 IMAGE_SIZE = 64
 IMAGE_PROCESSING = preprocess.ImageProcessing.clip(IMAGE_SIZE)
 MAX_LENGTH = 24
-# Measured on 2 CPU cores (test retrieval recall@1 among 35 captions): 5 epochs at lr 3e-4 learn colour only
-# (38%, about what colour alone gives); 12 epochs at 5e-4 reach 58% in 3 minutes; 30 epochs at 5e-4 reach 66%
-# but take 7 minutes, too long for the 10-minute first run.
+# The most zero-shot recall that fits the first run's few minutes on a 2-core CPU (README, "The embedded
+# backbone", lists the alternatives measured).
 RECIPE = dict(epochs=12, batch_size=64, lr=5e-4, weight_decay=0.1)
 
 
@@ -60,9 +59,9 @@ def train_tokenizer(texts, directory: Path, vocab_size: int = 400) -> transforme
   return transformers.CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
 
 
-def small_config(tokenizer) -> config_lib.CLIPConfig:
+def small_config(tokenizer) -> CLIPConfig:
   """Width 128, 4 layers per tower, patch 16 on 64 px images, 24 text positions."""
-  tiny = config_lib.preset("tiny")
+  tiny = preset("tiny")
   text = dataclasses.replace(tiny.text, vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512,
                              num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
                              eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,

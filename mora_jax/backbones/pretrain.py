@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mora_jax import sharding
 from mora_jax.data import pipeline
-from mora_jax.models.clip import CLIP
+from mora_jax.models.modeling import CLIP
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100
 

@@ -55,6 +55,28 @@ class _TextView:
 
 
 @dataclasses.dataclass(frozen=True)
+class Classes:
+  """What a head needs to know of a dataset's labels, from its builder's info (no split is read)."""
+  names: tuple[str, ...]
+  multi_label: bool
+  group_names: tuple[str, ...] = ()  # names of the batches' "group" ids (easy-VQA question types), if any
+
+
+def _classes(builder: tfds.core.DatasetBuilder) -> Classes:
+  features = builder.info.features
+  label = features["label"]
+  multi_label = not isinstance(label, tfds.features.ClassLabel)
+  group = features[pipeline.GROUP_FEATURE] if pipeline.GROUP_FEATURE in features else None
+  return Classes(names=manual.MMIMDB_GENRES if multi_label else tuple(label.names), multi_label=multi_label,
+                 group_names=tuple(group.names) if group is not None else ())
+
+
+def classes(name: str, data_dir: str | Path, manual_dir: str | Path | None = None, log=print) -> Classes:
+  """The dataset's classes (prepared first if it is not yet)."""
+  return _classes(prepare(name, data_dir, manual_dir, log))
+
+
+@dataclasses.dataclass(frozen=True)
 class Dataset:
   """One split: `source` (pipeline records), `table` (a missing code per record), and what the head needs."""
   name: str
@@ -117,13 +139,10 @@ def load(name: str, split: str, data_dir: str | Path, manual_dir: str | Path | N
     view.record(row)
   table = missing_lib.load_or_build(Path(data_dir) / "missing_tables", name, split, len(source), missing)
   log(f"{name}/{split}: missing {missing.type} {missing.rate}: {table.describe()}")
-  label = builder.info.features["label"]
-  class_names = tuple(label.names) if isinstance(label, tfds.features.ClassLabel) else manual.MMIMDB_GENRES
-  features = builder.info.features
-  group = features[pipeline.GROUP_FEATURE] if pipeline.GROUP_FEATURE in features else None
-  return Dataset(name=name, split=split, source=view, table=table.codes[view.base_index], class_names=class_names,
-                 multi_label=not isinstance(label, tfds.features.ClassLabel), missing=missing,
-                 group_names=tuple(group.names) if group is not None else ())
+  labels = _classes(builder)
+  return Dataset(name=name, split=split, source=view, table=table.codes[view.base_index],
+                 class_names=labels.names, multi_label=labels.multi_label, missing=missing,
+                 group_names=labels.group_names)
 
 
 def batches(ds: Dataset, batch_size: int, tokenizer, *, train: bool, **options):

@@ -1,4 +1,4 @@
-"""Hugging Face CLIP checkpoints <-> `mora_jax.models.clip.CLIP`.
+"""Hugging Face CLIP checkpoints <-> `mora_jax.models.modeling.CLIP`.
 
 Loading is strict: every parameter of our model must come from exactly one checkpoint tensor of the right
 shape, and every checkpoint tensor must be used (old `position_ids` buffers excepted). Any violation is
@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mora_jax import sharding
-from mora_jax.models.clip import CLIP
+from mora_jax.models.modeling import CLIP
 from mora_jax.models.config import CLIPConfig
 
 CONFIG_FILE = "config.json"

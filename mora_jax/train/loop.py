@@ -95,37 +95,45 @@ class Job:
                         skip_corrupt=self.config.skip_corrupt)
 
 
-def load_split(config: ml_collections.ConfigDict, split: str, missing: data.Missing | None = None) -> data.Dataset:
-  """One split with its missing table. With several processes, process 0 prepares the files and builds the
-  table first (they are shared through data_dir) and the others then read them."""
+def _check_manual_dir(config: ml_collections.ConfigDict) -> None:
   if config.manual_dir and not Path(config.manual_dir).expanduser().is_dir():
     raise FileNotFoundError(f"config.manual_dir={config.manual_dir!r} does not exist; put the raw "
                             f"{config.dataset} download there (see its MANUAL_DOWNLOAD_INSTRUCTIONS in "
                             "mora_jax/data/builders/manual.py).")
 
-  def load():
-    return data.load(config.dataset, split, config.data_dir, config.manual_dir or None,
-                     missing or data.Missing(**config.missing), one_sample_per_text=config.one_sample_per_text,
-                     log=say)
 
+def _main_process_first(prepare, what: str):
+  """`prepare()` on process 0, then on the others once it is done: process 0 writes the shared files (in
+  data_dir) and the others read them."""
   if jax.process_count() == 1:
-    return load()
-  ds = load() if sharding.is_main_process() else None
-  multihost_utils.sync_global_devices(f"prepared {config.dataset}/{split}")
-  return ds if ds is not None else load()
+    return prepare()
+  result = prepare() if sharding.is_main_process() else None
+  multihost_utils.sync_global_devices(f"prepared {what}")
+  return result if result is not None else prepare()
 
 
-def build(config: ml_collections.ConfigDict, class_split: str = "train") -> Job:
+def load_split(config: ml_collections.ConfigDict, split: str, missing: data.Missing | None = None) -> data.Dataset:
+  """One split with its missing table (built, on first use, by process 0)."""
+  _check_manual_dir(config)
+  return _main_process_first(
+      lambda: data.load(config.dataset, split, config.data_dir, config.manual_dir or None,
+                        missing or data.Missing(**config.missing), one_sample_per_text=config.one_sample_per_text,
+                        log=say), f"{config.dataset}/{split}")
+
+
+def build(config: ml_collections.ConfigDict) -> Job:
   mesh, rules = make_mesh(config.mesh)
   backbone = backbones.load(config.backbone, config.preprocessing.max_length, config.data_dir, mesh=mesh,
-                               rules=rules, log=say)
+                            rules=rules, log=say)
   prep = data.Preprocessing(image=backbone.image_processing, **config.preprocessing)
-  probe = load_split(config, class_split)
-  clf = adapters.build_classifier(backbone.model, adapters.from_config(config.adapter.to_dict()), probe.num_classes,
-                                  probe.multi_label, seed=config.seed, head=config.head.type,
-                                  head_hidden=config.head.hidden)
+  _check_manual_dir(config)
+  classes = _main_process_first(
+      lambda: data.classes(config.dataset, config.data_dir, config.manual_dir or None, log=say), config.dataset)
+  clf = adapters.build_classifier(backbone.model, adapters.from_config(config.adapter.to_dict()),
+                                  len(classes.names), classes.multi_label, seed=config.seed,
+                                  head=config.head.type, head_hidden=config.head.hidden)
   graphdef, params = adapters.split(clf)
-  return Job(config, mesh, rules, backbone, prep, graphdef, params, probe.class_names, probe.multi_label)
+  return Job(config, mesh, rules, backbone, prep, graphdef, params, classes.names, classes.multi_label)
 
 
 def evaluate(job: Job, eval_step, params, backbone_state, ds: data.Dataset, desc: str) -> dict:
@@ -137,9 +145,10 @@ def evaluate(job: Job, eval_step, params, backbone_state, ds: data.Dataset, desc
   for host_batch in tqdm(job.batches(ds, batch_size, train=False), desc=desc, total=steps, leave=False,
                          disable=not sharding.is_main_process()):
     corrupt += int(np.sum(host_batch["corrupt"]))
-    out = eval_step(params, backbone_state, sharding.global_batch(host_batch, step_lib.EVAL_KEYS, target, False))
-    outputs.append({k: sharding.replicated_value(v) for k, v in out.items()})
-  joined = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+    logits = eval_step(params, backbone_state, sharding.global_batch(host_batch, data.MODEL_INPUTS, target, False))
+    outputs.append({"logits": sharding.process_rows(logits),
+                    **{k: host_batch[k] for k in ("label", "valid", "group")}})
+  joined = sharding.gather_rows({k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]})
   valid = joined["valid"].astype(bool)
   result = metrics_lib.summary(job.config.dataset, joined["logits"], joined["label"], valid, job.multi_label,
                                joined["group"], ds.group_names)

@@ -18,10 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mora_jax import adapters, sharding
 from mora_jax.data import pipeline
 
-MODEL_INPUTS = pipeline.MODEL_INPUTS
-TRAIN_KEYS = MODEL_INPUTS + ("label", "valid")
-EVAL_OUTPUTS = ("label", "valid", "missing", "index", "group")  # returned by the eval step beside the logits
-EVAL_KEYS = MODEL_INPUTS + EVAL_OUTPUTS
+TRAIN_KEYS = pipeline.MODEL_INPUTS + ("label", "valid")
 
 
 def lr_schedule(peak: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
@@ -93,15 +90,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, backbone_shardings) -> Callable:
-  """(params, backbone, batch) -> {"logits", **batch bookkeeping}, all replicated so every host sees the
-  whole global batch (metrics need every row; the rows of one host are only its shard)."""
+  """(params, backbone, model inputs) -> float32 logits, sharded like the batch: each process reads the rows of
+  its own samples (sharding.process_rows), whose labels never left the host."""
   replicated = NamedSharding(mesh, PartitionSpec())
+  rows = sharding.batch_sharding(mesh, False)
 
   def step(params, backbone, batch):
     model = adapters.join(graphdef, {"backbone": backbone, **params})
-    logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-    return {"logits": logits.astype(jnp.float32),
-            **{k: batch[k] for k in EVAL_OUTPUTS}}
+    return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).astype(jnp.float32)
 
-  return jax.jit(step, in_shardings=(replicated, backbone_shardings, sharding.batch_sharding(mesh, False)),
-                 out_shardings=replicated)
+  return jax.jit(step, in_shardings=(replicated, backbone_shardings, rows), out_shardings=rows)
