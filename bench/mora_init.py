@@ -70,10 +70,10 @@ def main():
   print("| recipe | targets, rank, alpha | tower | ||alpha S||_col | ||W||_col | ratio | cos(W', W) |")
   print("|---|---|---|---|---|---|---|")
   for dataset in args.recipes:
-    recipe = recipes.PUBLISHED[dataset]
+    recipe = recipes.get(dataset, "mora").adapter
     for tower, values in initial_weights(args.backbone, dataset, args.start_layer).items():
       shared, kernel = np.median(values["shared"]), np.median(values["kernel"])
-      print(f"| {dataset} | {'/'.join(recipe['targets'])}, {recipe['rank']}, {recipe['alpha']} | {tower} | "
+      print(f"| {dataset} | {'/'.join(recipe.targets)}, {recipe.rank}, {recipe.alpha} | {tower} | "
             f"{shared:.3g} | {kernel:.3g} | {shared / kernel:.3g} | {np.median(values['cosine']):.3f} |",
             flush=True)
 
