@@ -8,6 +8,8 @@ moves it to `<directory>/damaged/<step>/`, kept for inspection.
 """
 
 import json
+import logging
+import math
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -47,12 +49,17 @@ class Checkpointer:
   def __init__(self, directory: str | Path, keep: int = 2, metric: str | None = None, read_only: bool = False):
     self.directory = Path(directory).absolute()
     policies = [checkpoint_managers.preservation_policy.LatestN(n=keep)]
+    score = None
     if metric is not None:
+      # A save without validation carries no value and ranks last.
+      score = lambda metrics: metrics.get(metric, -math.inf)  # noqa: E731
       # BestN sorts ascending and keeps the last n: the highest value (every metric here is higher-better).
       policies.append(checkpoint_managers.preservation_policy.BestN(
-          get_metric_fn=lambda metrics: metrics[metric], n=1, keep_checkpoints_without_metrics=False))
+          get_metric_fn=score, n=1, keep_checkpoints_without_metrics=False))
+    # best_fn makes orbax write each step's metrics into its folder: the best checkpoint stays known after a
+    # restart, to BestN (which would otherwise drop it at the next save) and to `steps_best_first`.
     options = ocp.CheckpointManagerOptions(
-        enable_async_checkpointing=True, read_only=read_only, create=not read_only,
+        enable_async_checkpointing=True, read_only=read_only, create=not read_only, best_fn=score,
         preservation_policy=checkpoint_managers.preservation_policy.AnyPreservationPolicy(policies))
     self.manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(), options=options)
 
@@ -76,7 +83,7 @@ class Checkpointer:
     if step in self.all_steps():
       return
     self.manager.wait_until_finished()
-    self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
+    self.manager.save(step, metrics=metrics or {}, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta)))
 
@@ -100,7 +107,7 @@ class Checkpointer:
     """The first of `steps` that `restore(step)` restores on every process: (step, what it returned, the
     failures [(step, error)] of the steps tried before it). A checkpoint of another config or backbone is
     not damaged: its IncompatibleCheckpoint propagates."""
-    _drop_closed_event_loop_reports()
+    _drop_failed_restore_reports()
     failures, error = [], None
     for step in steps:
       try:
@@ -152,11 +159,18 @@ def _on_every_process(flag: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
 
 
-def _drop_closed_event_loop_reports() -> None:
-  """A failed restore leaves tensorstore reads in flight; as they finish, during the failure or seconds later,
-  they report "Event loop is closed" (with a traceback) into the restore's closed asyncio loop. They say
-  nothing the failure did not, so such reports are dropped; any other unraisable error reaches the previous
-  hook."""
+def _not_an_unretrieved_future_error(record: logging.LogRecord) -> bool:
+  """False for asyncio's report of a failed read nobody awaited (logged when its future is collected)."""
+  return not record.getMessage().startswith(("Future exception was never retrieved",
+                                             "Task exception was never retrieved"))
+
+
+def _drop_failed_restore_reports() -> None:
+  """A failed restore leaves tensorstore reads in flight. As they finish, during the failure or seconds
+  later, they report "Event loop is closed" (with a traceback) into the restore's closed asyncio loop, and
+  asyncio logs their errors, with tracebacks, when their futures are collected. These say nothing the
+  failure did not, so they are dropped; any other unraisable error or asyncio log record still shows."""
+  logging.getLogger("asyncio").addFilter(_not_an_unretrieved_future_error)  # adding it again is a no-op
   previous = sys.unraisablehook
   if getattr(previous, "__name__", "") == "drop_closed_event_loop":
     return
