@@ -119,12 +119,12 @@ class Checkpointer:
       if _on_every_process(error is None):
         return step, result, failures
       failures.append((step, error or RuntimeError("it failed to restore on another process")))
-    tried = "; ".join(f"step {step}: {self.damage(step, error)}" for step, error in failures)
+    tried = "; ".join(f"step {step}: {self.describe_failure(step, error)}" for step, error in failures)
     raise NoIntactCheckpoint(
         f"no checkpoint in {self.directory} restores ({tried or 'none found'}). Move that folder away to start "
         "this run afresh, or use a new --workdir; --debug shows why the last one failed.") from error
 
-  def damage(self, step: int, error: Exception) -> str:
+  def describe_failure(self, step: int, error: Exception) -> str:
     """What failed to restore: the file of checkpoint `step` the error names, else the error's first line."""
     files = re.findall(re.escape(str(self.directory / str(step))) + r"/[^\s\"'\\]*[^\s\"'\\.]", str(error))
     if files:

@@ -250,7 +250,7 @@ def _restore_first_intact(ckpt: checkpoint_lib.Checkpointer, steps, restore, mov
   with `move_damaged`, moving it to <checkpoints>/damaged/)."""
   step, result, failures = ckpt.first_intact(steps, restore)
   for damaged, error in failures:
-    what = ckpt.damage(damaged, error)
+    what = ckpt.describe_failure(damaged, error)
     where = f"moved it to {ckpt.move_aside(damaged)}" if move_damaged else "left it in place"
     say(f"warning: checkpoint {ckpt.directory / str(damaged)} does not restore ({what}); {where}; using the "
         f"checkpoint of step {step} instead")
@@ -444,7 +444,7 @@ def evaluate_checkpoint(workdir: str | Path | None = None, checkpoint: str | Pat
   steps = ckpt.all_steps()
   if not steps:
     raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
-  _, meta = _restore_first_intact(ckpt, steps[::-1], ckpt.meta, move_damaged=False)
+  _, meta, _ = ckpt.first_intact(steps[::-1], ckpt.meta)  # config and backbone: the same in every checkpoint
   config = config_lib.from_json(json.dumps(meta["config"]))
   config_lib.apply_overrides(config, config_overrides)
   for key, value in (missing or {}).items():
