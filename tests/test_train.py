@@ -270,6 +270,16 @@ def test_checkpointer_keeps_the_latest_and_the_best(tmp_path):
   ckpt.wait()
   assert ckpt.all_steps() == [2, 5]
   ckpt.close()
+  # After a restart the best is still known (its metric is stored with it), ranked first and kept.
+  again = checkpoint.Checkpointer(tmp_path, keep=1, metric="accuracy")
+  assert again.steps_best_first("accuracy", best_step=None) == [2, 5]
+  again.save(6, {"w": np.zeros(2, np.float32)}, iterator, {"step": 6})
+  again.save(6, {"w": np.ones(2, np.float32)}, iterator, {"step": 6})  # already saved: kept as it is
+  again.wait()
+  assert again.all_steps() == [2, 6] and again.steps_best_first("accuracy", best_step=6) == [6, 2]
+  np.testing.assert_array_equal(
+      again.restore_state(6, {"w": jax.ShapeDtypeStruct((2,), np.float32)})["w"], np.zeros(2, np.float32))
+  again.close()
 
 
 def test_a_checkpoint_over_other_backbone_weights_is_refused():

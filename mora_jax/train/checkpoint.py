@@ -69,13 +69,15 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def steps_best_first(self, metric: str) -> list[int]:
-    """Validated steps by `metric`, highest first (the earlier of equal ones, as the loop picks its best), then
-    the steps saved without validation, newest first."""
+  def steps_best_first(self, metric: str, best_step: int | None) -> list[int]:
+    """`best_step` (the loop's record of its best, if still kept), then the validated steps by `metric`,
+    highest first (the earlier of equal ones, as the loop picks), then the steps saved without validation
+    (or before metrics were stored with checkpoints), newest first."""
     values = {step: (self.manager.metrics(step) or {}).get(metric) for step in self.all_steps()}
     validated = sorted((step for step, value in values.items() if value is not None),
                        key=lambda step: (-values[step], step))
-    return validated + sorted((step for step, value in values.items() if value is None), reverse=True)
+    ranked = validated + sorted((step for step, value in values.items() if value is None), reverse=True)
+    return sorted(ranked, key=lambda step: step != best_step)
 
   def save(self, step: int, state, data_iterator, meta: dict, metrics: dict | None = None) -> None:
     """Asynchronous; every process must call it. `metrics` (validation) ranks the best checkpoint. A step

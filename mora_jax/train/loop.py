@@ -401,7 +401,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
   finally:
     sigterm.restore()
 
-  ranked = ckpt.steps_best_first(job.metric)
+  ranked = ckpt.steps_best_first(job.metric, loop["best_step"])
   if ranked[0] == step:
     best = step
   else:
@@ -456,8 +456,8 @@ def evaluate_checkpoint(workdir: str | Path | None = None, checkpoint: str | Pat
   tx = optim.adamw(0.0, 0.0)
   template = {"params": trainable, "opt": tx.init(trainable), "step": jnp.int32(0), "rng": jax.random.PRNGKey(0)}
   chosen = "the given checkpoint" if step is not None else f"the best intact checkpoint by validation {job.metric}"
-  step, state = _restore_state(ckpt, [step] if step is not None else ckpt.steps_best_first(job.metric),
-                               _abstract(template, replicated))
+  candidates = [step] if step is not None else ckpt.steps_best_first(job.metric, meta["loop"]["best_step"])
+  step, state = _restore_state(ckpt, candidates, _abstract(template, replicated))
   ckpt.close()
   say(f"evaluating {directory / str(step)} ({chosen}) on {config.dataset} test, missing {config.missing.type} "
       f"{config.missing.rate}")
