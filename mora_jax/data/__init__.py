@@ -6,9 +6,9 @@
     test_views = {kind: ds.scenario(kind) for kind in data.SCENARIOS}  # complete / text / image missing / mix
 """
 
-from mora_jax.data.datasets import BUILDERS, SCENARIOS, Dataset, batches, load, prepare
+from mora_jax.data.datasets import BUILDERS, SCENARIOS, Dataset, batches, is_prepared, load, prepare
 from mora_jax.data.missing import Missing
 from mora_jax.data.pipeline import Preprocessing, tokenize
 
-__all__ = ["BUILDERS", "SCENARIOS", "Dataset", "Missing", "Preprocessing", "batches", "load", "prepare",
-           "tokenize"]
+__all__ = ["BUILDERS", "SCENARIOS", "Dataset", "Missing", "Preprocessing", "batches", "is_prepared", "load",
+           "prepare", "tokenize"]
