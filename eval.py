@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from mora_jax import sharding
 from mora_jax.train import cli, loop
 
 
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(args.checkpoint).parent.parent
     output = Path(args.output) if args.output else (
         workdir / f"eval-{results['missing']['type']}-{results['missing']['rate']}.json")
-    if loop.is_main():
+    if sharding.is_main_process():
       output.write_text(json.dumps(results, indent=2) + "\n")
       print(f"written to {output}")
     return 0

@@ -1,13 +1,24 @@
-"""Shared test utilities: random Hugging Face CLIP checkpoints and jitted feature functions."""
+"""Shared test utilities: random Hugging Face CLIP checkpoints, jitted feature functions, small raw datasets,
+and runs of train.py / eval.py on them."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from mora_jax import adapters, clip
+from mora_jax.train import checkpoint, config as config_lib, writers
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "hateful_memes_mora.py")
 
 
 def tiny_config(**text_overrides) -> clip.CLIPConfig:
@@ -112,3 +123,47 @@ def write_food101(root, classes=101, per_split=(("train", 8), ("val", 4), ("test
   (root / "class_idx.json").write_text(json.dumps({n: i for i, n in enumerate(names)}))
   (root / "text.json").write_text(json.dumps(texts))
   (root / "split.json").write_text(json.dumps(files))
+
+
+def memes_config(tmp_path, overrides: dict):
+  """The MoRA Hateful Memes config with `memes_overrides(tmp_path, **overrides)` applied."""
+  config = config_lib.load(CONFIG)
+  config_lib.apply_overrides(config, [tuple(flag[len("--config."):].split("=", 1)) for flag in
+                                      memes_overrides(tmp_path, **overrides)])
+  return config
+
+
+def run_script(script, args, devices=1, timeout=300, check=True, **popen):
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], env=env, capture_output=True,
+                        text=True, timeout=timeout, check=False, **popen)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{script} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def train_losses(workdir) -> list[float]:
+  return [r["loss"] for r in writers.read_metrics(workdir) if r["kind"] == "train"]
+
+
+def saved_test_results(workdir) -> dict:
+  return json.loads((Path(workdir) / "eval.json").read_text())["test"]
+
+
+def final_state(workdir):
+  """The latest checkpoint's step and state (numpy leaves)."""
+  ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints", read_only=True)
+  step = ckpt.latest_step()
+  state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  ckpt.close()
+  return step, jax.tree.map(np.asarray, state)
+
+
+def assert_one_line_error(stderr: str, returncode: int, *fragments) -> None:
+  """Bad input's outcome: exit status 2, no traceback, one `error:` line holding each of `fragments`."""
+  assert returncode == 2, stderr[-2000:]
+  assert "Traceback" not in stderr, stderr[-2000:]
+  error = [line for line in stderr.splitlines() if line.startswith("error: ")]
+  assert len(error) == 1, stderr[-2000:]
+  for fragment in fragments:
+    assert fragment in error[0], error[0]

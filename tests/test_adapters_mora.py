@@ -5,7 +5,6 @@ differences are ~1e-6. Any formula error (a transposed factor, the wrong Gram ma
 axis) changes outputs at the alpha * update scale, far above 1e-5 with the alpha used here.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

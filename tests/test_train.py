@@ -10,44 +10,16 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import grain
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from mora_jax import adapters
-from mora_jax.train import checkpoint, config as config_lib, loop, writers
-from tests.helpers import memes_overrides, write_memes
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs" / "hateful_memes_mora.py")
-
-
-def run_script(script, args, devices=1, timeout=300, check=True, **popen):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], env=env, capture_output=True,
-                        text=True, timeout=timeout, check=False, **popen)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"{script} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-  return proc
-
-
-def train_losses(workdir) -> list[float]:
-  return [r["loss"] for r in writers.read_metrics(workdir) if r["kind"] == "train"]
-
-
-def saved_test_results(workdir) -> dict:
-  return json.loads((Path(workdir) / "eval.json").read_text())["test"]
-
-
-@pytest.fixture(scope="module")
-def memes(tmp_path_factory):
-  root = tmp_path_factory.mktemp("memes")
-  write_memes(root / "raw")
-  return root
+from mora_jax.train import checkpoint, config as config_lib, loop
+from tests.helpers import (CONFIG, ROOT, assert_one_line_error, final_state, memes_config, memes_overrides, run_script,
+                           saved_test_results, train_losses, write_memes)
 
 
 @pytest.fixture(scope="module")
@@ -185,31 +157,16 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(memes, one
 # --------------------------------------------------------------------------------------------- resume
 
 
-def _config(memes, workdir_overrides):
-  config = config_lib.load(CONFIG)
-  config_lib.apply_overrides(config, [tuple(flag[len("--config."):].split("=", 1)) for flag in
-                                      memes_overrides(memes, **workdir_overrides)])
-  return config
-
-
-def _final_state(workdir):
-  ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints", read_only=True)
-  step = ckpt.latest_step()
-  state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  ckpt.close()
-  return step, jax.tree.map(np.asarray, state)
-
-
 @pytest.fixture(scope="module")
 def straight_run(memes, one_device_run):
   """6 steps without interruption, in this process (8 devices)."""
   workdir = memes / "straight"
-  loop.train(_config(memes, {"max_steps": 6}), workdir)
+  loop.train(memes_config(memes, {"max_steps": 6}), workdir)
   return workdir
 
 
 def test_sigterm_then_resume_equals_a_straight_run_bitwise(memes, straight_run):
-  config = _config(memes, {"max_steps": 6})
+  config = memes_config(memes, {"max_steps": 6})
   resumed = memes / "resumed"
 
   def preempt(step):
@@ -221,7 +178,7 @@ def test_sigterm_then_resume_equals_a_straight_run_bitwise(memes, straight_run):
   assert checkpoint.Checkpointer(resumed / "checkpoints", read_only=True).all_steps() == [3]
   loop.train(config, resumed)
   assert train_losses(resumed) == train_losses(straight_run)
-  (step_a, a), (step_b, b) = _final_state(straight_run), _final_state(resumed)
+  (step_a, a), (step_b, b) = final_state(straight_run), final_state(resumed)
   assert step_a == step_b == 6
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert saved_test_results(resumed) == saved_test_results(straight_run)
@@ -243,35 +200,26 @@ def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(memes, strai
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   resumed = run_script("train.py", ["--config", CONFIG, "--workdir", workdir, *flags], devices=8)
   assert "resumed from" in resumed.stdout + resumed.stderr
-  (_, a), (_, b) = _final_state(workdir), _final_state(straight_run)
+  (_, a), (_, b) = final_state(workdir), final_state(straight_run)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=0), a, b)
 
 
 # ------------------------------------------------------------------------------------------- bad input
 
 
-def _one_line_error(proc, *fragments):
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-  assert len(error) == 1, proc.stderr[-2000:]
-  for fragment in fragments:
-    assert fragment in error[0], error[0]
-
-
 def test_unknown_config_key_is_one_clear_error(tmp_path):
   proc = run_script("train.py", ["--config", CONFIG, "--workdir", tmp_path, "--config.optim.lrr=1"], check=False)
-  _one_line_error(proc, "unknown config key 'optim.lrr'", "Did you mean optim.lr?")
+  assert_one_line_error(proc.stderr, proc.returncode, "unknown config key 'optim.lrr'", "Did you mean optim.lr?")
 
 
 def test_missing_data_dir_is_one_clear_error(memes, tmp_path):
   missing = tmp_path / "nowhere"
   proc = run_script("train.py", ["--config", CONFIG, "--workdir", tmp_path / "w",
                                  *memes_overrides(memes, manual_dir=missing)], check=False)
-  _one_line_error(proc, str(missing), "MANUAL_DOWNLOAD_INSTRUCTIONS")
+  assert_one_line_error(proc.stderr, proc.returncode, str(missing), "MANUAL_DOWNLOAD_INSTRUCTIONS")
   proc = run_script("train.py", ["--config", CONFIG, "--workdir", tmp_path / "w",
                                  *memes_overrides(memes, manual_dir="", data_dir=missing)], check=False)
-  _one_line_error(proc, "MANUAL_DOWNLOAD_INSTRUCTIONS")
+  assert_one_line_error(proc.stderr, proc.returncode, "MANUAL_DOWNLOAD_INSTRUCTIONS")
 
 
 def test_checkpoint_of_another_method_is_refused(memes, one_device_run):
@@ -280,7 +228,8 @@ def test_checkpoint_of_another_method_is_refused(memes, one_device_run):
                           *memes_overrides(memes, max_steps=1)])
   proc = run_script("train.py", ["--config", CONFIG, "--workdir", workdir, *memes_overrides(memes, max_steps=1)],
                     check=False)
-  _one_line_error(proc, "another config", "adapter.method: 'lora' -> 'mora'", "new --workdir")
+  assert_one_line_error(proc.stderr, proc.returncode, "another config", "adapter.method: 'lora' -> 'mora'",
+                        "new --workdir")
 
 
 def test_food101_mora_checkpoint_holds_only_trainables_and_two_adam_moments(tmp_path):
@@ -322,6 +271,16 @@ def test_checkpointer_keeps_the_latest_and_the_best(tmp_path):
   ckpt.wait()
   assert ckpt.all_steps() == [2, 5]
   ckpt.close()
+  # After a restart the best is still known (its metric is stored with it), ranked first and kept.
+  again = checkpoint.Checkpointer(tmp_path, keep=1, metric="accuracy")
+  assert again.steps_best_first("accuracy", best_step=None) == [2, 5]
+  again.save(6, {"w": np.zeros(2, np.float32)}, iterator, {"step": 6})
+  again.save(6, {"w": np.ones(2, np.float32)}, iterator, {"step": 6})  # already saved: kept as it is
+  again.wait()
+  assert again.all_steps() == [2, 6] and again.steps_best_first("accuracy", best_step=6) == [6, 2]
+  np.testing.assert_array_equal(
+      again.restore_state(6, {"w": jax.ShapeDtypeStruct((2,), np.float32)})["w"], np.zeros(2, np.float32))
+  again.close()
 
 
 def test_a_checkpoint_over_other_backbone_weights_is_refused():

@@ -6,9 +6,10 @@
     test_views = {kind: ds.scenario(kind) for kind in data.SCENARIOS}  # complete / text / image missing / mix
 """
 
-from mora_jax.data.datasets import BUILDERS, SCENARIOS, Classes, Dataset, batches, classes, load, prepare
+from mora_jax.data.datasets import BUILDERS, SCENARIOS, Classes, Dataset, batches, classes, is_prepared, load, prepare
 from mora_jax.data.missing import Missing
 from mora_jax.data.pipeline import MODEL_INPUTS, Preprocessing, tokenize
 
 __all__ = ["BUILDERS", "MODEL_INPUTS", "SCENARIOS", "Classes", "Dataset", "Missing", "Preprocessing", "batches",
-           "classes", "load", "prepare", "tokenize"]
+           "classes", "is_prepared", "load", "prepare", "tokenize"]
+

@@ -103,6 +103,11 @@ class Dataset:
     return dataclasses.replace(self, table=np.full_like(self.table, codes[kind]))
 
 
+def is_prepared(name: str, data_dir: str | Path) -> bool:
+  """Whether `data_dir` already holds the prepared files of dataset `name`."""
+  return name in BUILDERS and BUILDERS[name](data_dir=str(data_dir)).is_prepared()
+
+
 def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = None, log=print
             ) -> tfds.core.DatasetBuilder:
   """Builds the dataset once per data_dir (with a progress bar); later calls reuse the prepared files. What a

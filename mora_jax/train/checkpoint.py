@@ -3,14 +3,23 @@ data-iterator position ("data"), and the config, backbone identity and loop book
 the frozen backbone. Keeps the latest `keep` checkpoints plus the best one by validation metric.
 
 Restores take an abstract target built from the *current* mesh, so a run saved on 8 devices resumes on 2.
+A checkpoint that does not restore (a truncated or deleted file) is skipped for the next one; resuming
+moves it to `<directory>/damaged/<step>/`, kept for inspection.
 """
 
 import json
+import logging
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from mora_jax.train import config as config_lib
@@ -19,10 +28,15 @@ from mora_jax.train import config as config_lib
 # often it logs and saves, and evaluation batch sizes. Every other key must equal the saved config.
 CHANGEABLE = ("data_dir", "manual_dir", "mesh", "data_threads", "log_every_steps", "checkpoint", "max_steps",
               "eval", "skip_corrupt")
+DAMAGED = "damaged"
 
 
 class IncompatibleCheckpoint(ValueError):
   """A checkpoint written by another config or over another backbone."""
+
+
+class NoIntactCheckpoint(ValueError):
+  """Every checkpoint tried failed to restore."""
 
 
 def _handlers():
@@ -35,12 +49,17 @@ class Checkpointer:
   def __init__(self, directory: str | Path, keep: int = 2, metric: str | None = None, read_only: bool = False):
     self.directory = Path(directory).absolute()
     policies = [checkpoint_managers.preservation_policy.LatestN(n=keep)]
+    score = None
     if metric is not None:
+      # A save without validation carries no value and ranks last.
+      score = lambda metrics: metrics.get(metric, -math.inf)  # noqa: E731
       # BestN sorts ascending and keeps the last n: the highest value (every metric here is higher-better).
       policies.append(checkpoint_managers.preservation_policy.BestN(
-          get_metric_fn=lambda metrics: metrics[metric], n=1, keep_checkpoints_without_metrics=False))
+          get_metric_fn=score, n=1, keep_checkpoints_without_metrics=False))
+    # best_fn makes orbax write each step's metrics into its folder: the best checkpoint stays known after a
+    # restart, to BestN (which would otherwise drop it at the next save) and to `steps_best_first`.
     options = ocp.CheckpointManagerOptions(
-        enable_async_checkpointing=True, read_only=read_only, create=not read_only,
+        enable_async_checkpointing=True, read_only=read_only, create=not read_only, best_fn=score,
         preservation_policy=checkpoint_managers.preservation_policy.AnyPreservationPolicy(policies))
     self.manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(), options=options)
 
@@ -50,10 +69,23 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def steps_best_first(self, metric: str, best_step: int | None) -> list[int]:
+    """`best_step` (the loop's record of its best, if still kept), then the validated steps by `metric`,
+    highest first (the earlier of equal ones, as the loop picks), then the steps saved without validation
+    (or before metrics were stored with checkpoints), newest first."""
+    values = {step: (self.manager.metrics(step) or {}).get(metric) for step in self.all_steps()}
+    validated = sorted((step for step, value in values.items() if value is not None),
+                       key=lambda step: (-values[step], step))
+    ranked = validated + sorted((step for step, value in values.items() if value is None), reverse=True)
+    return sorted(ranked, key=lambda step: step != best_step)
+
   def save(self, step: int, state, data_iterator, meta: dict, metrics: dict | None = None) -> None:
-    """Asynchronous; every process must call it. `metrics` (validation) ranks the best checkpoint."""
+    """Asynchronous; every process must call it. `metrics` (validation) ranks the best checkpoint. A step
+    already saved is kept as it is (a preemption right after a periodic save has nothing to add)."""
+    if step in self.all_steps():
+      return
     self.manager.wait_until_finished()
-    self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
+    self.manager.save(step, metrics=metrics or {}, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta)))
 
@@ -73,11 +105,83 @@ class Checkpointer:
       return True
     return False
 
+  def first_intact(self, steps: Sequence[int], restore: Callable[[int], object]):
+    """The first of `steps` that `restore(step)` restores on every process: (step, what it returned, the
+    failures [(step, error)] of the steps tried before it). A checkpoint of another config or backbone is
+    not damaged: its IncompatibleCheckpoint propagates."""
+    _drop_failed_restore_reports()
+    failures, error = [], None
+    for step in steps:
+      try:
+        result, error = restore(step), None
+      except IncompatibleCheckpoint:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (a damaged file fails in orbax, tensorstore or json)
+        result, error = None, e
+      if _on_every_process(error is None):
+        return step, result, failures
+      failures.append((step, error or RuntimeError("it failed to restore on another process")))
+    tried = "; ".join(f"step {step}: {self.describe_failure(step, error)}" for step, error in failures)
+    raise NoIntactCheckpoint(
+        f"no checkpoint in {self.directory} restores ({tried or 'none found'}). Move that folder away to start "
+        "this run afresh, or use a new --workdir; --debug shows why the last one failed.") from error
+
+  def describe_failure(self, step: int, error: Exception) -> str:
+    """What failed to restore: the file of checkpoint `step` the error names, else the error's first line."""
+    files = re.findall(re.escape(str(self.directory / str(step))) + r"/[^\s\"'\\]*[^\s\"'\\.]", str(error))
+    if files:
+      return max(files, key=len)
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+  def move_aside(self, step: int) -> Path:
+    """Moves the folder of a damaged `step` to <directory>/damaged/<step>[-k] (never deleted, so it can be
+    inspected) and stops tracking it."""
+    damaged = self.directory / DAMAGED
+    target, k = damaged / str(step), 1
+    while target.exists():
+      target, k = damaged / f"{step}-{k}", k + 1
+    if jax.process_index() == 0:
+      damaged.mkdir(exist_ok=True)
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
+    self.manager.reload()
+    return target
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _on_every_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def _not_an_unretrieved_future_error(record: logging.LogRecord) -> bool:
+  """False for asyncio's report of a failed read nobody awaited (logged when its future is collected)."""
+  return not record.getMessage().startswith(("Future exception was never retrieved",
+                                             "Task exception was never retrieved"))
+
+
+def _drop_failed_restore_reports() -> None:
+  """A failed restore leaves tensorstore reads in flight. As they finish, during the failure or seconds
+  later, they report "Event loop is closed" (with a traceback) into the restore's closed asyncio loop, and
+  asyncio logs their errors, with tracebacks, when their futures are collected. These say nothing the
+  failure did not, so they are dropped; any other unraisable error or asyncio log record still shows."""
+  logging.getLogger("asyncio").addFilter(_not_an_unretrieved_future_error)  # adding it again is a no-op
+  previous = sys.unraisablehook
+  if getattr(previous, "__name__", "") == "drop_closed_event_loop":
+    return
+
+  def drop_closed_event_loop(report):
+    if not (isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"):
+      previous(report)
+
+  sys.unraisablehook = drop_closed_event_loop
 
 
 def check_config(meta: dict, config, where: str) -> None:

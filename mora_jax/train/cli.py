@@ -16,8 +16,8 @@ from mora_jax.train import checkpoint, config as config_lib, loop
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "easy_vqa_mora.py"
 # Bad input a person can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (config_lib.ConfigError, checkpoint.IncompatibleCheckpoint, CheckpointError, FileNotFoundError,
-               ValueError, KeyError)
+USER_ERRORS = (config_lib.ConfigError, checkpoint.IncompatibleCheckpoint, checkpoint.NoIntactCheckpoint,
+               CheckpointError, loop.NotWritable, FileNotFoundError, ValueError, KeyError)
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:

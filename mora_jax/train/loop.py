@@ -13,6 +13,7 @@ and writes logs, and all processes take part in checkpointing.
 import dataclasses
 import json
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +46,22 @@ class Preempted(Exception):
   def __init__(self, step: int, directory: Path):
     super().__init__(f"SIGTERM: saved a checkpoint at step {step} in {directory}; run the same command to resume.")
     self.step = step
+
+
+class NotWritable(Exception):
+  """A folder the run writes to cannot be written."""
+
+
+def check_writable(directory: Path, flag: str) -> None:
+  """Creates `directory` and a temporary file in it, before any work that a failed save would waste. Trying
+  is the only reliable test: permission bits say nothing for root, read-only mounts or a file in the way."""
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+      pass
+  except OSError as e:
+    raise NotWritable(f"{directory} is not a writable folder ({e.strerror or e}); free that path or make it "
+                      f"writable, or pass another {flag}.") from e
 
 
 def say(message: str) -> None:
@@ -212,6 +229,24 @@ def _test(job: Job, trainable, scenarios, missing: data.Missing, writer, step: i
   return results
 
 
+def _restore_first_intact(ckpt: checkpoint_lib.Checkpointer, steps, restore, move_damaged: bool):
+  """`restore` of the first of `steps` that restores, warning about each one before it that does not (and,
+  with `move_damaged`, moving it to <checkpoints>/damaged/)."""
+  step, result, failures = ckpt.first_intact(steps, restore)
+  for damaged, error in failures:
+    what = ckpt.describe_failure(damaged, error)
+    where = f"moved it to {ckpt.move_aside(damaged)}" if move_damaged else "left it in place"
+    say(f"warning: checkpoint {ckpt.directory / str(damaged)} does not restore ({what}); {where}; using the "
+        f"checkpoint of step {step} instead")
+  return step, result
+
+
+def _restore_state(ckpt: checkpoint_lib.Checkpointer, steps, abstract_state) -> tuple[int, dict]:
+  """The step and state of the first intact checkpoint of `steps` (the damaged ones are left in place)."""
+  return _restore_first_intact(ckpt, steps, lambda step: ckpt.restore_state(step, abstract_state),
+                               move_damaged=False)
+
+
 def format_table(results: dict, metric: str) -> str:
   names = [metric] + sorted({k for r in results.values() for k in r} - {metric, "samples", "corrupt_skipped"})
   lines = ["| scenario | " + " | ".join(names) + " | samples |", "|---" * (len(names) + 2) + "|"]
@@ -224,6 +259,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
   """Trains (resuming from `workdir` if it holds checkpoints), then tests the best checkpoint, merged*."""
   workdir = Path(workdir)
   c = config
+  check_writable(workdir / "checkpoints", "--workdir")
+  if not data.is_prepared(c.dataset, c.data_dir):
+    check_writable(Path(c.data_dir).expanduser(), "--config.data_dir")
   job = build(c)
   if c.batch_size % c.accum_steps or (c.batch_size // c.accum_steps) % jax.device_count():
     raise ValueError(f"batch_size={c.batch_size} must split into accum_steps={c.accum_steps} micro-batches "
@@ -251,17 +289,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
   train_iter = iter(job.batches(train_ds, micro_batch, train=True, accum_steps=c.accum_steps))
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", c.checkpoint.keep, metric=job.metric)
   loop = {"best_metric": None, "best_step": None, "bad_epochs": 0, "corrupt_skipped": 0}
-  latest = ckpt.latest_step()
-  if latest is not None:
-    meta = ckpt.meta(latest)
+
+  def restore(step: int) -> tuple[dict, dict]:
+    meta = ckpt.meta(step)
     checkpoint_lib.check_config(meta, c, str(workdir))
     checkpoint_lib.check_backbone(meta, job.backbone.identity, str(workdir))
-    state = ckpt.restore_state(latest, _abstract(state, replicated))
-    if not ckpt.restore_data(latest, train_iter):
+    restored = ckpt.restore_state(step, _abstract(state, replicated))
+    if not ckpt.restore_data(step, train_iter):
       # Saved by another process count: each global batch is the same set of samples whatever the count,
       # so the position is the number of micro-batches consumed.
-      train_iter.set_state({"next_index": latest * c.accum_steps})
-    loop = meta["loop"]
+      train_iter.set_state({"next_index": step * c.accum_steps})
+    return meta, restored
+
+  if ckpt.all_steps():
+    latest, (saved, state) = _restore_first_intact(ckpt, sorted(ckpt.all_steps(), reverse=True), restore,
+                                                   move_damaged=True)
+    loop = saved["loop"]
     say(f"resumed from {ckpt.directory / str(latest)} (step {latest})")
 
   writer = MetricWriter(workdir)
@@ -280,6 +323,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
   def meta() -> dict:
     return {"config": json.loads(config_lib.to_json(c)), "backbone": job.backbone.identity, "loop": loop,
             "process_count": jax.process_count(), "steps_per_epoch": steps_per_epoch}
+
+  def preempt():
+    """Saves the current step unless a periodic or end-of-epoch save already holds it, then stops."""
+    ckpt.save(step, state, train_iter, meta())
+    ckpt.wait()
+    raise Preempted(step, ckpt.directory)
 
   sigterm = _Sigterm()
   step = int(sharding.replicated_value(state["step"]))
@@ -310,11 +359,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
           ckpt.save(step, state, train_iter, meta())
         if step_hook is not None:
           step_hook(step)
-        if sigterm.any_process():
+        # At an epoch's end, the validation and its save come first: a step saved before them would resume
+        # into the next epoch without them.
+        if step < epoch_end and sigterm.any_process():
           bar.close()
-          ckpt.save(step, state, train_iter, meta())
-          ckpt.wait()
-          raise Preempted(step, ckpt.directory)
+          preempt()
       bar.close()
       loop["corrupt_skipped"] += sharding.sum_over_processes(corrupt)
       if step % steps_per_epoch == 0:
@@ -328,15 +377,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
         say(f"epoch {epoch + 1}: validation {job.metric} {100 * value:.2f} (best {100 * loop['best_metric']:.2f} "
             f"at step {loop['best_step']})")
         ckpt.save(step, state, train_iter, meta(), metrics={job.metric: value})
-      elif step not in ckpt.all_steps():
+      else:
         ckpt.save(step, state, train_iter, meta())
+      if sigterm.any_process():
+        preempt()
     ckpt.wait()
   finally:
     sigterm.restore()
 
-  best = loop["best_step"] if loop["best_step"] is not None else step
-  if best != step:
-    state = ckpt.restore_state(best, _abstract(state, replicated))
+  ranked = ckpt.steps_best_first(job.metric, loop["best_step"])
+  if ranked[0] == step:
+    best = step
+  else:
+    best, state = _restore_state(ckpt, ranked, _abstract(state, replicated))
   ckpt.close()
   if loop["corrupt_skipped"]:
     say(f"warning: {loop['corrupt_skipped']} training samples had a corrupt image and were skipped")
@@ -358,9 +411,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
 def evaluate_checkpoint(workdir: str | Path | None = None, checkpoint: str | Path | None = None,
                         missing: dict | None = None, scenarios=data.SCENARIOS, export_hf: str | Path | None = None,
                         config_overrides=()) -> dict:
-  """Re-tests a run: the best checkpoint of `workdir` (or the given checkpoint step directory) with merged
-  weights, on any missing type/rate (`missing`: {"type", "rate"} overrides); optionally exports the merged
-  model as a Hugging Face CLIP checkpoint plus the head weights."""
+  """Re-tests a run: the best intact checkpoint of `workdir` (highest validation metric; a damaged one is
+  skipped with a warning, for the next best), or the given checkpoint step directory, with merged weights, on
+  any missing type/rate (`missing`: {"type", "rate"} overrides); optionally exports the merged model as a
+  Hugging Face CLIP checkpoint plus the head weights."""
   if checkpoint is not None:
     checkpoint = Path(checkpoint).absolute()
     directory, step = checkpoint.parent, int(checkpoint.name) if checkpoint.name.isdigit() else None
@@ -374,9 +428,7 @@ def evaluate_checkpoint(workdir: str | Path | None = None, checkpoint: str | Pat
   steps = ckpt.all_steps()
   if not steps:
     raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
-  meta = ckpt.meta(steps[-1])
-  if step is None:
-    step = meta["loop"]["best_step"] if meta["loop"]["best_step"] is not None else steps[-1]
+  _, meta, _ = ckpt.first_intact(steps[::-1], ckpt.meta)  # config and backbone: the same in every checkpoint
   config = config_lib.from_json(json.dumps(meta["config"]))
   config_lib.apply_overrides(config, config_overrides)
   for key, value in (missing or {}).items():
@@ -387,9 +439,11 @@ def evaluate_checkpoint(workdir: str | Path | None = None, checkpoint: str | Pat
   trainable = adapters.trainable(job.params)
   tx = optim.adamw(0.0, 0.0)
   template = {"params": trainable, "opt": tx.init(trainable), "step": jnp.int32(0), "rng": jax.random.PRNGKey(0)}
-  state = ckpt.restore_state(step, _abstract(template, replicated))
+  chosen = "the given checkpoint" if step is not None else f"the best intact checkpoint by validation {job.metric}"
+  candidates = [step] if step is not None else ckpt.steps_best_first(job.metric, meta["loop"]["best_step"])
+  step, state = _restore_state(ckpt, candidates, _abstract(template, replicated))
   ckpt.close()
-  say(f"evaluating {directory / str(step)} on {config.dataset} test, missing {config.missing.type} "
+  say(f"evaluating {directory / str(step)} ({chosen}) on {config.dataset} test, missing {config.missing.type} "
       f"{config.missing.rate}")
   writer = MetricWriter(Path(directory).parent)
   results = {"dataset": config.dataset, "method": config.adapter.method, "metric": job.metric,
