@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from mora_jax import sharding
-from mora_jax.train import cli, loop
+from mora_jax.train import cli, evaluation
 
 
 def main(argv=None) -> int:
@@ -30,8 +30,8 @@ def main(argv=None) -> int:
     cli.initialize_distributed(args)
     missing = {key: value for prefix, key, value in overrides if prefix == "missing"}
     config_overrides = [(key, value) for prefix, key, value in overrides if prefix == "config"]
-    results = loop.evaluate_checkpoint(args.workdir, args.checkpoint, missing=missing,
-                                       export_hf=args.export_hf, config_overrides=config_overrides)
+    results = evaluation.evaluate_run(args.workdir, args.checkpoint, missing=missing,
+                                      export_hf=args.export_hf, config_overrides=config_overrides)
     workdir = Path(args.workdir) if args.workdir else Path(args.checkpoint).parent.parent
     output = Path(args.output) if args.output else (
         workdir / f"eval-{results['missing']['type']}-{results['missing']['rate']}.json")

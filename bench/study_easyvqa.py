@@ -23,7 +23,7 @@ from pathlib import Path
 from mora_jax import data
 from mora_jax.backbones import embedded
 from mora_jax.train import config as config_lib
-from mora_jax.train import loop, recipes
+from mora_jax.train import job, loop, recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (method, config overrides, backbone: "aligned" or "mismatched")
@@ -65,7 +65,7 @@ def backbone(kind: str, cache_dir: Path, data_dir: str) -> Path:
 def run(name: str, seed: int, args) -> dict:
   method, overrides, kind = RUNS[name]
   workdir = Path(args.workdir) / f"{slug(name)}-seed{seed}"
-  if not (workdir / loop.EVAL_FILE).is_file():
+  if not (workdir / job.EVAL_FILE).is_file():
     config = recipes.get("easy_vqa", method)
     path = backbone(kind, Path(args.cache_dir).expanduser(), args.data_dir)
     values = {"seed": seed, "backbone.path": str(path), "data_dir": args.data_dir, **overrides}
@@ -76,8 +76,8 @@ def run(name: str, seed: int, args) -> dict:
     start = time.perf_counter()
     loop.train(config, workdir)
     (workdir / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
-  results = json.loads((workdir / loop.EVAL_FILE).read_text())
-  config = json.loads((workdir / loop.CONFIG_FILE).read_text())
+  results = json.loads((workdir / job.EVAL_FILE).read_text())
+  config = json.loads((workdir / job.CONFIG_FILE).read_text())
   train_records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   # Loop throughput (train step + input pipeline), median over the logged windows after the first (compile).
   rates = [r["samples_per_s"] for r in train_records if r["kind"] == "train"][1:]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import eval as eval_script
-from mora_jax.train import checkpoint, cli, loop
+from mora_jax.train import checkpoint, cli, job, loop
 from tests.helpers import assert_one_line_error, final_state, memes_config, train_losses
 
 # 4 steps per epoch: checkpoints 1..6, of which a finished run keeps 5 and 6 (the latest two) and 4 (the best).
@@ -53,7 +53,7 @@ def damage(file: Path, how: str) -> None:
 def copy_of(run: Path, workdir: Path) -> Path:
   """A copy of a finished run without its results, so that re-running it must write them again."""
   shutil.copytree(run, workdir)
-  (workdir / loop.EVAL_FILE).unlink()
+  (workdir / job.EVAL_FILE).unlink()
   return workdir
 
 
@@ -62,7 +62,7 @@ def assert_same_run(workdir, reference) -> None:
   (step_a, a), (step_b, b) = final_state(workdir), final_state(reference)
   assert step_a == step_b == FLAGS["max_steps"]
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  assert json.loads((workdir / loop.EVAL_FILE).read_text()) == json.loads((reference / loop.EVAL_FILE).read_text())
+  assert json.loads((workdir / job.EVAL_FILE).read_text()) == json.loads((reference / job.EVAL_FILE).read_text())
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mora_jax import adapters
-from mora_jax.train import checkpoint, config as config_lib, loop
+from mora_jax.train import checkpoint, config as config_lib, evaluation, loop
 from tests.helpers import (CONFIG, ROOT, assert_one_line_error, final_state, memes_config, memes_overrides, run_script,
                            saved_test_results, train_losses, write_memes)
 
@@ -345,5 +345,5 @@ def test_moka_trains_and_is_tested_unmerged_and_reproducibly(memes, one_device_r
   results = loop.train(config, workdir)
   assert results["method"] == "moka" and results["merged"] is False
   assert all(np.isfinite(loss) for loss in train_losses(workdir))
-  again = loop.evaluate_checkpoint(workdir)
+  again = evaluation.evaluate_run(workdir)
   assert again["merged"] is False and again["test"] == results["test"]

@@ -96,6 +96,14 @@ class Checkpointer:
     """`abstract_state`: jax.ShapeDtypeStruct leaves carrying the current mesh's shardings."""
     return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
 
+  def restore_params(self, step: int, abstract_params):
+    """The trained parameters of `step` alone (the state's "params"): all that evaluation needs, whatever
+    optimizer state was saved beside them. `abstract_params` as `abstract_state` above."""
+    target = {"params": abstract_params}
+    return ocp.PyTreeCheckpointer().restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)
+    )["params"]
+
   def restore_data(self, step: int, data_iterator) -> bool:
     """Restores this process's iterator position; False if the checkpoint came from another process count
     (each process saved its own position; the caller then repositions from the step)."""
@@ -125,6 +133,18 @@ class Checkpointer:
     raise NoIntactCheckpoint(
         f"no checkpoint in {self.directory} restores ({tried or 'none found'}). Move that folder away to start "
         "this run afresh, or use a new --workdir; --debug shows why the last one failed.") from error
+
+  def restore_first_intact(self, steps: Sequence[int], restore: Callable[[int], object], *, move_damaged: bool,
+                           log: Callable[[str], None]) -> tuple[int, object]:
+    """(step, `restore(step)`) of the first of `steps` that restores, logging a warning for each one before it
+    that does not (and, with `move_damaged`, moving it to <directory>/damaged/)."""
+    step, result, failures = self.first_intact(steps, restore)
+    for damaged, error in failures:
+      what = self.describe_failure(damaged, error)
+      where = f"moved it to {self.move_aside(damaged)}" if move_damaged else "left it in place"
+      log(f"warning: checkpoint {self.directory / str(damaged)} does not restore ({what}); {where}; using the "
+          f"checkpoint of step {step} instead")
+    return step, result
 
   def describe_failure(self, step: int, error: Exception) -> str:
     """What failed to restore: the file of checkpoint `step` the error names, else the error's first line."""

@@ -11,13 +11,13 @@ from pathlib import Path
 import jax
 
 from mora_jax.models.hf import CheckpointError
-from mora_jax.train import checkpoint, config as config_lib, loop
+from mora_jax.train import checkpoint, config as config_lib, job, loop
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "easy_vqa_mora.py"
 # Bad input a person can fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (config_lib.ConfigError, checkpoint.IncompatibleCheckpoint, checkpoint.NoIntactCheckpoint,
-               CheckpointError, loop.NotWritable, FileNotFoundError, ValueError, KeyError)
+               CheckpointError, job.NotWritable, FileNotFoundError, ValueError, KeyError)
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,156 @@
+"""Evaluation: metrics of one pass over a split, the test per missing scenario (merged weights*), re-testing a
+finished run from its best intact checkpoint, and exporting the merged model.
+
+    results = evaluation.evaluate_run(workdir)   # what eval.py runs: any missing type and rate, any scenario
+
+* MokA, whose cross term depends on the input, is tested unmerged (eval.json says "merged": false).
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from mora_jax import adapters, data, sharding
+from mora_jax.data import metrics as metrics_lib
+from mora_jax.models import hf
+from mora_jax.train import checkpoint as checkpoint_lib
+from mora_jax.train import config as config_lib
+from mora_jax.train import step as step_lib
+from mora_jax.train.job import Job, build_job, say
+from mora_jax.train.writers import MetricWriter
+
+
+def evaluate_split(job: Job, eval_step, params, backbone_state, ds: data.Dataset, desc: str) -> dict:
+  """Metrics of one pass over `ds` (every sample exactly once; padding and corrupt rows ignored). Only the model
+  inputs go to the devices; labels and groups stay on the host."""
+  batch_size = job.config.eval.batch_size
+  target = sharding.batch_sharding(job.mesh, micro_axis=False)
+  outputs, corrupt = [], 0
+  steps = -(-len(ds.source) // batch_size) if jax.process_count() == 1 else None
+  for host_batch in tqdm(job.batches(ds, batch_size, train=False), desc=desc, total=steps, leave=False,
+                         disable=not sharding.is_main_process()):
+    corrupt += int(np.sum(host_batch["corrupt"]))
+    logits = eval_step(params, backbone_state, sharding.global_batch(host_batch, data.MODEL_INPUTS, target, False))
+    outputs.append({"logits": sharding.process_rows(logits),
+                    **{k: host_batch[k] for k in ("label", "valid", "group")}})
+  joined = sharding.gather_rows({k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]})
+  valid = joined["valid"].astype(bool)
+  result = metrics_lib.summary(job.config.dataset, joined["logits"], joined["label"], valid, job.multi_label,
+                               joined["group"], ds.group_names)
+  result["samples"] = int(valid.sum())
+  result["corrupt_skipped"] = sharding.sum_over_processes(corrupt)
+  return result
+
+
+def scenario_metrics(job: Job, trainable, scenarios, missing: data.Missing, writer: MetricWriter, step: int) -> dict:
+  """Test metrics per scenario of the merged model (adapters folded into the backbone), or of the unmerged
+  one for a method that cannot be merged (MokA)."""
+  clf = adapters.join(job.graphdef, {"backbone": job.params["backbone"], **trainable})
+  if adapters.mergeable(clf.adapter):
+    clf = adapters.merge(clf)
+  graphdef, params = adapters.split(clf)
+  backbone_shardings = sharding.state_shardings(params["backbone"], job.mesh, job.rules)
+  eval_step = step_lib.make_eval_step(graphdef, job.mesh, backbone_shardings)
+  test = job.load("test", missing)
+  trainable_params = adapters.trainable(params)
+  results = {}
+  for kind in scenarios:
+    results[kind] = evaluate_split(job, eval_step, trainable_params, params["backbone"], test.scenario(kind),
+                                   f"test/{kind}")
+    writer.write(step, f"test/{kind}", results[kind])
+    if results[kind]["corrupt_skipped"]:
+      say(f"warning: test/{kind}: {results[kind]['corrupt_skipped']} samples with a corrupt image were skipped "
+          "(skip_corrupt=True); the metrics cover the others")
+  return results
+
+
+def abstract_params(job: Job):
+  """The trainable parameters' shapes and dtypes, replicated over the job's mesh: a restore target."""
+  replicated = NamedSharding(job.mesh, PartitionSpec())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                      adapters.trainable(job.params))
+
+
+def restore_best_params(ckpt: checkpoint_lib.Checkpointer, job: Job, candidates) -> tuple[int, dict]:
+  """(step, trained parameters) of the first of `candidates` that restores; damaged ones are left in place."""
+  target = abstract_params(job)
+  return ckpt.restore_first_intact(candidates, lambda step: ckpt.restore_params(step, target), move_damaged=False,
+                                   log=say)
+
+
+def format_table(results: dict, metric: str) -> str:
+  names = [metric] + sorted({k for r in results.values() for k in r} - {metric, "samples", "corrupt_skipped"})
+  lines = ["| scenario | " + " | ".join(names) + " | samples |", "|---" * (len(names) + 2) + "|"]
+  for kind, r in results.items():
+    lines.append(f"| {kind} | " + " | ".join(f"{100 * r[n]:.2f}" for n in names) + f" | {r['samples']} |")
+  return "\n".join(lines)
+
+
+def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | None = None,
+                 missing: dict | None = None, scenarios=data.SCENARIOS, export_hf: str | Path | None = None,
+                 config_overrides=()) -> dict:
+  """Re-tests a run: the best intact checkpoint of `workdir` (highest validation metric; a damaged one is
+  skipped with a warning, for the next best), or the given checkpoint step directory, with merged weights, on
+  any missing type/rate (`missing`: {"type", "rate"} overrides); optionally exports the merged model as a
+  Hugging Face CLIP checkpoint plus the head weights. Only the trained parameters are restored."""
+  if checkpoint is not None:
+    checkpoint = Path(checkpoint).absolute()
+    directory, step = checkpoint.parent, int(checkpoint.name) if checkpoint.name.isdigit() else None
+    if step is None or not (checkpoint / "state").is_dir():
+      raise FileNotFoundError(f"{checkpoint} is not a checkpoint step directory (<workdir>/checkpoints/<step>).")
+  else:
+    directory, step = Path(workdir).absolute() / "checkpoints", None
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{directory} does not exist: pass the --workdir of a train.py run.")
+  ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
+  _, meta, _ = ckpt.first_intact(steps[::-1], ckpt.meta)  # config and backbone: the same in every checkpoint
+  config = config_lib.from_json(json.dumps(meta["config"]))
+  config_lib.apply_overrides(config, config_overrides)
+  for key, value in (missing or {}).items():
+    config_lib.override(config, f"missing.{key}", str(value))
+  job = build_job(config)
+  checkpoint_lib.check_backbone(meta, job.backbone.identity, str(directory))
+  chosen = "the given checkpoint" if step is not None else f"the best intact checkpoint by validation {job.metric}"
+  candidates = [step] if step is not None else ckpt.steps_best_first(job.metric, meta["loop"]["best_step"])
+  step, params = restore_best_params(ckpt, job, candidates)
+  ckpt.close()
+  say(f"evaluating {directory / str(step)} ({chosen}) on {config.dataset} test, missing {config.missing.type} "
+      f"{config.missing.rate}")
+  writer = MetricWriter(Path(directory).parent)
+  results = {"dataset": config.dataset, "method": config.adapter.method, "metric": job.metric,
+             "checkpoint_step": step, "missing": config.missing.to_dict(),
+             "merged": adapters.mergeable(adapters.from_config(config.adapter.to_dict())),
+             "test": scenario_metrics(job, params, scenarios, data.Missing(**config.missing), writer, step)}
+  writer.close()
+  say(format_table(results["test"], job.metric))
+  if export_hf is not None:
+    export(job, params, export_hf)
+  return results
+
+
+def export(job: Job, trainable, out_dir: str | Path) -> Path:
+  """The merged towers as a Hugging Face CLIP checkpoint (config.json, model.safetensors, tokenizer files),
+  plus `head.safetensors` and `head.json` (class names, head type). A linear head is `kernel`
+  [2 * projection_dim, classes] and `bias`; an MLP head is `hidden.kernel`, `hidden.bias`, `output.kernel`,
+  `output.bias` with a GELU (exact) between them."""
+  merged = adapters.merge(adapters.join(job.graphdef, {"backbone": job.params["backbone"], **trainable}))
+  out = hf.save_pretrained(merged.backbone, out_dir)
+  head = {".".join(map(str, path)): sharding.replicated_value(variable.get_value())
+          for path, variable in nnx.to_flat_state(nnx.state(merged.head))}
+  if sharding.is_main_process():
+    job.backbone.tokenizer.save_pretrained(str(out))
+    safetensors.numpy.save_file(head, out / "head.safetensors")
+    (out / "head.json").write_text(json.dumps({"class_names": list(job.class_names), "multi_label": job.multi_label,
+                                               "head": job.config.head.type,
+                                               "features": "concat(image_features, text_features)"}, indent=2))
+  say(f"exported the merged model to {out}")
+  return out

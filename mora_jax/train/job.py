@@ -1,0 +1,138 @@
+"""What a run config builds before any training or evaluation: the device mesh, the frozen backbone, the
+preprocessing, the classifier (graph and params), and the data splits with their missing tables.
+
+Multi-host: every process runs the same calls; each reads its own part of the data (Grain shards by process);
+only process 0 prints and prepares the shared files, which the others read once it is done.
+"""
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import jax
+import ml_collections
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from mora_jax import adapters, backbones, data, sharding
+from mora_jax.data import metrics as metrics_lib
+
+CONFIG_FILE = "config.json"  # in the workdir: the run's config, as JSON
+EVAL_FILE = "eval.json"  # in the workdir: the test results
+
+
+class NotWritable(Exception):
+  """A folder the run writes to cannot be written."""
+
+
+def check_writable(directory: Path, flag: str) -> None:
+  """Creates `directory` and a temporary file in it, before any work that a failed save would waste. Trying
+  is the only reliable test: permission bits say nothing for root, read-only mounts or a file in the way."""
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+      pass
+  except OSError as e:
+    raise NotWritable(f"{directory} is not a writable folder ({e.strerror or e}); free that path or make it "
+                      f"writable, or pass another {flag}.") from e
+
+
+def say(message: str) -> None:
+  if sharding.is_main_process():
+    tqdm.write(message)
+
+
+def make_mesh(cfg: ml_collections.ConfigDict) -> tuple[Mesh, tuple]:
+  """Mesh ("data", "fsdp") over all devices (data=-1 takes what fsdp leaves), and the backbone's rules:
+  FSDP-sharded along "fsdp" when fsdp > 1, replicated otherwise."""
+  count = jax.device_count()
+  fsdp = cfg.fsdp
+  data_size = cfg.data if cfg.data > 0 else count // max(fsdp, 1)
+  if fsdp < 1 or data_size * fsdp != count:
+    raise ValueError(f"config.mesh data={cfg.data} x fsdp={fsdp} does not cover the {count} devices; "
+                     f"use data=-1 with an fsdp that divides {count}.")
+  rules = sharding.FSDP_RULES if fsdp > 1 else sharding.REPLICATED_RULES
+  return sharding.make_mesh((data_size, fsdp), ("data", "fsdp")), rules
+
+
+@dataclasses.dataclass
+class Job:
+  """What a config builds: mesh, backbone, preprocessing, and the classifier split into graph and params."""
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  rules: tuple
+  backbone: backbones.Backbone
+  prep: data.Preprocessing
+  graphdef: nnx.GraphDef
+  params: dict  # adapters.split layout: {"backbone", "adapter": {...}, "head"}
+  class_names: tuple[str, ...]
+  multi_label: bool
+
+  @property
+  def metric(self) -> str:
+    return metrics_lib.primary(self.config.dataset)
+
+  def load(self, split: str, missing: data.Missing | None = None) -> data.Dataset:
+    return load_split(self.config, split, missing)
+
+  def batches(self, ds: data.Dataset, global_batch: int, train: bool, accum_steps: int = 1):
+    per_process, remainder = divmod(global_batch, jax.process_count())
+    if remainder:
+      raise ValueError(f"batch {global_batch} is not divisible by the {jax.process_count()} processes.")
+    return data.batches(ds, per_process, self.backbone.tokenizer, train=train, seed=self.config.seed,
+                        prep=self.prep, process_index=jax.process_index(), process_count=jax.process_count(),
+                        accum_steps=accum_steps, num_threads=self.config.data_threads,
+                        skip_corrupt=self.config.skip_corrupt)
+
+
+def _check_manual_dir(config: ml_collections.ConfigDict) -> None:
+  if config.manual_dir and not Path(config.manual_dir).expanduser().is_dir():
+    raise FileNotFoundError(f"config.manual_dir={config.manual_dir!r} does not exist; put the raw "
+                            f"{config.dataset} download there (see its MANUAL_DOWNLOAD_INSTRUCTIONS in "
+                            "mora_jax/data/builders/manual.py).")
+
+
+def _main_process_first(prepare, what: str):
+  """`prepare()` on process 0, then on the others once it is done: process 0 writes the shared files (in
+  data_dir) and the others read them."""
+  if jax.process_count() == 1:
+    return prepare()
+  result = prepare() if sharding.is_main_process() else None
+  multihost_utils.sync_global_devices(f"prepared {what}")
+  return result if result is not None else prepare()
+
+
+def load_split(config: ml_collections.ConfigDict, split: str, missing: data.Missing | None = None) -> data.Dataset:
+  """One split with its missing table (built, on first use, by process 0)."""
+  _check_manual_dir(config)
+  return _main_process_first(
+      lambda: data.load(config.dataset, split, config.data_dir, config.manual_dir or None,
+                        missing or data.Missing(**config.missing), one_sample_per_text=config.one_sample_per_text,
+                        log=say), f"{config.dataset}/{split}")
+
+
+def build_job(config: ml_collections.ConfigDict) -> Job:
+  """The mesh, backbone, preprocessing and classifier of `config`; the data is read by `Job.load`."""
+  mesh, rules = make_mesh(config.mesh)
+  backbone = backbones.load(config.backbone, config.preprocessing.max_length, config.data_dir, mesh=mesh,
+                            rules=rules, log=say)
+  prep = data.Preprocessing(image=backbone.image_processing, **config.preprocessing)
+  _check_manual_dir(config)
+  classes = _main_process_first(
+      lambda: data.classes(config.dataset, config.data_dir, config.manual_dir or None, log=say), config.dataset)
+  clf = adapters.build_classifier(backbone.model, adapters.from_config(config.adapter.to_dict()),
+                                  len(classes.names), classes.multi_label, seed=config.seed,
+                                  head=config.head.type, head_hidden=config.head.hidden)
+  graphdef, params = adapters.split(clf)
+  return Job(config, mesh, rules, backbone, prep, graphdef, params, classes.names, classes.multi_label)
+
+
+def summary_lines(job: Job) -> list[str]:
+  per = adapters.partition.count(job.params)
+  total = sum(per.values())
+  lines = [f"parameters: {total:,} in all, {total - per['backbone']:,} trainable "
+           f"({100 * (total - per['backbone']) / total:.3f}%)"]
+  lines += [f"  {name:<26} {count:>13,}  {100 * count / total:8.3f}%" for name, count in per.items()]
+  return lines
