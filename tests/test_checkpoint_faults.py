@@ -30,7 +30,7 @@ def train(memes, workdir, step_hook=None) -> int:
     loop.train(memes_config(memes, FLAGS), workdir, step_hook=step_hook)
     return 0
 
-  return cli.run(main, debug=False)
+  return cli.run_main(main, debug=False)
 
 
 def sigterm_at(at: int):
@@ -142,6 +142,6 @@ def test_an_unwritable_folder_is_refused_before_the_first_step(memes, tmp_path, 
     loop.train(memes_config(memes, {**FLAGS, "data_dir": data_dir}), workdir, step_hook=steps.append)
     return 0
 
-  status = cli.run(main, debug=False)
+  status = cli.run_main(main, debug=False)
   assert_one_line_error(capsys.readouterr().err, status, f"{path} is not a writable folder")
   assert steps == [] and not (workdir / "metrics.jsonl").exists()
