@@ -9,9 +9,9 @@
 
 from mora_jax.models.modeling import CLIP, TowerOutput, count_params, init
 from mora_jax.models.config import PRESETS, CLIPConfig, TextConfig, VisionConfig, preset
-from mora_jax.models.hf import CheckpointError, from_pretrained, save_pretrained
+from mora_jax.models.hf import WeightsError, from_pretrained, save_pretrained
 
 __all__ = [
-    "CLIP", "CLIPConfig", "CheckpointError", "PRESETS", "TextConfig", "TowerOutput", "VisionConfig",
+    "CLIP", "CLIPConfig", "PRESETS", "TextConfig", "TowerOutput", "VisionConfig", "WeightsError",
     "count_params", "from_pretrained", "init", "preset", "save_pretrained",
 ]

@@ -2,7 +2,7 @@
 
 Loading is strict: every parameter of our model must come from exactly one checkpoint tensor of the right
 shape, and every checkpoint tensor must be used (old `position_ids` buffers excepted). Any violation is
-one `CheckpointError` that names the file and the keys.
+one `WeightsError` that names the file and the keys.
 """
 
 import json
@@ -35,8 +35,9 @@ PROCESSOR_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
 _HF_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read or does not match the model; the message names file and keys."""
+class WeightsError(ValueError):
+  """Hugging Face weights (a checkpoint directory's files) that cannot be read or do not match the model; the
+  message names file and keys. (Orbax training checkpoints are mora_jax.train.checkpoint's.)"""
 
 
 def hf_key(path: Sequence) -> str:
@@ -114,14 +115,14 @@ def read_config(directory: Path) -> CLIPConfig:
   try:
     return CLIPConfig.from_hf_dict(json.loads(path.read_text()))
   except (json.JSONDecodeError, ValueError, TypeError) as e:
-    raise CheckpointError(f"{path}: not a valid CLIP config ({e}).") from e
+    raise WeightsError(f"{path}: not a valid CLIP config ({e}).") from e
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
   try:
     return safetensors.numpy.load_file(path)
   except (safetensors.SafetensorError, OSError, ValueError) as e:
-    raise CheckpointError(f"{path} is not a readable safetensors file ({e}). It is probably truncated or "
+    raise WeightsError(f"{path} is not a readable safetensors file ({e}). It is probably truncated or "
                           "corrupt: download or save it again.") from e
 
 
@@ -129,12 +130,12 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise CheckpointError(f"{path} is a PyTorch pickle and reading it needs torch, which is not installed. "
+    raise WeightsError(f"{path} is a PyTorch pickle and reading it needs torch, which is not installed. "
                           "Install torch, or convert the checkpoint to model.safetensors.") from e
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for a bad pickle
-    raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e}).") from e
+    raise WeightsError(f"{path} is not a readable PyTorch checkpoint ({e}).") from e
   return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
 
 
@@ -148,7 +149,7 @@ def read_weights(directory: Path) -> tuple[dict[str, np.ndarray], Path]:
     try:
       shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
     except (json.JSONDecodeError, KeyError, AttributeError) as e:
-      raise CheckpointError(f"{path}: not a valid safetensors index ({e}).") from e
+      raise WeightsError(f"{path}: not a valid safetensors index ({e}).") from e
     tensors = {}
     for shard in shards:
       tensors.update(_read_safetensors(directory / shard))
@@ -189,7 +190,7 @@ def load_state_into(abstract: CLIP, tensors: dict[str, np.ndarray], source: Path
   if mismatched:
     problems.append(f"shape mismatches: {_limited(mismatched)}")
   if problems:
-    raise CheckpointError(f"{source} does not match the CLIP config in {source.parent / CONFIG_FILE}: "
+    raise WeightsError(f"{source} does not match the CLIP config in {source.parent / CONFIG_FILE}: "
                           + "; ".join(problems) + ".")
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 
 from mora_jax import sharding
-from mora_jax.models.hf import CheckpointError
+from mora_jax.models.hf import WeightsError
 from mora_jax.train import checkpoint, config as config_lib, evaluation, job, loop, recipes
 
 # Without --config: the embedded easy-VQA MoRA recipe, built from the library itself (configs/easy_vqa_mora.py
@@ -21,7 +21,7 @@ DEFAULT_RECIPE = ("easy_vqa", "mora")
 DEFAULT_NAME = "easy_vqa_mora"
 # Bad input a person can fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (config_lib.ConfigError, checkpoint.IncompatibleCheckpoint, checkpoint.NoIntactCheckpoint,
-               CheckpointError, job.NotWritable, FileNotFoundError, ValueError, KeyError)
+               WeightsError, job.NotWritable, FileNotFoundError, ValueError, KeyError)
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:

@@ -67,7 +67,7 @@ def assert_same_run(workdir, reference) -> None:
 
 @pytest.fixture(scope="module")
 def straight(memes):
-  workdir = memes / "straight"
+  workdir = memes / "straight_saving_every_step"
   assert train(memes, workdir) == 0
   return workdir
 

@@ -68,3 +68,43 @@ def test_four_accumulated_micro_batches_give_the_whole_batch_loss_and_gradient()
   batch = batch_of(16, valid=13, multi_label=False)  # padding in the last micro-batch, as at an epoch's end
   assert_same(loss_and_grads(params, backbone, micro_batches(batch, 4), key),
               loss_and_grads(params, backbone, micro_batches(batch, 1), key))
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+  from mora_jax.train import step  # pylint: disable=import-outside-toplevel
+  schedule = step.lr_schedule(1e-2, 100, 0.1)
+  assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1e-2)
+  assert float(schedule(5)) == pytest.approx(5e-3) and float(schedule(55)) == pytest.approx(5e-3)
+  assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bfloat16_backbone_step_tracks_float32():
+  """Mixed precision: a bfloat16 frozen backbone (adapters, head and AdamW in float32) gives the float32
+  loss to bfloat16 rounding (2e-2 relative), and the trainable state stays float32."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from mora_jax import adapters, clip, sharding  # pylint: disable=import-outside-toplevel
+  from mora_jax.adapters import optim  # pylint: disable=import-outside-toplevel
+  from mora_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  from tests.helpers import random_inputs, tiny_config  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config()
+  pixels, ids, mask = random_inputs(cfg, batch=8, length=12)
+  mesh = sharding.make_mesh((jax.device_count(), 1), ("data", "fsdp"))
+  batch = {"pixel_values": pixels[None], "input_ids": ids[None].astype(np.int32),
+           "attention_mask": mask[None].astype(np.int32), "label": np.arange(8, dtype=np.int32)[None] % 3,
+           "valid": np.ones((1, 8), bool)}
+  losses = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    clf = adapters.build_classifier(clip.init(cfg, seed=0, dtype=dtype), adapters.MoRAConfig(start_layer=1), 3)
+    graphdef, params = adapters.split(clf)
+    schedule = step_lib.lr_schedule(1e-2, 10, 0.1)
+    tx = optim.adamw(schedule, 0.02)
+    trainable = adapters.trainable(params)
+    state = sharding.replicate({"params": trainable, "opt": tx.init(trainable), "step": jnp.int32(0),
+                                "rng": jax.random.PRNGKey(0)}, mesh)
+    train_step = step_lib.make_train_step(graphdef, tx, schedule, False, mesh, sharding.state_shardings(
+        params["backbone"], mesh, sharding.REPLICATED_RULES))
+    global_batch = jax.device_put(batch, sharding.batch_sharding(mesh, micro_axis=True))
+    state, metrics = train_step(state, params["backbone"], global_batch)
+    losses[dtype] = float(metrics["loss"])
+    assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
+  assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=2e-2)

@@ -71,7 +71,7 @@ def test_renamed_key_names_both_keys(checkpoint):
   path, tensors = checkpoint
   tensors["text_model.final_layernorm.weight"] = tensors.pop("text_model.final_layer_norm.weight")
   rewrite(path, tensors)
-  with pytest.raises(clip.CheckpointError) as info:
+  with pytest.raises(clip.WeightsError) as info:
     clip.from_pretrained(path)
   message = str(info.value)
   assert "model.safetensors" in message
@@ -83,7 +83,7 @@ def test_wrong_shape_names_key_and_shapes(checkpoint):
   path, tensors = checkpoint
   tensors["vision_model.encoder.layers.1.self_attn.v_proj.weight"] = np.zeros((32, 31), np.float32)
   rewrite(path, tensors)
-  with pytest.raises(clip.CheckpointError,
+  with pytest.raises(clip.WeightsError,
                      match=r"v_proj.weight: checkpoint \(32, 31\), model expects \(32, 32\)"):
     clip.from_pretrained(path)
 
@@ -101,7 +101,7 @@ def test_corrupt_safetensors_names_file(checkpoint, damage):
   file = path / "model.safetensors"
   data = file.read_bytes()
   file.write_bytes(data[:len(data) // 2] if damage == "truncate" else b"not a safetensors file at all")
-  with pytest.raises(clip.CheckpointError, match=f"{file} is not a readable safetensors file"):
+  with pytest.raises(clip.WeightsError, match=f"{file} is not a readable safetensors file"):
     clip.from_pretrained(path)
 
 
@@ -109,7 +109,7 @@ def test_pytorch_bin_without_torch_is_a_clear_error(checkpoint, monkeypatch):
   path, _ = checkpoint
   (path / "model.safetensors").rename(path / "pytorch_model.bin")
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
-  with pytest.raises(clip.CheckpointError, match="pytorch_model.bin is a PyTorch pickle.*needs torch"):
+  with pytest.raises(clip.WeightsError, match="pytorch_model.bin is a PyTorch pickle.*needs torch"):
     clip.from_pretrained(path)
 
 
@@ -131,7 +131,7 @@ def test_unsupported_activation_is_rejected(checkpoint):
   config = json.loads((path / "config.json").read_text())
   config["text_config"]["hidden_act"] = "swish"
   (path / "config.json").write_text(json.dumps(config))
-  with pytest.raises(clip.CheckpointError, match="hidden_act='swish' is not supported"):
+  with pytest.raises(clip.WeightsError, match="hidden_act='swish' is not supported"):
     clip.from_pretrained(path)
 
 

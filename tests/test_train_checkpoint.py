@@ -1,0 +1,78 @@
+"""Orbax checkpoints: what they hold, which they keep, and which they refuse to restore."""
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+from mora_jax.train import checkpoint
+from tests.helpers import CONFIG, ROOT, assert_one_line_error, memes_overrides, run_script
+
+
+def test_food101_mora_checkpoint_holds_only_trainables_and_two_adam_moments(tmp_path):
+  """The published Food-101 MoRA recipe on ViT-B/16 widths: 164,965 trainable values (MORA.md: ~0.11%)."""
+  from tests.helpers import write_food101  # pylint: disable=import-outside-toplevel
+  write_food101(tmp_path / "raw")
+  workdir = tmp_path / "run"
+  flags = {"data_dir": tmp_path / "data", "manual_dir": tmp_path / "raw", "backbone.path": "",
+           "backbone.random_preset": "ViT-B/16", "preprocessing.max_length": 16, "batch_size": 8,
+           "eval.batch_size": 8, "max_steps": 1, "data_threads": 1}
+  run_script("train.py", ["--config", ROOT / "configs" / "food101_mora.py", "--workdir", workdir,
+                          *[f"--config.{k}={v}" for k, v in flags.items()]], timeout=600)
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", read_only=True)
+  tree = ckpt.manager.item_metadata(ckpt.latest_step())["state"].tree
+  leaves = {jax.tree_util.keystr(p): m.shape for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  params = {k: shape for k, shape in leaves.items() if k.startswith("['params']")}
+  moments = {k: shape for k, shape in leaves.items() if "['mu']" in k or "['nu']" in k}
+  size = lambda group: sum(int(np.prod(shape)) for shape in group.values())
+  assert size(params) == 164_965
+  assert size(moments) == 2 * 164_965
+  # Every parameter is an adapter factor/magnitude or the head (no frozen kernel, bias or embedding) ...
+  assert all(k.startswith(("['params']['adapter']", "['params']['head']")) for k in params)
+  assert not [k for k in params if "['head']" not in k and any(f"['{w}']" in k for w in ("kernel", "bias"))]
+  # ... and besides the moments the optimizer holds one step counter per partition; then step and RNG key.
+  others = {k: shape for k, shape in leaves.items() if k not in params and k not in moments}
+  assert all(k.endswith("['count']") and shape == () for k, shape in others.items() if k.startswith("['opt']"))
+  assert {k for k in others if not k.startswith("['opt']")} == {"['step']", "['rng']"}
+  stored = sum(f.stat().st_size for f in (workdir / "checkpoints").rglob("*") if f.is_file())
+  assert stored < 10 * 4 * 3 * 164_965  # parameters + 2 moments in float32, with room for metadata; no backbone
+  ckpt.close()
+
+
+def test_checkpointer_keeps_the_latest_and_the_best(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=1, metric="accuracy")
+  iterator = iter(grain.MapDataset.range(8).batch(2).to_iter_dataset())
+  for step, accuracy in enumerate([0.5, 0.9, 0.6, 0.7], start=1):
+    ckpt.save(step, {"w": np.full(2, step, np.float32)}, iterator, {"step": step}, metrics={"accuracy": accuracy})
+  ckpt.save(5, {"w": np.zeros(2, np.float32)}, iterator, {"step": 5})  # mid-epoch (SIGTERM), no metric
+  ckpt.wait()
+  assert ckpt.all_steps() == [2, 5]
+  ckpt.close()
+  # After a restart the best is still known (its metric is stored with it), ranked first and kept.
+  again = checkpoint.Checkpointer(tmp_path, keep=1, metric="accuracy")
+  assert again.steps_best_first("accuracy", best_step=None) == [2, 5]
+  again.save(6, {"w": np.zeros(2, np.float32)}, iterator, {"step": 6})
+  again.save(6, {"w": np.ones(2, np.float32)}, iterator, {"step": 6})  # already saved: kept as it is
+  again.wait()
+  assert again.all_steps() == [2, 6] and again.steps_best_first("accuracy", best_step=6) == [6, 2]
+  np.testing.assert_array_equal(
+      again.restore_state(6, {"w": jax.ShapeDtypeStruct((2,), np.float32)})["w"], np.zeros(2, np.float32))
+  again.close()
+
+
+def test_a_checkpoint_over_other_backbone_weights_is_refused():
+  meta = {"backbone": {"source": "openai/clip-vit-base-patch16", "sha256": "a" * 64}}
+  checkpoint.check_backbone(meta, {"source": "elsewhere", "sha256": "a" * 64}, "runs/x")
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r"another backbone: openai/clip-vit-base-patch16 "
+                     r"\(weights sha256 aaaaaaaaaaaa\), but local/dir \(sha256 bbbbbbbbbbbb\)"):
+    checkpoint.check_backbone(meta, {"source": "local/dir", "sha256": "b" * 64}, "runs/x")
+
+
+def test_checkpoint_of_another_method_is_refused(memes, one_device_run):
+  workdir = memes / "lora"
+  run_script("train.py", ["--config", ROOT / "configs" / "hateful_memes_lora.py", "--workdir", workdir,
+                          *memes_overrides(memes, max_steps=1)])
+  proc = run_script("train.py", ["--config", CONFIG, "--workdir", workdir, *memes_overrides(memes, max_steps=1)],
+                    check=False)
+  assert_one_line_error(proc.stderr, proc.returncode, "another config", "adapter.method: 'lora' -> 'mora'",
+                        "new --workdir")

@@ -1,0 +1,114 @@
+"""The training loop end to end on small fixtures: sharding parity, multi-host, resume, corrupt images.
+
+Runs that need another device count or several processes are subprocesses of the real scripts; the
+resume test runs the loop in this process so that SIGTERM arrives at an exact step.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mora_jax.train import checkpoint, config as config_lib, loop
+from tests.helpers import (CONFIG, ROOT, final_state, memes_config, memes_overrides, run_script, saved_test_results,
+                           train_losses, write_memes)
+
+
+def test_eight_devices_and_fsdp_give_the_one_device_losses(memes, one_device_run, eight_device_run):
+  fsdp = memes / "run_fsdp"
+  run_script("train.py", ["--config", CONFIG, "--workdir", fsdp,
+                          *memes_overrides(memes, max_steps=3, **{"mesh.fsdp": 4})], devices=8)
+  reference = train_losses(one_device_run)
+  assert len(reference) == 3
+  np.testing.assert_allclose(train_losses(eight_device_run), reference, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(train_losses(fsdp), reference, atol=1e-5, rtol=0)
+  assert json.loads((fsdp / "config.json").read_text())["mesh"] == {"data": -1, "fsdp": 4}
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_and_their_checkpoint_restores_in_one(memes, one_device_run):
+  reference = memes / "run_1x4"
+  run_script("train.py", ["--config", CONFIG, "--workdir", reference, *memes_overrides(memes, max_steps=3)],
+             devices=4)
+  workdir, port = memes / "run_2x2", _free_port()
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(ROOT)}
+  procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", CONFIG, "--workdir", str(workdir),
+                             *memes_overrides(memes, max_steps=3), "--coordinator_address", f"127.0.0.1:{port}",
+                             "--num_processes", "2", "--process_id", str(i)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  np.testing.assert_allclose(train_losses(workdir), train_losses(reference), atol=1e-5, rtol=0)
+  out = workdir / "in_one.json"
+  run_script("eval.py", ["--workdir", workdir, "--output", out], devices=4)
+  assert json.loads(out.read_text())["test"] == saved_test_results(workdir)
+
+
+def test_sigterm_then_resume_equals_a_straight_run_bitwise(memes, straight_run):
+  config = memes_config(memes, {"max_steps": 6})
+  resumed = memes / "resumed"
+
+  def preempt(step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(loop.Preempted, match="saved a checkpoint at step 3"):
+    loop.train(config, resumed, step_hook=preempt)
+  assert checkpoint.Checkpointer(resumed / "checkpoints", read_only=True).all_steps() == [3]
+  loop.train(config, resumed)
+  assert train_losses(resumed) == train_losses(straight_run)
+  (step_a, a), (step_b, b) = final_state(straight_run), final_state(resumed)
+  assert step_a == step_b == 6
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert saved_test_results(resumed) == saved_test_results(straight_run)
+
+
+def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(memes, straight_run):
+  """Killed right after the asynchronous save of step 4 starts; resuming (from step 3 or 4, whichever was
+  complete) ends with the parameters of the uninterrupted run (to 1e-6: the two runs are separate processes,
+  the straight one under the test session's jax flags)."""
+  workdir = memes / "killed"
+  flags = memes_overrides(memes, max_steps=6, **{"checkpoint.every_steps": 1})
+  script = ("import os, signal, sys; sys.argv = sys.argv[:1] + sys.argv[2:]; import train; "
+            "from mora_jax.train import loop; original = loop.train; "
+            "hook = lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == 4 else None; "
+            "loop.train = lambda *a, **k: original(*a, step_hook=hook, **k); train.main()")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, "-c", script, "-", "--config", CONFIG, "--workdir", str(workdir), *flags],
+                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  resumed = run_script("train.py", ["--config", CONFIG, "--workdir", workdir, *flags], devices=8)
+  assert "resumed from" in resumed.stdout + resumed.stderr
+  (_, a), (_, b) = final_state(workdir), final_state(straight_run)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=0), a, b)
+
+
+def test_corrupt_images_are_skipped_and_counted_when_asked(tmp_path):
+  write_memes(tmp_path / "raw", sizes=(("train", 32), ("dev", 8), ("test", 8)))
+  for meme in (5, 41):  # one train sample, one test sample
+    (tmp_path / "raw" / "img" / f"{meme:05d}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+  config = config_lib.load(CONFIG)
+  config_lib.apply_overrides(config, [tuple(flag[len("--config."):].split("=", 1)) for flag in memes_overrides(
+      tmp_path, epochs=1, skip_corrupt=True, **{"missing.rate": 0.0})])
+  results = loop.train(config, tmp_path / "run")
+  assert results["corrupt_skipped_in_training"] == 1
+  counts = {kind: r["corrupt_skipped"] for kind, r in results["test"].items()}
+  assert counts == {"complete": 1, "text_missing": 1, "image_missing": 0, "mix": 1}
+  assert results["test"]["complete"]["samples"] == 7 and results["test"]["image_missing"]["samples"] == 8
