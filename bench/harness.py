@@ -22,8 +22,21 @@ def parse_args(doc: str, default_batch: dict[str, int], repeats: int) -> argpars
   parser.add_argument("--repeats", type=int, default=repeats)
   args = parser.parse_args()
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), best of {args.repeats}")
+        f"({torch.get_num_threads()} threads), best of {args.repeats}; {host_peak()}")
   return args
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:
+  """The device's practical float32 matmul rate: a jitted size^3 matmul, best of `repeats`."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (size, size), jax.numpy.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  seconds = best_seconds(lambda: matmul(x).block_until_ready(), repeats)
+  return 2 * size**3 / seconds / 1e9
+
+
+def host_peak() -> str:
+  """The line that puts absolute times in context: machines of one kind differ 2.5-3x in speed."""
+  return f"practical float32 matmul peak {matmul_gflops():.1f} GFLOP/s (2048^3, same run)"
 
 
 def best_seconds(fn, repeats: int) -> float:

@@ -19,7 +19,7 @@ import torch
 
 from mora_jax import adapters, clip
 from adapters import NUM_CLASSES, jax_step, torch_step
-from harness import interleaved_best_seconds, random_batch, random_checkpoint
+from harness import host_peak, interleaved_best_seconds, random_batch, random_checkpoint
 
 DEFAULT_BATCH = {"tiny": 32, "ViT-B/16": 8}
 
@@ -73,7 +73,8 @@ def main():
                       help="instead of timing: compiled-step temporaries for these first adapted layers")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), torch "
-        f"{torch.__version__} ({torch.get_num_threads()} threads), {args.dtype}, best of {args.repeats}")
+        f"{torch.__version__} ({torch.get_num_threads()} threads), {args.dtype}, best of {args.repeats}; "
+        f"{host_peak()}")
   if args.start_layers:
     print("| config | batch | start layer | temporaries (MiB) |\n|---|---|---|---|")
     for name in args.configs:
