@@ -31,7 +31,7 @@ from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
 from mora_jax.train import evaluation
 from mora_jax.train import step as step_lib
-from mora_jax.train.job import CONFIG_FILE, EVAL_FILE, Job, build_job, check_writable, say, summary_lines
+from mora_jax.train.job import CONFIG_FILE, EVAL_FILE, Job, build_job, check_writable, manifest, say, summary_lines
 from mora_jax.train.writers import MetricWriter
 
 
@@ -115,7 +115,7 @@ def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
   `workdir` if it holds any (a damaged one is moved to checkpoints/damaged/)."""
   c = config
   check_writable(workdir / "checkpoints", "--workdir")
-  if not data.is_prepared(c.dataset, c.data_dir):
+  if not data.is_prepared(c.dataset, c.data_dir, manifest(c)):
     check_writable(Path(c.data_dir).expanduser(), "--config.data_dir")
   job = build_job(c)
   _check_batching(c)
