@@ -64,6 +64,9 @@ def expected_label(entry) -> np.ndarray:
 @pytest.mark.parametrize("multi_label", [False, True], ids=["single", "multi"])
 def test_a_manifest_loads_with_its_classes_splits_and_rows(tmp_path, suffix, multi_label):
   entries = manifest_rows(tmp_path, multi_label=multi_label)
+  entries[0]["text"] = ""  # a sample without text
+  if multi_label:
+    entries[1]["labels"] = []  # of none of the classes
   manifest = data.Manifest(write_manifest(tmp_path / f"my data{suffix}", entries))
   data_dir = tmp_path / "prepared"
   classes = data.classes(data.MANIFEST, data_dir, manifest=manifest)

@@ -84,7 +84,8 @@ def _csv_rows(path: Path, text: str):
     if None in fields or None in fields.values():  # more or fewer cells than the header has columns
       raise _error(path, reader.line_num, f"its cells do not match the {len(reader.fieldnames)} columns "
                    f"{reader.fieldnames}", "Give every row one cell per column (quote cells that hold commas).")
-    yield reader.line_num, {key: value for key, value in fields.items() if value != ""}  # "" = not given
+    # An empty cell is a value not given, but for a text ("" is none) or the class list of a multi-label row.
+    yield reader.line_num, {key: value for key, value in fields.items() if value != "" or key in ("text", "labels")}
 
 
 def _class_name(value, path: Path, line: int, key: str) -> str:
