@@ -94,9 +94,9 @@ def manifest(config: ml_collections.ConfigDict) -> data.Manifest | None:
   if not config.manifest.path:
     raise ValueError(f"dataset={data.MANIFEST!r} needs config.manifest.path: your .jsonl or .csv file "
                      "(docs/own_data.md).")
-  options = {k: v for k, v in config.manifest.items() if k != "metric"}
-  return data.Manifest(**{**options, "split_fractions": tuple(options["split_fractions"]),
-                          "classes": tuple(options["classes"])})
+  m = config.manifest
+  return data.Manifest(path=m.path, image_root=m.image_root, split_fractions=tuple(m.split_fractions), seed=m.seed,
+                       classes=tuple(m.classes))
 
 
 def selection_metric(config: ml_collections.ConfigDict, multi_label: bool) -> str:
