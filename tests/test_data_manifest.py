@@ -11,6 +11,7 @@ import pytest
 
 from mora_jax import data
 from mora_jax.data import preprocess, tokenizers
+from mora_jax.train import checkpoint
 from mora_jax.train import config as config_lib
 from mora_jax.train import job as job_lib
 from mora_jax.train import loop, recipes
@@ -131,13 +132,19 @@ def run_config(tmp_path, path, **extra):
 
 
 @pytest.mark.parametrize("suffix,multi_label,metric", [(".jsonl", False, "accuracy"), (".csv", True, "f1_macro")])
-def test_a_short_run_trains_and_tests_every_scenario(tmp_path, suffix, multi_label, metric):
-  path = write_manifest(tmp_path / f"m{suffix}", manifest_rows(tmp_path, multi_label=multi_label))
+def test_a_short_run_tests_every_scenario_and_does_not_resume_on_an_edited_manifest(tmp_path, suffix, multi_label,
+                                                                                     metric):
+  entries = manifest_rows(tmp_path, multi_label=multi_label)
+  path = write_manifest(tmp_path / f"m{suffix}", entries)
   results = loop.train(run_config(tmp_path, path), tmp_path / "run")
   saved = json.loads((tmp_path / "run" / "eval.json").read_text())
   assert saved["metric"] == results["metric"] == metric and saved["dataset"] == "manifest"
   assert set(saved["test"]) == set(data.SCENARIOS)
   assert all(r["samples"] == 6 and 0.0 <= r[metric] <= 1.0 for r in saved["test"].values())
+  entries[0]["text"] = "an edited text"
+  write_manifest(tmp_path / f"m{suffix}", entries)
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match="trained on manifest_m_.*the manifest changed since"):
+    loop.train(run_config(tmp_path, path), tmp_path / "run")
 
 
 def test_the_manifest_config_is_checked(tmp_path):

@@ -93,6 +93,7 @@ class Run:
   def meta(self) -> dict:
     """What every checkpoint records beside the state: config, backbone identity and the loop's progress."""
     return {"config": json.loads(config_lib.to_json(self.config)), "backbone": self.job.backbone.identity,
+            "data": self.train_ds.name,
             "loop": dataclasses.asdict(self.progress), "process_count": jax.process_count(),
             "steps_per_epoch": self.steps_per_epoch}
 
@@ -155,6 +156,7 @@ def _resume(run: Run) -> None:
     meta = ckpt.meta(step)
     checkpoint_lib.check_config(meta, c, str(run.workdir))
     checkpoint_lib.check_backbone(meta, run.job.backbone.identity, str(run.workdir))
+    checkpoint_lib.check_data(meta, run.train_ds.name, str(run.workdir))
     restored = ckpt.restore_state(step, abstract_state)
     if not ckpt.restore_data(step, run.train_iter):
       # Saved by another process count: each global batch is the same set of samples whatever the count,
