@@ -172,6 +172,10 @@ ERRORS = {
     "unlisted label": (lambda e: edit_line(e, 2, label="purple"), ".jsonl", {"classes": COLOURS}, 3,
                        r"label 'purple' is not in the class list .* add the class to manifest.classes"),
     "no label": (lambda e: edit_line(e, 4, label=None), ".jsonl", {}, 5, r'no "label". Give every row "label"'),
+    "some splits": (lambda e: edit_line(e, 8, split=None), ".jsonl", {}, 9,
+                    r'no "split", where other rows have one. Give every row a "split"'),
+    "bad base64": (lambda e: edit_line(e, 3, image_base64="not base64!"), ".csv", {}, 5,
+                   r'"image_base64" is not base64 .* Encode the image'),
 }
 
 
