@@ -70,12 +70,22 @@ def perturb_trainables(clf: adapters.Classifier, seed: int = 1) -> None:
 
 
 
+def coloured_png(rng: np.random.RandomState, channels) -> bytes:
+  """A random 40x40 PNG with the colour `channels` (0 red, 1 green, 2 blue) raised: a label a few training
+  steps can see."""
+  import io  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  pixels = rng.randint(0, 120, (40, 40, 3)).astype(np.uint8)
+  pixels[..., list(channels)] += 120
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, "PNG")
+  return buffer.getvalue()
+
+
 def write_memes(root, sizes=(("train", 64), ("dev", 16), ("test", 24)), seed=0) -> None:
   """A small Hateful Memes raw layout (img/<id>.png, <split>.jsonl) whose label is visible in the image
   colour and in the text, so a few steps already move the loss."""
-  import io  # pylint: disable=import-outside-toplevel
   import json  # pylint: disable=import-outside-toplevel
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   rng = np.random.RandomState(seed)
   (root / "img").mkdir(parents=True, exist_ok=True)
   meme = 0
@@ -84,11 +94,7 @@ def write_memes(root, sizes=(("train", 64), ("dev", 16), ("test", 24)), seed=0) 
     for _ in range(count):
       meme += 1
       label = int(rng.randint(2))
-      pixels = rng.randint(0, 120, (40, 40, 3)).astype(np.uint8)
-      pixels[..., label] += 120
-      buffer = io.BytesIO()
-      Image.fromarray(pixels).save(buffer, "PNG")
-      (root / "img" / f"{meme:05d}.png").write_bytes(buffer.getvalue())
+      (root / "img" / f"{meme:05d}.png").write_bytes(coloured_png(rng, [label]))
       words = ("kind", "nice", "good") if label == 0 else ("mean", "cruel", "bad")
       lines.append(json.dumps({"id": meme, "img": f"img/{meme:05d}.png", "label": label,
                                "text": f"a {words[rng.randint(3)]} meme number {meme}"}))

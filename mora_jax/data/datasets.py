@@ -1,4 +1,6 @@
-"""`load`: a prepared TFDS split as pipeline records, with its missing table and evaluation scenarios."""
+"""`load`: a prepared TFDS split as pipeline records, with its missing table and evaluation scenarios.
+
+A dataset is one of `BUILDERS` by name, or `MANIFEST` with a `Manifest` (your own data, builders/manifest.py)."""
 
 import dataclasses
 from pathlib import Path
@@ -8,7 +10,7 @@ import tensorflow_datasets as tfds
 
 from mora_jax.data import missing as missing_lib
 from mora_jax.data import pipeline
-from mora_jax.data.builders import easy_vqa, manual
+from mora_jax.data.builders import easy_vqa, manifest as manifest_lib, manual
 
 BUILDERS = {
     "easy_vqa": easy_vqa.EasyVqa,
@@ -16,6 +18,7 @@ BUILDERS = {
     "upmc_food101": manual.UpmcFood101,
     "hateful_memes": manual.HatefulMemes,
 }
+MANIFEST = "manifest"  # the dataset name of a manifest of your own data
 SCENARIOS = ("complete", "text_missing", "image_missing", "mix")
 
 
@@ -67,13 +70,15 @@ def _classes(builder: tfds.core.DatasetBuilder) -> Classes:
   label = features["label"]
   multi_label = not isinstance(label, tfds.features.ClassLabel)
   group = features[pipeline.GROUP_FEATURE] if pipeline.GROUP_FEATURE in features else None
-  return Classes(names=manual.MMIMDB_GENRES if multi_label else tuple(label.names), multi_label=multi_label,
+  # A multi-hot label is a plain tensor; its builder names the classes (MM-IMDb's genres, a manifest's).
+  return Classes(names=tuple(builder.CLASSES) if multi_label else tuple(label.names), multi_label=multi_label,
                  group_names=tuple(group.names) if group is not None else ())
 
 
-def classes(name: str, data_dir: str | Path, manual_dir: str | Path | None = None, log=print) -> Classes:
+def classes(name: str, data_dir: str | Path, manual_dir: str | Path | None = None, log=print,
+            manifest: manifest_lib.Manifest | None = None) -> Classes:
   """The dataset's classes (prepared first if it is not yet)."""
-  return _classes(prepare(name, data_dir, manual_dir, log))
+  return _classes(prepare(name, data_dir, manual_dir, log, manifest))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,18 +108,33 @@ class Dataset:
     return dataclasses.replace(self, table=np.full_like(self.table, codes[kind]))
 
 
-def is_prepared(name: str, data_dir: str | Path) -> bool:
-  """Whether `data_dir` already holds the prepared files of dataset `name`."""
-  return name in BUILDERS and BUILDERS[name](data_dir=str(data_dir)).is_prepared()
-
-
-def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = None, log=print
-            ) -> tfds.core.DatasetBuilder:
-  """Builds the dataset once per data_dir (with a progress bar); later calls reuse the prepared files. What a
-  build leaves out (the builder's `build_notes`) is passed to `log`."""
+def _builder(name: str, data_dir: str | Path, manifest: manifest_lib.Manifest | None) -> tfds.core.DatasetBuilder:
+  if name == MANIFEST:
+    if manifest is None:
+      raise ValueError(f"dataset {MANIFEST!r} needs a manifest: set config.manifest.path to your .jsonl or .csv "
+                       "file (docs/own_data.md).")
+    return manifest_lib.ManifestBuilder(manifest, data_dir=str(data_dir))
   if name not in BUILDERS:
-    raise ValueError(f"Unknown dataset {name!r}; known: {sorted(BUILDERS)}.")
-  builder = BUILDERS[name](data_dir=str(data_dir))
+    raise ValueError(f"Unknown dataset {name!r}; known: {sorted(BUILDERS)}, or {MANIFEST!r} for your own data.")
+  return BUILDERS[name](data_dir=str(data_dir))
+
+
+def _key(name: str, builder: tfds.core.DatasetBuilder) -> str:
+  """The dataset's name in missing-table files and messages; a manifest's carries its stem and content hash."""
+  config = builder.builder_config_name
+  return f"{name}_{config}" if config else name
+
+
+def is_prepared(name: str, data_dir: str | Path, manifest: manifest_lib.Manifest | None = None) -> bool:
+  """Whether `data_dir` already holds the prepared files of dataset `name` (of that manifest)."""
+  return (name in BUILDERS or name == MANIFEST) and _builder(name, data_dir, manifest).is_prepared()
+
+
+def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = None, log=print,
+            manifest: manifest_lib.Manifest | None = None) -> tfds.core.DatasetBuilder:
+  """Builds the dataset once per data_dir (with a progress bar); later calls reuse the prepared files. What a
+  build leaves out (the builder's `build_notes`) is passed to `log`. `manifest`: the file of dataset MANIFEST."""
+  builder = _builder(name, data_dir, manifest)
   if manual_dir is None and builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not builder.is_prepared():
     cls = type(builder).__name__
     raise FileNotFoundError(
@@ -130,22 +150,23 @@ def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = Non
 
 def load(name: str, split: str, data_dir: str | Path, manual_dir: str | Path | None = None,
          missing: missing_lib.Missing = missing_lib.Missing(), one_sample_per_text: bool = True,
-         log=print) -> Dataset:
+         log=print, manifest: manifest_lib.Manifest | None = None) -> Dataset:
   """A prepared split with its missing table from `data_dir/missing_tables`: a provided one (the authors'
   `.pt` files under their names, `missing.provided_table_names`) when placed there, else one generated from
   the seed and cached there. `log` gets one line saying which. The table is per base sample (an MM-IMDb movie's
-  plots share it), entry i for source row i."""
-  builder = prepare(name, data_dir, manual_dir, log)
+  plots share it), entry i for source row i. A manifest's tables are named after its `_key`."""
+  builder = prepare(name, data_dir, manual_dir, log, manifest)
+  key = _key(name, builder)
   if split not in builder.info.splits:
-    raise ValueError(f"{name} has no split {split!r}; it has {sorted(builder.info.splits)}.")
+    raise ValueError(f"{key} has no split {split!r}; it has {sorted(builder.info.splits)}.")
   source = builder.as_data_source(split)
   view = _TextView(source, one_sample_per_text, f"{builder.data_dir}, split {split}")
   for row in sorted({0, len(source) - 1} - {-1}):  # both ends before any training: misordered files fail here
     view.record(row)
-  table = missing_lib.load_or_build(Path(data_dir) / "missing_tables", name, split, len(source), missing)
-  log(f"{name}/{split}: missing {missing.type} {missing.rate}: {table.describe()}")
+  table = missing_lib.load_or_build(Path(data_dir) / "missing_tables", key, split, len(source), missing)
+  log(f"{key}/{split}: missing {missing.type} {missing.rate}: {table.describe()}")
   labels = _classes(builder)
-  return Dataset(name=name, split=split, source=view, table=table.codes[view.base_index],
+  return Dataset(name=key, split=split, source=view, table=table.codes[view.base_index],
                  class_names=labels.names, multi_label=labels.multi_label, missing=missing,
                  group_names=labels.group_names)
 

@@ -90,8 +90,16 @@ def softmax_auroc(logits, labels, valid=None) -> float:
 PRIMARY = {"mm_imdb": "f1_macro", "hateful_memes": "auroc"}
 
 
-def primary(dataset: str) -> str:
-  return PRIMARY.get(dataset, "accuracy")
+def primary(dataset: str, multi_label: bool = False) -> str:
+  """The dataset's selection metric; for others (a manifest) accuracy, or F1 macro when multi-label."""
+  return PRIMARY.get(dataset, "f1_macro" if multi_label else "accuracy")
+
+
+def names(multi_label: bool, num_classes: int) -> tuple[str, ...]:
+  """The metrics `summary` gives for such labels (besides per-group accuracies)."""
+  if multi_label:
+    return ("f1_macro", "f1_micro", "f1_samples")
+  return ("accuracy", "auroc") if num_classes == 2 else ("accuracy",)
 
 
 def summary(dataset: str, logits, labels, valid=None, multi_label: bool = False, groups=None,

@@ -215,6 +215,16 @@ def check_config(meta: dict, config, where: str) -> None:
         + ". Use a new --workdir, or the config it was trained with (its config.json).")
 
 
+def check_data(meta: dict, data_name: str, where: str) -> None:
+  """Refuses to resume on other training data than the checkpoint's: a manifest edited since (a manifest's
+  prepared name carries its content hash; a published dataset's is its name, which the config fixes)."""
+  saved = meta.get("data", data_name)  # checkpoints written before meta recorded it
+  if saved != data_name:
+    raise IncompatibleCheckpoint(
+        f"{where} holds checkpoints trained on {saved}, but the training data is now {data_name}: the manifest "
+        "changed since. Restore the manifest the run was trained on, or train in a new --workdir.")
+
+
 def check_backbone(meta: dict, identity: dict, where: str) -> None:
   """Refuses adapters trained over other backbone weights than the ones loaded now."""
   saved = meta["backbone"]

@@ -72,7 +72,7 @@ class Job:
 
   @property
   def metric(self) -> str:
-    return metrics_lib.primary(self.config.dataset)
+    return selection_metric(self.config, self.multi_label)
 
   def load(self, split: str, missing: data.Missing | None = None) -> data.Dataset:
     return load_split(self.config, split, missing)
@@ -85,6 +85,34 @@ class Job:
                         prep=self.prep, process_index=jax.process_index(), process_count=jax.process_count(),
                         accum_steps=accum_steps, num_threads=self.config.data_threads,
                         skip_corrupt=self.config.skip_corrupt)
+
+
+def manifest(config: ml_collections.ConfigDict) -> data.Manifest | None:
+  """The manifest of dataset "manifest" (None for the others)."""
+  if config.dataset != data.MANIFEST:
+    return None
+  if not config.manifest.path:
+    raise ValueError(f"dataset={data.MANIFEST!r} needs config.manifest.path: your .jsonl or .csv file "
+                     "(docs/own_data.md).")
+  m = config.manifest
+  return data.Manifest(path=m.path, image_root=m.image_root, split_fractions=tuple(m.split_fractions), seed=m.seed,
+                       classes=tuple(m.classes))
+
+
+def selection_metric(config: ml_collections.ConfigDict, multi_label: bool) -> str:
+  """What validation maximises: the dataset's primary metric, or a manifest's config.manifest.metric."""
+  chosen = config.manifest.metric if config.dataset == data.MANIFEST else ""
+  return chosen or metrics_lib.primary(config.dataset, multi_label)
+
+
+def check_metric(config: ml_collections.ConfigDict, classes: data.Classes) -> None:
+  """A manifest's chosen metric must be one that evaluation measures for its labels."""
+  available = metrics_lib.names(classes.multi_label, len(classes.names))
+  if selection_metric(config, classes.multi_label) not in available:
+    raise ValueError(f"config.manifest.metric={config.manifest.metric!r} is not measured for this manifest "
+                     f"({'multi-label' if classes.multi_label else 'single-label'}, {len(classes.names)} classes); "
+                     f"use one of {available}, or \"\" for {metrics_lib.primary(config.dataset, classes.multi_label)}"
+                     ".")
 
 
 def _check_manual_dir(config: ml_collections.ConfigDict) -> None:
@@ -110,7 +138,7 @@ def load_split(config: ml_collections.ConfigDict, split: str, missing: data.Miss
   return _main_process_first(
       lambda: data.load(config.dataset, split, config.data_dir, config.manual_dir or None,
                         missing or data.Missing(**config.missing), one_sample_per_text=config.one_sample_per_text,
-                        log=say), f"{config.dataset}/{split}")
+                        log=say, manifest=manifest(config)), f"{config.dataset}/{split}")
 
 
 def build_job(config: ml_collections.ConfigDict) -> Job:
@@ -121,7 +149,10 @@ def build_job(config: ml_collections.ConfigDict) -> Job:
   prep = data.Preprocessing(image=backbone.image_processing, **config.preprocessing)
   _check_manual_dir(config)
   classes = _main_process_first(
-      lambda: data.classes(config.dataset, config.data_dir, config.manual_dir or None, log=say), config.dataset)
+      lambda: data.classes(config.dataset, config.data_dir, config.manual_dir or None, log=say,
+                           manifest=manifest(config)), config.dataset)
+  if config.dataset == data.MANIFEST:
+    check_metric(config, classes)
   clf = adapters.build_classifier(backbone.model, adapters.from_config(config.adapter.to_dict()),
                                   len(classes.names), classes.multi_label, seed=config.seed,
                                   head=config.head.type, head_hidden=config.head.hidden)

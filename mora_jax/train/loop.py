@@ -31,7 +31,7 @@ from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
 from mora_jax.train import evaluation
 from mora_jax.train import step as step_lib
-from mora_jax.train.job import CONFIG_FILE, EVAL_FILE, Job, build_job, check_writable, say, summary_lines
+from mora_jax.train.job import CONFIG_FILE, EVAL_FILE, Job, build_job, check_writable, manifest, say, summary_lines
 from mora_jax.train.writers import MetricWriter
 
 
@@ -93,6 +93,7 @@ class Run:
   def meta(self) -> dict:
     """What every checkpoint records beside the state: config, backbone identity and the loop's progress."""
     return {"config": json.loads(config_lib.to_json(self.config)), "backbone": self.job.backbone.identity,
+            "data": self.train_ds.name,
             "loop": dataclasses.asdict(self.progress), "process_count": jax.process_count(),
             "steps_per_epoch": self.steps_per_epoch}
 
@@ -115,7 +116,7 @@ def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
   `workdir` if it holds any (a damaged one is moved to checkpoints/damaged/)."""
   c = config
   check_writable(workdir / "checkpoints", "--workdir")
-  if not data.is_prepared(c.dataset, c.data_dir):
+  if not data.is_prepared(c.dataset, c.data_dir, manifest(c)):
     check_writable(Path(c.data_dir).expanduser(), "--config.data_dir")
   job = build_job(c)
   _check_batching(c)
@@ -155,6 +156,7 @@ def _resume(run: Run) -> None:
     meta = ckpt.meta(step)
     checkpoint_lib.check_config(meta, c, str(run.workdir))
     checkpoint_lib.check_backbone(meta, run.job.backbone.identity, str(run.workdir))
+    checkpoint_lib.check_data(meta, run.train_ds.name, str(run.workdir))
     restored = ckpt.restore_state(step, abstract_state)
     if not ckpt.restore_data(step, run.train_iter):
       # Saved by another process count: each global batch is the same set of samples whatever the count,

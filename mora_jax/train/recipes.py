@@ -33,6 +33,13 @@ def base() -> ml_collections.ConfigDict:
   c.data_dir = "data"  # prepared TFDS files and cached missing tables
   c.manual_dir = ""  # the raw downloads of mm_imdb / upmc_food101 / hateful_memes (see their instructions)
   c.one_sample_per_text = True  # MM-IMDb: one sample per plot, in training and evaluation
+  # dataset="manifest": your own data, one row per sample in a .jsonl or .csv `path` (docs/own_data.md).
+  # image_root: where relative image paths start ("" = the manifest's folder). split_fractions (train,
+  # validation, test) and seed split a manifest without a "split" column. classes: the class list in the head's
+  # order (() = the sorted names in the manifest). metric: the selection metric ("" = accuracy, or f1_macro
+  # when multi-label; also auroc for two classes, f1_micro, f1_samples).
+  c.manifest = ml_collections.ConfigDict(dict(path="", image_root="", split_fractions=(0.8, 0.1, 0.1), seed=0,
+                                              classes=(), metric=""))
   c.missing = ml_collections.ConfigDict(dict(rate=0.7, type="both", seed=0))
   # Image size, crop, resample, mean and std come from the backbone checkpoint's preprocessor_config.json.
   # transparency: "drop" (the authors' convert("RGB")) or "white" (transformers composites onto white).

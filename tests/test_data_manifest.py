@@ -1,0 +1,200 @@
+"""Your own data: a jsonl or csv manifest (single- or multi-label) through data.load, the pipeline and a short
+training run per missing scenario; and errors that name the manifest, the line and the fix."""
+
+import base64
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+
+from mora_jax import data
+from mora_jax.data import preprocess, tokenizers
+from mora_jax.train import checkpoint
+from mora_jax.train import config as config_lib
+from mora_jax.train import job as job_lib
+from mora_jax.train import loop, recipes
+from tests.helpers import coloured_png
+
+COLOURS = ("red", "green", "blue")  # sorted: blue, green, red
+SPLIT_CYCLE = ("train", "train", "train", "train", "validation", "test")  # 24 / 6 / 6 of 36 rows
+
+
+def manifest_rows(root, rows=36, multi_label=False, seed=0) -> list[dict]:
+  """Rows whose colour names are visible in the image (img/<id>.png, every 6th inline) and in the text."""
+  rng = np.random.RandomState(seed)
+  (root / "img").mkdir(parents=True, exist_ok=True)
+  entries = []
+  for i in range(rows):
+    channels = sorted(rng.choice(3, rng.randint(1, 3), replace=False)) if multi_label else [rng.randint(3)]
+    names = [COLOURS[c] for c in channels]
+    entry = {"id": f"s{i:02d}", "text": f"a {' and '.join(names)} square", "split": SPLIT_CYCLE[i % 6]}
+    entry.update({"labels": names} if multi_label else {"label": names[0]})
+    png = coloured_png(rng, channels)
+    if i % 6 == 3:
+      entry["image_base64"] = base64.b64encode(png).decode()
+    else:
+      (root / "img" / f"s{i:02d}.png").write_bytes(png)
+      entry["image"] = f"img/s{i:02d}.png"
+    entries.append(entry)
+  return entries
+
+
+def write_manifest(path, entries) -> str:
+  """`entries` as .jsonl, or as .csv with columns for every key (a "labels" list joined by "|")."""
+  if path.suffix == ".jsonl":
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return str(path)
+  columns = list(dict.fromkeys(k for e in entries for k in e))
+  with path.open("w", newline="") as file:
+    writer = csv.DictWriter(file, columns)
+    writer.writeheader()
+    writer.writerows({k: "|".join(v) if isinstance(v, list) else v for k, v in e.items()} for e in entries)
+  return str(path)
+
+
+def expected_label(entry) -> np.ndarray:
+  names = sorted(COLOURS)
+  if "labels" in entry:
+    return np.isin(names, entry["labels"]).astype(np.int8)
+  return np.asarray(names.index(entry["label"]))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+@pytest.mark.parametrize("multi_label", [False, True], ids=["single", "multi"])
+def test_a_manifest_loads_with_its_classes_splits_and_rows(tmp_path, suffix, multi_label):
+  entries = manifest_rows(tmp_path, multi_label=multi_label)
+  entries[0]["text"] = ""  # a sample without text
+  if multi_label:
+    entries[1]["labels"] = []  # of none of the classes
+  manifest = data.Manifest(write_manifest(tmp_path / f"my data{suffix}", entries))
+  data_dir = tmp_path / "prepared"
+  classes = data.classes(data.MANIFEST, data_dir, manifest=manifest)
+  assert classes.names == ("blue", "green", "red") and classes.multi_label == multi_label
+  logged = []
+  for split, count in (("train", 24), ("validation", 6), ("test", 6)):
+    ds = data.load(data.MANIFEST, split, data_dir, missing=data.Missing(rate=0.5), manifest=manifest,
+                   log=logged.append)
+    assert len(ds.source) == count and ds.multi_label == multi_label
+    assert ds.name.startswith("manifest_my_data_")
+    own = [e for e in entries if e["split"] == split]
+    for row, entry in enumerate(own):
+      record = ds.source[row]
+      assert int(record["row"]) == row and record["id"].decode() == entry["id"]
+      assert record["text"].decode() == entry["text"]
+      np.testing.assert_array_equal(record["label"], expected_label(entry))
+  assert (data_dir / "missing_tables" / f"{ds.name}_test_missing_both_0.5_seed0.npy").is_file()
+  assert f"{ds.name}/test: missing both 0.5: generated from seed 0" in logged[-1]
+  tokenizer = tokenizers.byte_level_clip_tokenizer(tmp_path / "tok")
+  prep = data.Preprocessing(image=preprocess.ImageProcessing.clip(32), max_length=16)
+  (batch,) = list(data.batches(ds, 8, tokenizer, train=False, prep=prep))
+  assert batch["pixel_values"].shape == (8, 3, 32, 32) and batch["valid"].sum() == 6
+  np.testing.assert_array_equal(batch["label"][:6], [expected_label(e) for e in entries if e["split"] == "test"])
+
+
+def test_without_a_split_column_rows_are_split_by_the_seeded_fractions(tmp_path):
+  entries = [{k: v for k, v in e.items() if k != "split"} for e in manifest_rows(tmp_path)]
+  path = write_manifest(tmp_path / "m.jsonl", entries)
+  ids = {}
+  for split in ("train", "validation", "test"):
+    ds = data.load(data.MANIFEST, split, tmp_path / "prepared", log=lambda _: None,
+                   manifest=data.Manifest(path, split_fractions=(0.5, 0.25, 0.25), seed=3))
+    ids[split] = [ds.source[i]["id"].decode() for i in range(len(ds.source))]
+  assert [len(v) for v in ids.values()] == [18, 9, 9]
+  assert sorted(sum(ids.values(), [])) == sorted(e["id"] for e in entries)
+  assert all(v == sorted(v) for v in ids.values())  # manifest order within a split
+  other_seed = data.Manifest(path, split_fractions=(0.5, 0.25, 0.25), seed=4)
+  other = data.load(data.MANIFEST, "test", tmp_path / "prepared", log=lambda _: None, manifest=other_seed)
+  assert [other.source[i]["id"].decode() for i in range(9)] != ids["test"]
+
+
+def test_editing_the_manifest_prepares_it_again_under_another_name(tmp_path):
+  entries = manifest_rows(tmp_path)
+  path = write_manifest(tmp_path / "m.csv", entries)
+  first = data.load(data.MANIFEST, "test", tmp_path / "prepared", log=lambda _: None, manifest=data.Manifest(path))
+  assert data.is_prepared(data.MANIFEST, tmp_path / "prepared", data.Manifest(path))
+  entries[5]["text"] = "an edited text"  # a test row
+  write_manifest(tmp_path / "m.csv", entries)
+  assert not data.is_prepared(data.MANIFEST, tmp_path / "prepared", data.Manifest(path))
+  second = data.load(data.MANIFEST, "test", tmp_path / "prepared", log=lambda _: None, manifest=data.Manifest(path))
+  assert first.name != second.name and second.source[0]["text"] == b"an edited text"
+  assert len(list((tmp_path / "prepared" / "manifest").iterdir())) == 2
+
+
+def run_config(tmp_path, path, **extra):
+  config = recipes.base()
+  values = {"dataset": "manifest", "manifest.path": path, "data_dir": tmp_path / "prepared", "backbone.path": "",
+            "backbone.random_preset": "tiny", "adapter.start_layer": 1, "preprocessing.max_length": 24,
+            "batch_size": 16, "eval.batch_size": 16, "epochs": 1, "max_steps": 2, "data_threads": 1, **extra}
+  config_lib.apply_overrides(config, [(key, str(value)) for key, value in values.items()])
+  return config
+
+
+@pytest.mark.parametrize("suffix,multi_label,metric", [(".jsonl", False, "accuracy"), (".csv", True, "f1_macro")])
+def test_a_short_run_tests_every_scenario_and_does_not_resume_on_an_edited_manifest(tmp_path, suffix, multi_label,
+                                                                                     metric):
+  entries = manifest_rows(tmp_path, multi_label=multi_label)
+  path = write_manifest(tmp_path / f"m{suffix}", entries)
+  results = loop.train(run_config(tmp_path, path), tmp_path / "run")
+  saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+  assert saved["metric"] == results["metric"] == metric and saved["dataset"] == "manifest"
+  assert set(saved["test"]) == set(data.SCENARIOS)
+  assert all(r["samples"] == 6 and 0.0 <= r[metric] <= 1.0 for r in saved["test"].values())
+  entries[0]["text"] = "an edited text"
+  write_manifest(tmp_path / f"m{suffix}", entries)
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match="trained on manifest_m_.*the manifest changed since"):
+    loop.train(run_config(tmp_path, path), tmp_path / "run")
+
+
+def test_the_manifest_config_is_checked(tmp_path):
+  config = run_config(tmp_path, "")
+  with pytest.raises(ValueError, match="needs config.manifest.path"):
+    job_lib.manifest(config)
+  config.manifest.metric = "auroc"
+  with pytest.raises(ValueError, match=r"manifest.metric='auroc' is not measured .*3 classes.*f1_macro"):
+    job_lib.check_metric(config, data.Classes(names=COLOURS, multi_label=True))
+
+
+def edit_line(entries, index, **changes):
+  entries[index] = {k: v for k, v in {**entries[index], **changes}.items() if v is not None}
+  return entries
+
+
+# (edit of the valid rows, manifest suffix, options, line of the error, what the error says)
+ERRORS = {
+    "missing image": (lambda e: edit_line(e, 6, image="img/nowhere.png"), ".jsonl", {}, 7,
+                      r"image .*img/nowhere.png not found. Fix the path"),
+    "bad json": (lambda e: e, ".jsonl", {}, 37, r"not a JSON object .* one JSON object per line"),
+    "csv cells": (lambda e: e, ".csv", {}, 38, r"its cells do not match the .* columns .* one cell per column"),
+    "unknown split": (lambda e: edit_line(e, 9, split="val"), ".csv", {}, 11,
+                      r"unknown split 'val'. Use one of train, validation, test"),
+    "unlisted label": (lambda e: edit_line(e, 2, label="purple"), ".jsonl", {"classes": COLOURS}, 3,
+                       r"label 'purple' is not in the class list .* add the class to manifest.classes"),
+    "no label": (lambda e: edit_line(e, 4, label=None), ".jsonl", {}, 5, r'no "label". Give every row "label"'),
+    "some splits": (lambda e: edit_line(e, 8, split=None), ".jsonl", {}, 9,
+                    r'no "split", where other rows have one. Give every row a "split"'),
+    "bad base64": (lambda e: edit_line(e, 3, image_base64="not base64!"), ".csv", {}, 5,
+                   r'"image_base64" is not base64 .* Encode the image'),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_errors_name_the_manifest_the_line_and_the_fix(tmp_path, case):
+  edit, suffix, options, line, message = ERRORS[case]
+  path = write_manifest(tmp_path / f"m{suffix}", edit(manifest_rows(tmp_path)))
+  if case == "bad json":
+    with open(path, "a") as file:
+      file.write('{"id": "broken", "text": \n')
+  if case == "csv cells":
+    with open(path, "a") as file:
+      file.write("s99,a text,train,red,img/s00.png,extra,cells\n")
+  with pytest.raises((ValueError, FileNotFoundError), match=f"{re.escape(path)}, line {line}: {message}"):
+    data.load(data.MANIFEST, "train", tmp_path / "prepared", manifest=data.Manifest(path, **options))
+
+
+def test_an_empty_split_is_an_error(tmp_path):
+  entries = [e for e in manifest_rows(tmp_path) if e["split"] != "validation"]
+  path = write_manifest(tmp_path / "m.jsonl", entries)
+  with pytest.raises(ValueError, match=rf"manifest {re.escape(path)}: split 'validation' has no rows. Give it some"):
+    data.classes(data.MANIFEST, tmp_path / "prepared", manifest=data.Manifest(path))
