@@ -1,0 +1,88 @@
+"""config.init_from: a fresh run starts from another run's adapters and head, or from a PEFT directory; a
+resumed run keeps its own; a different adapter is refused."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from mora_jax import adapters, sharding
+from mora_jax.adapters import peft as peft_io
+from mora_jax.train import cli, config as config_lib, loop
+from tests.helpers import ROOT, assert_one_line_error, final_state, memes_config, memes_overrides
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  """path -> numpy leaf, for nnx.State trees and the plain dicts a checkpoint restores to alike."""
+  key = lambda entry: str(getattr(entry, "key", getattr(entry, "name", entry)))  # noqa: E731
+  return {"/".join(map(key, path)): np.asarray(sharding.replicated_value(leaf) if isinstance(leaf, jax.Array)
+                                               else leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def assert_trees_equal(a, b):
+  a, b = flat(a), flat(b)
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def start(config, workdir):
+  """A started run's trained parameters and its init_from record; the run is closed."""
+  run = loop.start(config, workdir)
+  run.ckpt.close()
+  run.writer.close()
+  return run.state["params"], run.progress.init_from
+
+
+def test_init_from_a_finished_run_restores_its_adapters_and_head_exactly(memes, one_device_run, tmp_path):
+  step, source = final_state(one_device_run)
+  params, record = start(memes_config(memes, {"init_from": one_device_run}), tmp_path / "run")
+  assert record == {"source": str(one_device_run), "kind": "run", "step": step, "head": True}
+  assert_trees_equal(params, source["params"])  # bitwise: adapters and head (same classes, same head)
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["init_from"] == str(one_device_run)
+
+  # Another head type: the adapters still come, the head starts fresh.
+  params, record = start(memes_config(memes, {"init_from": one_device_run / "checkpoints" / str(step),
+                                              "head.type": "mlp"}), tmp_path / "mlp")
+  assert record["head"] is False
+  assert_trees_equal(params["adapter"], source["params"]["adapter"])
+
+
+def test_a_resumed_run_does_not_re_apply_init_from(memes, one_device_run, tmp_path):
+  config = memes_config(memes, {"init_from": one_device_run})
+  run = loop.start(config, tmp_path / "run")
+  run.state["params"] = jax.tree.map(lambda x: x + 1, run.state["params"])  # as if it had trained since
+  run.save()
+  run.ckpt.wait()
+  expected = run.state["params"]
+  run.ckpt.close()
+  run.writer.close()
+  params, record = start(config, tmp_path / "run")
+  assert_trees_equal(params, expected)
+  assert record["source"] == str(one_device_run)  # the record of its first start, from its checkpoint
+
+
+def test_init_from_a_peft_directory(memes, one_device_run, tmp_path):
+  lora = config_lib.load(ROOT / "configs" / "hateful_memes_lora.py")
+  config_lib.apply_overrides(lora, [tuple(flag[len("--config."):].split("=", 1)) for flag in memes_overrides(memes)])
+  # A LoRA run's adapters moved off their init, exported to PEFT.
+  run = loop.start(lora, tmp_path / "source")
+  clf = adapters.join(run.job.graphdef, {"backbone": run.job.params["backbone"],
+                                         **jax.tree.map(lambda x: x + 0.5, run.state["params"])})
+  expected = adapters.split(clf)[1]["adapter"]
+  run.ckpt.close()
+  run.writer.close()
+  peft_io.save(clf, tmp_path / "peft")
+  lora.init_from = str(tmp_path / "peft")
+  params, record = start(lora, tmp_path / "run")
+  assert record == {"source": str(tmp_path / "peft"), "kind": "peft", "step": None, "head": False}
+  assert_trees_equal(params["adapter"], expected)  # bitwise: float32 through safetensors, transposed twice
+
+
+def test_a_different_adapter_is_refused_in_one_line(memes, one_device_run, tmp_path, capsys):
+  flags = memes_overrides(memes, init_from=one_device_run, **{"adapter.rank": 4})
+  code = cli.train_main(["--config", str(ROOT / "configs" / "hateful_memes_mora.py"), "--workdir",
+                         str(tmp_path / "run"), *flags])
+  assert_one_line_error(capsys.readouterr().err, code, "init_from", "adapter.rank: 8 -> 4")
