@@ -7,9 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from mora_jax import adapters, sharding
-from mora_jax.adapters import peft as peft_io
-from mora_jax.train import cli, config as config_lib, loop
+from mora_jax import sharding
+from mora_jax.train import cli, config as config_lib, evaluation, loop
 from tests.helpers import ROOT, assert_one_line_error, final_state, memes_config, memes_overrides
 
 
@@ -64,21 +63,25 @@ def test_a_resumed_run_does_not_re_apply_init_from(memes, one_device_run, tmp_pa
   assert record["source"] == str(one_device_run)  # the record of its first start, from its checkpoint
 
 
-def test_init_from_a_peft_directory(memes, one_device_run, tmp_path):
+def test_init_from_a_peft_export_restores_adapters_and_head(memes, one_device_run, tmp_path):
   lora = config_lib.load(ROOT / "configs" / "hateful_memes_lora.py")
   config_lib.apply_overrides(lora, [tuple(flag[len("--config."):].split("=", 1)) for flag in memes_overrides(memes)])
-  # A LoRA run's adapters moved off their init, exported to PEFT.
+  # A LoRA run's parameters moved off their init, exported as eval.py --export_peft does.
   run = loop.start(lora, tmp_path / "source")
-  clf = adapters.join(run.job.graphdef, {"backbone": run.job.params["backbone"],
-                                         **jax.tree.map(lambda x: x + 0.5, run.state["params"])})
-  expected = adapters.split(clf)[1]["adapter"]
+  trained = jax.tree.map(lambda x: x + 0.5, run.state["params"])
   run.ckpt.close()
   run.writer.close()
-  peft_io.save(clf, tmp_path / "peft")
+  evaluation.export_peft_adapter(run.job, trained, tmp_path / "peft")
   lora.init_from = str(tmp_path / "peft")
   params, record = start(lora, tmp_path / "run")
-  assert record == {"source": str(tmp_path / "peft"), "kind": "peft", "step": None, "head": False}
-  assert_trees_equal(params["adapter"], expected)  # bitwise: float32 through safetensors, transposed twice
+  assert record == {"source": str(tmp_path / "peft"), "kind": "peft", "step": None, "head": True}
+  assert_trees_equal(params, trained)  # bitwise: float32 through safetensors (the factors transposed twice)
+
+
+def test_export_peft_refuses_mora_before_evaluating(one_device_run, tmp_path, capsys):
+  code = cli.eval_main(["--workdir", str(one_device_run), "--export_peft", str(tmp_path / "peft")])
+  assert_one_line_error(capsys.readouterr().err, code, "no PEFT type", "--export_hf")
+  assert not (tmp_path / "peft").exists()
 
 
 def test_a_different_adapter_is_refused_in_one_line(memes, one_device_run, tmp_path, capsys):

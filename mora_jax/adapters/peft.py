@@ -62,11 +62,16 @@ def _no_peft_type(adapter) -> str:
           "its checkpoint with eval.py.")
 
 
+def check_exportable(cfg) -> None:
+  """Refuses an adapter config that has no PEFT type, saying what to export instead."""
+  if not isinstance(cfg, (LoRAConfig, DoRAConfig)):
+    raise ValueError(_no_peft_type(cfg))
+
+
 def to_peft(clf) -> tuple[dict[str, np.ndarray], dict]:
   """A LoRA or DoRA classifier's adapters as PEFT's (tensors, adapter_config.json contents)."""
   cfg = clf.adapter
-  if not isinstance(cfg, (LoRAConfig, DoRAConfig)):
-    raise ValueError(_no_peft_type(cfg))
+  check_exportable(cfg)
   tensors, modules = {}, []
   for target in common.targets(clf.backbone, cfg):
     adapted, path = getattr(target.parent, target.name), module_path(target)

@@ -4,21 +4,28 @@
     config.init_from = "runs/x/checkpoints/120"           # one checkpoint step directory
     config.init_from = "exports/peft_lora"                # a PEFT adapter directory (LoRA/DoRA)
 
-The adapter must be the one this run builds: same method, targets, towers, start_layer, rank and scale
-(dropout, a training setting, may differ); anything else is refused with what differs. The head comes along
-only from a run with the same class names and head (type, hidden size); a PEFT directory brings none.
+A run's adapter must be the one this run builds: same method, targets, towers, start_layer, rank and scale
+(dropout, a training setting, may differ); a PEFT adapter must have this run's method, rank and scale, and
+adapt only projections this run adapts (those it leaves out keep their init). Anything else is refused,
+saying what differs. The head comes along
+only from a run with the same class names and head (type, hidden size), or from the head files that
+`eval.py --export_peft` writes beside a PEFT adapter (same class names, head type and shapes).
 `loop.start` applies it once, to a run without checkpoints of its own: a resumed run keeps its own state.
 """
 
 import json
 from pathlib import Path
 
+import jax.numpy as jnp
+import safetensors.numpy
+from flax import nnx
+
 from mora_jax import adapters
 from mora_jax.adapters import peft as peft_io
 from mora_jax.data import metrics as metrics_lib
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
-from mora_jax.train.evaluation import abstract_params
+from mora_jax.train import evaluation
 from mora_jax.train.job import Job, say
 
 
@@ -28,10 +35,29 @@ def initial_params(job: Job, source: str) -> tuple[dict, dict]:
   if peft_io.is_peft_dir(path):
     clf = adapters.join(job.graphdef, job.params)
     peft_io.load_into(clf, path)
+    head = _load_head(clf, job, path)
     _, params = adapters.split(clf)
-    say(f"init_from: the adapters of the PEFT directory {path} (the head starts fresh: PEFT has none)")
-    return params, {"source": str(path), "kind": "peft", "step": None, "head": False}
+    say(f"init_from: the adapters{' and head' if head else ''} of the PEFT directory {path}"
+        + ("" if head else f" (the head starts fresh: no {evaluation.HEAD_INFO} of the same classes and head)"))
+    return params, {"source": str(path), "kind": "peft", "step": None, "head": head}
   return _from_run(job, path, source)
+
+
+def _load_head(clf: adapters.Classifier, job: Job, directory: Path) -> bool:
+  """Sets `clf.head` from the head files `eval.py --export_peft` writes beside the adapter, if they hold a head
+  of the same classes, type and shapes; whether it did."""
+  info, weights = directory / evaluation.HEAD_INFO, directory / evaluation.HEAD_WEIGHTS
+  if not (info.is_file() and weights.is_file()):
+    return False
+  saved = json.loads(info.read_text())
+  tensors = safetensors.numpy.load_file(str(weights))
+  variables = {".".join(map(str, path)): variable for path, variable in nnx.to_flat_state(nnx.state(clf.head))}
+  if (saved.get("class_names") != list(job.class_names) or saved.get("head") != job.config.head.type
+      or {k: v.shape for k, v in tensors.items()} != {k: v.get_value().shape for k, v in variables.items()}):
+    return False
+  for name, variable in variables.items():
+    variable.set_value(jnp.asarray(tensors[name], variable.get_value().dtype))
+  return True
 
 
 def _checkpoint_dir(path: Path, source: str) -> tuple[Path, int | None]:
@@ -68,7 +94,7 @@ def _from_run(job: Job, path: Path, source: str) -> tuple[dict, dict]:
       say(f"warning: init_from: {directory} was trained over other backbone weights ({meta['backbone']['source']}) "
           f"than this run's ({job.backbone.identity['source']})")
     head = meta.get("class_names") == list(job.class_names) and saved["head"] == current["head"]
-    target = {k: v for k, v in abstract_params(job).items() if k == "adapter" or head and k == "head"}
+    target = {k: v for k, v in evaluation.abstract_params(job).items() if k == "adapter" or head and k == "head"}
     candidates = [step] if step is not None else ckpt.steps_best_first(metrics_lib.primary(saved["dataset"]),
                                                                        meta["loop"]["best_step"])
     try:
