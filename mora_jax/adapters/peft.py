@@ -40,7 +40,8 @@ _KEY = re.compile(r"base_model\.model\.(vision|text)_model\.encoder\.layers\.(\d
 # adapter_config.json settings that change what the adapter computes and that our LoRA/DoRA do not have.
 _UNSUPPORTED = {"bias": "none", "lora_bias": False, "fan_in_fan_out": False, "modules_to_save": None,
                 "layer_replication": None, "rank_pattern": {}, "alpha_pattern": {}, "use_qalora": False,
-                "target_parameters": None, "trainable_token_indices": None}
+                "target_parameters": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
+                "arrow_config": None}
 
 
 def module_path(target: common.Target) -> str:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 from flax import nnx
@@ -162,7 +163,9 @@ def export(job: Job, trainable, out_dir: str | Path) -> Path:
 def export_peft_adapter(job: Job, trainable, out_dir: str | Path) -> Path:
   """LoRA/DoRA adapters as a PEFT adapter directory for transformers' CLIPModel of the run's backbone (see
   mora_jax/adapters/peft.py), plus `head.safetensors` and `head.json` as `export` writes them."""
-  clf = adapters.join(job.graphdef, {"backbone": job.params["backbone"], **trainable})
+  # This process's local copies: a global array spanning several processes cannot be read into a file.
+  host = jax.tree.map(lambda x: jnp.asarray(sharding.replicated_value(x)), trainable)
+  clf = adapters.join(job.graphdef, {"backbone": job.params["backbone"], **host})
   out = Path(out_dir)
   if sharding.is_main_process():
     peft_io.save(clf, out, base_model=job.backbone.identity["source"])

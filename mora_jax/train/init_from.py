@@ -16,11 +16,12 @@ only from a run with the same class names and head (type, hidden size), or from 
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import safetensors.numpy
 from flax import nnx
 
-from mora_jax import adapters
+from mora_jax import adapters, sharding
 from mora_jax.adapters import peft as peft_io
 from mora_jax.data import metrics as metrics_lib
 from mora_jax.train import checkpoint as checkpoint_lib
@@ -107,4 +108,5 @@ def _from_run(job: Job, path: Path, source: str) -> tuple[dict, dict]:
     ckpt.close()
   say(f"init_from: the adapters{' and head' if head else ''} of {directory / str(step)}"
       + ("" if head else " (the head starts fresh: the classes or the head differ)"))
+  restored = jax.tree.map(sharding.replicated_value, restored)  # host values, as `loop.start` replicates them
   return {**job.params, **restored}, {"source": str(path), "kind": "run", "step": step, "head": head}
