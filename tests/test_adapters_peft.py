@@ -61,12 +61,12 @@ def test_export_loads_in_peft_with_our_features(method, base_dir, tmp_path):
   np.testing.assert_array_equal(np.asarray(again.features(*inputs)), np.asarray(clf.features(*inputs)))
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_peft_saved_adapter_imports_with_peft_features(use_dora, base_dir, tmp_path):
+@pytest.mark.parametrize("use_dora,use_rslora", [(False, False), (True, False), (False, True)])
+def test_peft_saved_adapter_imports_with_peft_features(use_dora, use_rslora, base_dir, tmp_path):
   # Any layer set: q_proj in layer 0 and fc1 in layer 1 only; the vision tower alone for fc1.
   torch.manual_seed(0)
   base = transformers.CLIPModel.from_pretrained(base_dir, attn_implementation="eager")
-  config = peft.LoraConfig(r=2, lora_alpha=5, use_dora=use_dora,
+  config = peft.LoraConfig(r=2, lora_alpha=5, use_dora=use_dora, use_rslora=use_rslora,
                            target_modules=r"(text|vision)_model\.encoder\.layers\.0\.self_attn\.q_proj"
                                           r"|vision_model\.encoder\.layers\.1\.mlp\.fc1")
   model = peft.get_peft_model(base, config)
@@ -80,7 +80,7 @@ def test_peft_saved_adapter_imports_with_peft_features(use_dora, base_dir, tmp_p
 
   cfg = peft_io.read_config(tmp_path / "adapter")
   assert cfg == (adapters.DoRAConfig if use_dora else adapters.LoRAConfig)(
-      targets=("q_proj", "fc1"), start_layer=0, rank=2, alpha=5.0, dropout=0.0)
+      targets=("q_proj", "fc1"), start_layer=0, rank=2, alpha=5.0 * (2**0.5 if use_rslora else 1), dropout=0.0)
   clf = ours(base_dir, cfg)
   peft_io.load_into(clf, tmp_path / "adapter")
   np.testing.assert_allclose(np.asarray(clf.features(*inputs)), expected, atol=ATOL, rtol=0)

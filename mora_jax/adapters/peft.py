@@ -51,16 +51,16 @@ def module_path(target: common.Target) -> str:
 
 
 def _no_peft_type(adapter) -> str:
-  name = type(adapter).__name__ if adapter is not None else "the linear probe (no adapter)"
+  """Why `adapter` (a config that is not LoRA or DoRA, or None) has no PEFT export, and what to use instead."""
   if adapter is None:
-    return f"{name} has nothing to export to PEFT; eval.py --export_hf writes its (frozen) CLIP weights and head."
+    return ("the linear probe has no adapter to export to PEFT; eval.py --export_hf writes its (frozen) CLIP weights "
+            "and head.")
+  what = f"{type(adapter).__name__} ({adapter.name}) has no PEFT type (PEFT knows LoRA and DoRA)"
   if adapter.mergeable:
-    return (f"{name} ({adapter.name}) has no PEFT type (PEFT knows LoRA and DoRA). Export the merged model "
-            "instead: eval.py --workdir <run> --export_hf <dir> writes Hugging Face CLIP weights with the adapter "
-            "folded in.")
-  return (f"{name} ({adapter.name}) has no PEFT type (PEFT knows LoRA and DoRA), and its update depends on the "
-          "input, so it cannot be merged into CLIP weights either (--export_hf refuses it too); evaluate it from "
-          "its checkpoint with eval.py.")
+    return (f"{what}. Export the merged model instead: eval.py --workdir <run> --export_hf <dir> writes Hugging Face "
+            "CLIP weights with the adapter folded in.")
+  return (f"{what}, and its update depends on the input, so it cannot be merged into CLIP weights either "
+          "(--export_hf refuses it too); evaluate it from its checkpoint with eval.py.")
 
 
 def check_exportable(cfg) -> None:

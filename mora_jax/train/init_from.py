@@ -102,8 +102,10 @@ def _from_run(job: Job, path: Path, source: str) -> tuple[dict, dict]:
       step, restored = ckpt.restore_first_intact(candidates, lambda s: ckpt.restore_params(s, target),
                                                  move_damaged=False, log=say)
     except checkpoint_lib.NoIntactCheckpoint as e:
-      raise ValueError(f"config.init_from={source!r}: no checkpoint of {directory} restores into this run's "
-                       f"parameters (another backbone architecture?): {e}") from e
+      cause = e.__cause__ or e
+      raise ValueError(f"config.init_from={source!r}: no checkpoint of {directory} (steps {candidates}) restores into "
+                       "this run's adapters and head; was it trained on another backbone architecture? (last error: "
+                       f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from e
   finally:
     ckpt.close()
   say(f"init_from: the adapters{' and head' if head else ''} of {directory / str(step)}"
