@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mora_jax import sharding
-from mora_jax.train import cli, config as config_lib, evaluation, loop
+from mora_jax.train import cli, config as config_lib, evaluation, init_from, loop
 from tests.helpers import ROOT, assert_one_line_error, final_state, memes_config, memes_overrides
 
 
@@ -89,3 +89,10 @@ def test_a_different_adapter_is_refused_in_one_line(memes, one_device_run, tmp_p
   code = cli.train_main(["--config", str(ROOT / "configs" / "hateful_memes_mora.py"), "--workdir",
                          str(tmp_path / "run"), *flags])
   assert_one_line_error(capsys.readouterr().err, code, "init_from", "adapter.rank: 8 -> 4")
+
+
+def test_parameters_of_other_shapes_are_refused():
+  target = {"adapter": {"lora_A": jax.ShapeDtypeStruct((32, 4), np.float32)}}
+  init_from.check_shapes({"adapter": {"lora_A": np.zeros((32, 4), np.float32)}}, target, "ckpt/3")
+  with pytest.raises(ValueError, match=r"\['lora_A'\] \(64, 4\) \(this run: \(32, 4\)\)"):
+    init_from.check_shapes({"adapter": {"lora_A": np.zeros((64, 4), np.float32)}}, target, "ckpt/3")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import safetensors.numpy
 from flax import nnx
 
@@ -80,6 +81,18 @@ def _check_adapter(saved: dict, current: dict, where: Path) -> None:
                      + ". Set config.adapter as in that run's config.json, or start without init_from.")
 
 
+def check_shapes(restored, target, where: Path) -> None:
+  """Refuses restored parameters whose shapes differ from the run's: orbax restores the saved shapes whatever
+  the target says."""
+  wrong = [f"{jax.tree_util.keystr(path)} {np.shape(value)} (this run: {want.shape})" for (path, value), want
+           in zip(jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree.leaves(target), strict=True)
+           if np.shape(value) != want.shape]
+  if wrong:
+    raise ValueError(f"config.init_from: the parameters of {where} have other shapes than this run's: "
+                     + "; ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+                     + ". Was it trained on another backbone architecture? init_from needs the same one.")
+
+
 def _from_run(job: Job, path: Path, source: str) -> tuple[dict, dict]:
   directory, step = _checkpoint_dir(path, source)
   ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
@@ -110,5 +123,6 @@ def _from_run(job: Job, path: Path, source: str) -> tuple[dict, dict]:
     ckpt.close()
   say(f"init_from: the adapters{' and head' if head else ''} of {directory / str(step)}"
       + ("" if head else " (the head starts fresh: the classes or the head differ)"))
+  check_shapes(restored, target, directory / str(step))
   restored = jax.tree.map(sharding.replicated_value, restored)  # host values, as `loop.start` replicates them
   return {**job.params, **restored}, {"source": str(path), "kind": "run", "step": step, "head": head}
