@@ -49,18 +49,18 @@ def test_init_from_a_finished_run_restores_its_adapters_and_head_exactly(memes, 
   assert_trees_equal(params["adapter"], source["params"]["adapter"])
 
 
-def test_a_resumed_run_does_not_re_apply_init_from(memes, one_device_run, tmp_path):
-  config = memes_config(memes, {"init_from": one_device_run})
-  run = loop.start(config, tmp_path / "run")
-  run.state["params"] = jax.tree.map(lambda x: x + 1, run.state["params"])  # as if it had trained since
-  run.save()
-  run.ckpt.wait()
-  expected = run.state["params"]
-  run.ckpt.close()
-  run.writer.close()
-  params, record = start(config, tmp_path / "run")
-  assert_trees_equal(params, expected)
-  assert record["source"] == str(one_device_run)  # the record of its first start, from its checkpoint
+def test_eval_json_records_it_and_a_resumed_run_does_not_re_apply_it(memes, one_device_run, tmp_path):
+  config = memes_config(memes, {"init_from": one_device_run, "max_steps": 1})
+  results = loop.train(config, tmp_path / "run")
+  source_step, source = final_state(one_device_run)
+  assert results["init_from"] == {"source": str(one_device_run), "kind": "run", "step": source_step, "head": True}
+  assert json.loads((tmp_path / "run" / "eval.json").read_text())["init_from"] == results["init_from"]
+  _, trained = final_state(tmp_path / "run")
+  params, record = start(config, tmp_path / "run")  # resumes its own step-1 checkpoint
+  assert_trees_equal(params, trained["params"])
+  assert record == results["init_from"]  # the record of its first start, from its checkpoint
+  moved, initial = flat(params), flat(source["params"])
+  assert any(not np.array_equal(moved[name], initial[name]) for name in moved)  # trained since init_from
 
 
 def test_init_from_a_peft_export_restores_adapters_and_head(memes, one_device_run, tmp_path):
