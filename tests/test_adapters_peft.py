@@ -2,6 +2,7 @@
 transformers' CLIPModel under peft.PeftModel; MoRA and MokA are refused."""
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -10,12 +11,18 @@ from mora_jax import adapters, clip
 from mora_jax.adapters import peft as peft_io
 from tests import helpers
 
-torch = pytest.importorskip("torch", reason="PyTorch (with peft) is the parity reference")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def ref():
+  """PyTorch, transformers and peft: the parity reference; skipped where they are not installed (Python >= 3.12).
+  The refusals below need none of them."""
+  return types.SimpleNamespace(torch=pytest.importorskip("torch"), transformers=pytest.importorskip("transformers"),
+                               peft=pytest.importorskip("peft"))
+
 
 # Float32 on both sides; the towers differ only in summation order (XLA vs PyTorch matmuls, attention and
-# layer norms through 2 layers), ~1e-6 on these O(1) features. 1e-4 leaves room, yet a wrong transpose,
+# layer norms through 2 layers): measured <= 1e-6 on these features of magnitude <= 3.7. 1e-4 leaves room, yet a wrong transpose,
 # scale or magnitude is off by O(0.1).
 ATOL = 1e-4
 METHODS = {
@@ -29,17 +36,17 @@ def base_dir(tmp_path_factory):
   return clip.save_pretrained(clip.init(helpers.tiny_config(), seed=0), tmp_path_factory.mktemp("base") / "clip")
 
 
-def torch_features(model, inputs) -> np.ndarray:
-  pixels, ids, mask = inputs
-  with torch.no_grad():
-    image = model.get_image_features(pixel_values=torch.tensor(pixels)).pooler_output.numpy()
-    text = model.get_text_features(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).pooler_output
-  return np.concatenate([image, text.numpy()], -1)
+def torch_features(ref, model, inputs) -> np.ndarray:
+  pixels, ids, mask = (ref.torch.tensor(x) for x in inputs)
+  with ref.torch.no_grad():
+    image = model.get_image_features(pixel_values=pixels).pooler_output
+    text = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+  return np.concatenate([image.numpy(), text.numpy()], -1)
 
 
-def peft_model(base_dir, adapter_dir):
-  base = transformers.CLIPModel.from_pretrained(base_dir, attn_implementation="eager")
-  return peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+def peft_model(ref, base_dir, adapter_dir):
+  base = ref.transformers.CLIPModel.from_pretrained(base_dir, attn_implementation="eager")
+  return ref.peft.PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
 def ours(base_dir, cfg):
@@ -47,12 +54,12 @@ def ours(base_dir, cfg):
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_export_loads_in_peft_with_our_features(method, base_dir, tmp_path):
+def test_export_loads_in_peft_with_our_features(method, base_dir, tmp_path, ref):
   clf = ours(base_dir, METHODS[method])
   helpers.perturb_trainables(clf)
   out = peft_io.save(clf, tmp_path / "adapter", base_model=str(base_dir))
   inputs = helpers.random_inputs(clf.backbone.config)
-  np.testing.assert_allclose(torch_features(peft_model(base_dir, out), inputs), np.asarray(clf.features(*inputs)),
+  np.testing.assert_allclose(torch_features(ref, peft_model(ref, base_dir, out), inputs), np.asarray(clf.features(*inputs)),
                              atol=ATOL, rtol=0)
   # ... and back: the export imports into exactly the same parameters.
   again = ours(base_dir, peft_io.read_config(out))
@@ -62,21 +69,22 @@ def test_export_loads_in_peft_with_our_features(method, base_dir, tmp_path):
 
 
 @pytest.mark.parametrize("use_dora,use_rslora", [(False, False), (True, False), (False, True)])
-def test_peft_saved_adapter_imports_with_peft_features(use_dora, use_rslora, base_dir, tmp_path):
+def test_peft_saved_adapter_imports_with_peft_features(use_dora, use_rslora, base_dir, tmp_path, ref):
+  torch = ref.torch
   # Any layer set: q_proj in layer 0 and fc1 in layer 1 only; the vision tower alone for fc1.
   torch.manual_seed(0)
-  base = transformers.CLIPModel.from_pretrained(base_dir, attn_implementation="eager")
-  config = peft.LoraConfig(r=2, lora_alpha=5, use_dora=use_dora, use_rslora=use_rslora,
+  base = ref.transformers.CLIPModel.from_pretrained(base_dir, attn_implementation="eager")
+  config = ref.peft.LoraConfig(r=2, lora_alpha=5, use_dora=use_dora, use_rslora=use_rslora,
                            target_modules=r"(text|vision)_model\.encoder\.layers\.0\.self_attn\.q_proj"
                                           r"|vision_model\.encoder\.layers\.1\.mlp\.fc1")
-  model = peft.get_peft_model(base, config)
+  model = ref.peft.get_peft_model(base, config)
   with torch.no_grad():  # PEFT starts B at zero: move every factor and magnitude so each term counts
     for name, param in model.named_parameters():
       if "lora_" in name:
         param.add_(0.3 * torch.randn_like(param))
   model.save_pretrained(tmp_path / "adapter")
   inputs = helpers.random_inputs(helpers.tiny_config())
-  expected = torch_features(model.eval(), inputs)
+  expected = torch_features(ref, model.eval(), inputs)
 
   cfg = peft_io.read_config(tmp_path / "adapter")
   assert cfg == (adapters.DoRAConfig if use_dora else adapters.LoRAConfig)(
@@ -85,7 +93,7 @@ def test_peft_saved_adapter_imports_with_peft_features(use_dora, use_rslora, bas
   peft_io.load_into(clf, tmp_path / "adapter")
   np.testing.assert_allclose(np.asarray(clf.features(*inputs)), expected, atol=ATOL, rtol=0)
   # The same features from a fresh PeftModel load of that directory (what PEFT users do).
-  np.testing.assert_allclose(torch_features(peft_model(base_dir, tmp_path / "adapter"), inputs), expected, atol=ATOL,
+  np.testing.assert_allclose(torch_features(ref, peft_model(ref, base_dir, tmp_path / "adapter"), inputs), expected, atol=ATOL,
                              rtol=0)
 
 
