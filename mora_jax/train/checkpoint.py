@@ -25,9 +25,10 @@ from orbax.checkpoint import checkpoint_managers
 from mora_jax.train import config as config_lib
 
 # Keys a resumed or re-evaluated run may change: where data lives, how it is spread over devices, how
-# often it logs and saves, and evaluation batch sizes. Every other key must equal the saved config.
+# often it logs and saves, evaluation batch sizes, and init_from (which a resumed run does not re-apply). Every
+# other key must equal the saved config.
 CHANGEABLE = ("data_dir", "manual_dir", "mesh", "data_threads", "log_every_steps", "checkpoint", "max_steps",
-              "eval", "skip_corrupt")
+              "eval", "skip_corrupt", "init_from")
 DAMAGED = "damaged"
 
 

@@ -120,6 +120,8 @@ def eval_main(argv=None) -> int:
   source.add_argument("--workdir", help="a train.py workdir (its best checkpoint is used)")
   source.add_argument("--checkpoint", help="one checkpoint step directory, <workdir>/checkpoints/<step>")
   parser.add_argument("--export_hf", default=None, help="write the merged model here as a Hugging Face checkpoint")
+  parser.add_argument("--export_peft", default=None,
+                      help="LoRA/DoRA: write the adapters here as a PEFT adapter directory (for transformers' CLIPModel)")
   parser.add_argument("--output", default=None,
                       help="results JSON (default: <workdir>/eval-<type>-<rate>.json next to eval.json)")
   add_common_flags(parser)
@@ -130,7 +132,8 @@ def eval_main(argv=None) -> int:
     missing = {key: value for prefix, key, value in overrides if prefix == "missing"}
     config_overrides = [(key, value) for prefix, key, value in overrides if prefix == "config"]
     results = evaluation.evaluate_run(args.workdir, args.checkpoint, missing=missing,
-                                      export_hf=args.export_hf, config_overrides=config_overrides)
+                                      export_hf=args.export_hf, config_overrides=config_overrides,
+                                      export_peft=args.export_peft)
     workdir = Path(args.workdir) if args.workdir else Path(args.checkpoint).parent.parent
     output = Path(args.output) if args.output else (
         workdir / f"eval-{results['missing']['type']}-{results['missing']['rate']}.json")

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 from flax import nnx
@@ -18,12 +19,15 @@ from tqdm import tqdm
 
 from mora_jax import adapters, data, sharding
 from mora_jax.data import metrics as metrics_lib
+from mora_jax.adapters import peft as peft_io
 from mora_jax.models import hf
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
 from mora_jax.train import step as step_lib
 from mora_jax.train.job import Job, build_job, say
 from mora_jax.train.writers import MetricWriter
+
+HEAD_WEIGHTS, HEAD_INFO = "head.safetensors", "head.json"  # beside an export's weights: the classifier head
 
 
 def evaluate_split(job: Job, eval_step, params, backbone_state, ds: data.Dataset, desc: str) -> dict:
@@ -94,11 +98,12 @@ def format_table(results: dict, metric: str) -> str:
 
 def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | None = None,
                  missing: dict | None = None, scenarios=data.SCENARIOS, export_hf: str | Path | None = None,
-                 config_overrides=()) -> dict:
+                 config_overrides=(), export_peft: str | Path | None = None) -> dict:
   """Re-tests a run: the best intact checkpoint of `workdir` (highest validation metric; a damaged one is
   skipped with a warning, for the next best), or the given checkpoint step directory, with merged weights, on
   any missing type/rate (`missing`: {"type", "rate"} overrides); optionally exports the merged model as a
-  Hugging Face CLIP checkpoint plus the head weights. Only the trained parameters are restored."""
+  Hugging Face CLIP checkpoint plus the head weights, and (LoRA/DoRA) the adapters as a PEFT adapter directory
+  plus the head weights (`export_peft`). Only the trained parameters are restored."""
   if checkpoint is not None:
     checkpoint = Path(checkpoint).absolute()
     directory, step = checkpoint.parent, int(checkpoint.name) if checkpoint.name.isdigit() else None
@@ -115,6 +120,8 @@ def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | Non
   _, meta, _ = ckpt.first_intact(steps[::-1], ckpt.meta)  # config and backbone: the same in every checkpoint
   config = config_lib.from_json(json.dumps(meta["config"]))
   config_lib.apply_overrides(config, config_overrides)
+  if export_peft is not None:  # before the evaluation that would precede the refusal
+    peft_io.check_exportable(adapters.from_config(config.adapter.to_dict()))
   for key, value in (missing or {}).items():
     config_lib.override(config, f"missing.{key}", str(value))
   job = build_job(config)
@@ -134,6 +141,8 @@ def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | Non
   say(format_table(results["test"], job.metric))
   if export_hf is not None:
     export(job, params, export_hf)
+  if export_peft is not None:
+    export_peft_adapter(job, params, export_peft)
   return results
 
 
@@ -144,13 +153,34 @@ def export(job: Job, trainable, out_dir: str | Path) -> Path:
   `output.bias` with a GELU (exact) between them."""
   merged = adapters.merge(adapters.join(job.graphdef, {"backbone": job.params["backbone"], **trainable}))
   out = hf.save_pretrained(merged.backbone, out_dir)
-  head = {".".join(map(str, path)): sharding.replicated_value(variable.get_value())
-          for path, variable in nnx.to_flat_state(nnx.state(merged.head))}
   if sharding.is_main_process():
     job.backbone.tokenizer.save_pretrained(str(out))
-    safetensors.numpy.save_file(head, out / "head.safetensors")
-    (out / "head.json").write_text(json.dumps({"class_names": list(job.class_names), "multi_label": job.multi_label,
-                                               "head": job.config.head.type,
-                                               "features": "concat(image_features, text_features)"}, indent=2))
+  _write_head(job, merged.head, out)
   say(f"exported the merged model to {out}")
   return out
+
+
+def export_peft_adapter(job: Job, trainable, out_dir: str | Path) -> Path:
+  """LoRA/DoRA adapters as a PEFT adapter directory for transformers' CLIPModel of the run's backbone (see
+  mora_jax/adapters/peft.py), plus `head.safetensors` and `head.json` as `export` writes them."""
+  # This process's local copies: a global array spanning several processes cannot be read into a file.
+  host = jax.tree.map(lambda x: jnp.asarray(sharding.replicated_value(x)), trainable)
+  clf = adapters.join(job.graphdef, {"backbone": job.params["backbone"], **host})
+  out = Path(out_dir)
+  if sharding.is_main_process():
+    peft_io.save(clf, out, base_model=job.backbone.identity["source"])
+  _write_head(job, clf.head, out)
+  say(f"exported the adapters to {out} (PEFT: peft.PeftModel.from_pretrained(CLIPModel of "
+      f"{job.backbone.identity['source']}, {out}))")
+  return out
+
+
+def _write_head(job: Job, head: nnx.Module, out: Path) -> None:
+  """`head.safetensors` and `head.json` in the layout `export` describes."""
+  tensors = {".".join(map(str, path)): sharding.replicated_value(variable.get_value())
+             for path, variable in nnx.to_flat_state(nnx.state(head))}
+  if sharding.is_main_process():
+    safetensors.numpy.save_file(tensors, out / HEAD_WEIGHTS)
+    (out / HEAD_INFO).write_text(json.dumps({"class_names": list(job.class_names), "multi_label": job.multi_label,
+                                               "head": job.config.head.type,
+                                               "features": "concat(image_features, text_features)"}, indent=2))

@@ -30,6 +30,7 @@ from mora_jax.adapters import optim
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
 from mora_jax.train import evaluation
+from mora_jax.train import init_from
 from mora_jax.train import step as step_lib
 from mora_jax.train.job import CONFIG_FILE, EVAL_FILE, Job, build_job, check_writable, manifest, say, summary_lines
 from mora_jax.train.writers import MetricWriter
@@ -50,6 +51,7 @@ class Progress:
   best_step: int | None = None
   bad_epochs: int = 0  # epochs since the best validation (early stopping at config.eval.patience)
   corrupt_skipped: int = 0  # training samples skipped for a corrupt image (skip_corrupt=True)
+  init_from: dict | None = None  # where config.init_from took the initial parameters from (eval.json records it)
 
 
 @dataclasses.dataclass
@@ -95,6 +97,7 @@ class Run:
     return {"config": json.loads(config_lib.to_json(self.config)), "backbone": self.job.backbone.identity,
             "data": self.train_ds.name,
             "loop": dataclasses.asdict(self.progress), "process_count": jax.process_count(),
+            "class_names": list(self.job.class_names),  # whether another run's init_from may take the head
             "steps_per_epoch": self.steps_per_epoch}
 
   def save(self, metrics: dict | None = None) -> None:
@@ -127,6 +130,10 @@ def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
   schedule = step_lib.lr_schedule(c.optim.lr, steps_per_epoch * c.epochs, c.optim.warmup_fraction)
   tx = optim.adamw(schedule, c.optim.weight_decay, lr_mults=c.optim.lr_mults.to_dict(),
                    wd_mults=c.optim.wd_mults.to_dict(), b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps)
+  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", c.checkpoint.keep, metric=job.metric)
+  progress = Progress()
+  if c.init_from and not ckpt.all_steps():  # once: a resumed run continues from its own checkpoints
+    job.params, progress.init_from = init_from.initial_params(job, c.init_from)
   trainable = adapters.trainable(job.params)
   state = sharding.replicate({"params": trainable, "opt": tx.init(trainable), "step": jnp.int32(0),
                               "rng": jax.random.PRNGKey(c.seed)}, job.mesh)
@@ -137,8 +144,7 @@ def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
             eval_step=step_lib.make_eval_step(job.graphdef, job.mesh, backbone_shardings),
             train_iter=iter(job.batches(train_ds, c.batch_size // c.accum_steps, train=True,
                                         accum_steps=c.accum_steps)),
-            ckpt=checkpoint_lib.Checkpointer(workdir / "checkpoints", c.checkpoint.keep, metric=job.metric),
-            writer=None, state=state, progress=Progress())
+            ckpt=ckpt, writer=None, state=state, progress=progress)
   if run.ckpt.all_steps():
     _resume(run)
   run.step = int(sharding.replicated_value(run.state["step"]))
@@ -269,7 +275,7 @@ def test(run: Run) -> dict:
              "merged": adapters.mergeable(adapters.from_config(c.adapter.to_dict())),
              "test": evaluation.scenario_metrics(job, params, data.SCENARIOS, data.Missing(**c.missing), run.writer,
                                                  best),
-             "corrupt_skipped_in_training": progress.corrupt_skipped,
+             "corrupt_skipped_in_training": progress.corrupt_skipped, "init_from": progress.init_from,
              "parameters": adapters.count_parameters(adapters.join(job.graphdef, job.params))}
   run.writer.close()
   if sharding.is_main_process():

@@ -54,6 +54,9 @@ def base() -> ml_collections.ConfigDict:
   c.adapter = adapter("mora")
   # The head on concat(image, text features): "linear" (MORA.md) or "mlp" (one GELU layer of `hidden` units).
   c.head = ml_collections.ConfigDict(dict(type="linear", hidden=256))
+  # A fresh run's initial adapters (and head, if the classes and head match): another run's workdir or checkpoint
+  # step directory, or a PEFT adapter directory. "" = the methods' own init. See mora_jax/train/init_from.py.
+  c.init_from = ""
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-2, weight_decay=0.02, b1=0.9, b2=0.98, eps=1e-8, warmup_fraction=0.1,
       lr_mults={name: 1.0 for name in partition.TRAINABLE_PARTITIONS},
