@@ -7,7 +7,7 @@ overhead over LoRA, in one run.
 A train step is the library's (mora_jax.train.step): forward + backward + AdamW update on a batch of (image, 77-token text, label), the Food-101
 MoRA recipe's targets (q, v; layers >= 10, or >= 1 on the 2-layer tiny config; rank 4; 101 classes).
 The PyTorch peer is transformers.CLIPModel with the same projections replaced by MoRA layers written from
-shared/spec/MORA.md (materialized form), AdamW over the trainable parameters only, eager mode.
+docs/method.md (materialized form), AdamW over the trainable parameters only, eager mode.
 MokA (two-tower) runs with every text token a key (the batch has no missing text), so its cross term is
 always computed. Ratios are printed relative to our LoRA step and to the peer.
 """
@@ -70,7 +70,7 @@ def jax_inference(backbone_dir, adapter, data, merge: bool = True):
 
 
 class TorchMoRA(torch.nn.Module):
-  """MORA.md's layer in PyTorch layout (materialized), around a frozen nn.Linear."""
+  """docs/method.md's layer in PyTorch layout (materialized), around a frozen nn.Linear."""
 
   def __init__(self, base: torch.nn.Linear, a_c, b_c, tower: str, rank: int, alpha: float, dropout: float):
     super().__init__()

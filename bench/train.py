@@ -5,7 +5,7 @@
     python bench/train.py --configs ViT-B/16 --start_layers 11 10 6 0   # temporaries per first adapted layer
 
 The recipe is Food-101 MoRA (q, v from layer 10, or 1 on the 2-layer tiny config; rank 4; 101 classes). Our
-step and the peer (transformers.CLIPModel + MoRA layers transcribed from MORA.md, eager PyTorch, same
+step and the peer (transformers.CLIPModel + MoRA layers transcribed from docs/method.md, eager PyTorch, same
 threads) are timed in turn in each round. Peak memory is XLA's compiled-step analysis (arguments + outputs +
 temporaries - donated aliases), or the device's peak_bytes_in_use where the backend reports it (GPU/TPU).
 Model FLOPs utilisation = XLA's FLOP count of the step / step time / --peak_tflops.

@@ -1,4 +1,4 @@
-"""easy-VQA (the embedded default dataset) with the frozen linear probe: the recipe in mora_jax/train/recipes.py (MORA.md, PROTOCOL.md)."""
+"""easy-VQA (embedded) with the frozen linear probe: the recipe in mora_jax/train/recipes.py (docs/method.md)."""
 
 from mora_jax.train import recipes
 

@@ -1,4 +1,4 @@
-"""Hateful Memes with MokA (two-tower): the recipe in mora_jax/train/recipes.py (MORA.md, PROTOCOL.md)."""
+"""Hateful Memes with MokA (two-tower): the recipe in mora_jax/train/recipes.py (docs/method.md)."""
 
 from mora_jax.train import recipes
 

@@ -1,4 +1,4 @@
-"""MM-IMDb with DoRA: the recipe in mora_jax/train/recipes.py (MORA.md, PROTOCOL.md)."""
+"""MM-IMDb with DoRA: the recipe in mora_jax/train/recipes.py (docs/method.md)."""
 
 from mora_jax.train import recipes
 

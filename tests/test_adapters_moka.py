@@ -1,4 +1,4 @@
-"""MokA's layer against a loop-by-loop transcription of shared/spec/MOKA.md (outputs and autograd gradients).
+"""MokA's layer against a loop-by-loop transcription of docs/method.md (outputs and autograd gradients).
 
 Tolerances: the layer runs in float32 with exact float32 matmuls (conftest) and the reference in float64, so
 1e-5 bounds float32 rounding on these O(1) values; anything structurally wrong is off by far more.
@@ -73,7 +73,7 @@ def outputs_and_grads(module: moka.MokALinear, x, modality, key_mask, padding, c
 
 
 def reference(module: moka.MokALinear, x, modality, key_mask, padding, cotangent, text: int = 0):
-  """MOKA.md row by row, in float64 torch: (y, dA, dB, dx) with the gradients of sum(y * cotangent)."""
+  """docs/method.md row by row, in float64 torch: (y, dA, dB, dx) with the gradients of sum(y * cotangent)."""
   torch = pytest.importorskip("torch", reason="the loop reference takes its gradients from torch autograd")
   cfg = module.cfg
   as_torch = lambda v: torch.tensor(np.asarray(v), dtype=torch.float64)
@@ -289,7 +289,7 @@ def test_defaults_are_the_moka_authors_and_reach_every_recipe():
   assert (cfg.rank, cfg.alpha, cfg.scale, cfg.dropout, cfg.lam) == (4, 16.0, 4.0, 0.05, 0.05)
   for dataset in recipes.PUBLISHED:
     assert recipes.get(dataset, "moka").adapter.dropout == 0.05, dataset
-    assert recipes.get(dataset, "mora").adapter.dropout == 0.1, dataset  # MORA.md's, unchanged
+    assert recipes.get(dataset, "mora").adapter.dropout == 0.1, dataset  # docs/method.md's, unchanged
 
 
 def test_config_and_constructor_validation():

@@ -20,7 +20,7 @@ def moka_classifier(lam: float, **overrides) -> adapters.Classifier:
 
 
 def inputs_with_a_missing_text():
-  """Random inputs whose sample 1 has the empty text (start and end tokens only), as PROTOCOL.md's dummy."""
+  """Random inputs whose sample 1 has the empty text (start and end tokens only), as docs/protocol.md's dummy."""
   pixels, ids, mask = helpers.random_inputs(helpers.tiny_config())
   mask = np.asarray(mask).copy()
   mask[1] = 0

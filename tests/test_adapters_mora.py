@@ -1,4 +1,4 @@
-"""MoRA against a direct transcription of shared/spec/MORA.md (PyTorch layout, float64), and its two forms.
+"""MoRA against a direct transcription of docs/method.md (PyTorch layout, float64), and its two forms.
 
 Tolerance 1e-5: ours runs in float32 (rounding ~6e-8 relative per op) on values of magnitude ~1; measured
 differences are ~1e-6. Any formula error (a transposed factor, the wrong Gram matrix, a norm over the wrong
@@ -38,7 +38,7 @@ def layer_arrays(mora_layer) -> dict[str, np.ndarray]:
 
 
 def spec_forward(torch, p, x, tower: str):
-  """MORA.md, line by line, in PyTorch layout (W [out, in], m [1, in])."""
+  """docs/method.md, line by line, in PyTorch layout (W [out, in], m [1, in])."""
   W, b, A_c, B_c, A_p, B_p = (p[k] for k in ("W", "b", "A_c", "B_c", "A_p", "B_p"))
   m_c, m_p = p["m_c"].reshape(1, -1), p["m_p"].reshape(1, -1)
   S = A_c @ (B_c.T @ B_c) @ A_c.T if tower == "text" else B_c @ (A_c.T @ A_c) @ B_c.T

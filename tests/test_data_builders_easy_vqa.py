@@ -46,7 +46,7 @@ def test_records_and_question_types(builder):
     assert types[record["question_type"]] == easy_vqa.question_type(answer)
     counts[types[record["question_type"]]] += 1
   assert set(counts) == {"yes/no", "color", "shape"}
-  assert counts["yes/no"] > counts["color"]  # 74% of easy-VQA questions are yes/no (PROTOCOL.md)
+  assert counts["yes/no"] > counts["color"]  # 74% of easy-VQA questions are yes/no (docs/protocol.md)
 
 
 def test_rebuilding_reuses_the_prepared_files(builder):

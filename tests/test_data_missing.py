@@ -1,4 +1,4 @@
-"""Missing tables: PROTOCOL.md's construction, seeding, caching, and the authors' .pt tables read without torch."""
+"""Missing tables: docs/protocol.md's construction, seeding, caching, and the authors' .pt tables read without torch."""
 
 import sys
 

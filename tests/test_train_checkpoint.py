@@ -10,7 +10,7 @@ from tests.helpers import CONFIG, ROOT, assert_one_line_error, memes_overrides, 
 
 
 def test_food101_mora_checkpoint_holds_only_trainables_and_two_adam_moments(tmp_path):
-  """The published Food-101 MoRA recipe on ViT-B/16 widths: 164,965 trainable values (MORA.md: ~0.11%)."""
+  """The published Food-101 MoRA recipe on ViT-B/16 widths: 164,965 trainable values (docs/method.md: ~0.11%)."""
   from tests.helpers import write_food101  # pylint: disable=import-outside-toplevel
   write_food101(tmp_path / "raw")
   workdir = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""The MoRA classifier: adapted CLIP towers -> concat(image feature, text feature) -> a head (MORA.md's linear
+"""The MoRA classifier: adapted CLIP towers -> concat(image feature, text feature) -> a head (docs/method.md's linear
 head, or an optional small MLP)."""
 
 import jax
@@ -36,7 +36,7 @@ class HeadMLP(nnx.Module):
 
 
 class Classifier(nnx.Module):
-  """logits = head(concat(image_features, text_features)); features are not L2-normalised (MORA.md)."""
+  """logits = head(concat(image_features, text_features)); features are not L2-normalised (docs/method.md)."""
 
   def __init__(self, backbone: CLIP, adapter: common.AdapterConfig | None, num_classes: int, multi_label: bool,
                *, head: str = "linear", head_hidden: int = 256, rngs: nnx.Rngs):
@@ -82,7 +82,7 @@ def build_classifier(backbone: CLIP, adapter: common.AdapterConfig | None, num_c
 
   adapter: a method's config (MoRAConfig, LoRAConfig, DoRAConfig, MokAConfig; see adapters.registry), or None
     for frozen towers + head (the linear probe).
-  head: "linear" (MORA.md) or "mlp" (one GELU hidden layer of `head_hidden` units).
+  head: "linear" (docs/method.md) or "mlp" (one GELU hidden layer of `head_hidden` units).
   """
   return Classifier(backbone, adapter, num_classes, multi_label, head=head, head_hidden=head_hidden,
                     rngs=nnx.Rngs(params=seed))

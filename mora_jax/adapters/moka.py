@@ -1,4 +1,4 @@
-"""MokA (arXiv 2506.05191): LoRA for token sequences that mix modalities, exactly as `shared/spec/MOKA.md`.
+"""MokA (arXiv 2506.05191): LoRA for token sequences that mix modalities, exactly as docs/method.md.
 
 Per-modality down-projections A_m, a parameter-free cross-attention in rank space (non-text rows are queries,
 text rows are keys and values), and one up-projection B shared by all tokens. With our kernel layout
@@ -253,7 +253,7 @@ class TowerLinear(nnx.Module):
 
 def text_keys(text_mask: jax.Array) -> jax.Array:
   """Which text rows are keys, bool [B, L]: the valid tokens (`text_mask`, the attention mask) of samples that
-  have a text. A missing text is the empty string (PROTOCOL.md's dummy), i.e. start and end tokens only, and
+  have a text. A missing text is the empty string (docs/protocol.md's dummy), i.e. start and end tokens only, and
   gives no key at all."""
   valid = text_mask.astype(bool)
   has_text = valid.sum(-1, keepdims=True) > 2

@@ -1,10 +1,10 @@
 """MoRA (arXiv 2511.06225): modality-common low-rank factors coupled through rank-space Gram matrices,
-plus modality-specific DoRA-style factors, exactly as `shared/spec/MORA.md` (the authors' code).
+plus modality-specific DoRA-style factors, exactly as docs/method.md (the authors' code).
 
-Layout: MORA.md writes a projection as y = x W^T + b with W [out, in]; our kernel is K = W^T [in, out]. For the
+Layout: docs/method.md writes a projection as y = x W^T + b with W [out, in]; our kernel is K = W^T [in, out]. For the
 square projections MoRA adapts, every update of W (alpha * S^T, alpha * P^T) becomes K + alpha * S and
-K + alpha * P here, and MORA.md's per-input-column norms of W are per-row norms of K. A_p [in, r], B_p [r, out]
-and the common factors keep MORA.md's shapes, so parameters compare one to one with the PyTorch code.
+K + alpha * P here, and docs/method.md's per-input-column norms of W are per-row norms of K. A_p [in, r], B_p [r, out]
+and the common factors keep docs/method.md's shapes, so parameters compare one to one with the PyTorch code.
 """
 
 import dataclasses
@@ -19,7 +19,7 @@ from mora_jax.adapters.common import ATTENTION_TARGETS, AdapterConfig, Target, c
 from mora_jax.models.modeling import Call, Linear
 from mora_jax.models.config import CLIPConfig
 
-_NORM_FLOOR = 1e-5  # MORA.md: V = N / max(colnorm(N), 1e-5)
+_NORM_FLOOR = 1e-5  # docs/method.md: V = N / max(colnorm(N), 1e-5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +111,7 @@ class MoRALinear(nnx.Module):
     return c_c[:, None] * n_c_mat + c_p[:, None] * n_p_mat
 
   def _fused_scales(self, kernel, u, g, a_p, b_p):
-    """Per-input scales m/n with the norms from d x r products (MORA.md's low-rank form)."""
+    """Per-input scales m/n with the norms from d x r products (docs/method.md's low-rank form)."""
     alpha = self.cfg.alpha
     kk = jnp.sum(jnp.square(kernel), axis=1)
     ug = u @ g

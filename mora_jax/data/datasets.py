@@ -98,7 +98,7 @@ class Dataset:
     return len(self.class_names)
 
   def scenario(self, kind: str) -> "Dataset":
-    """The evaluation views of PROTOCOL.md: complete, text_missing (all), image_missing (all), or the mix."""
+    """The evaluation views of docs/protocol.md: complete, text_missing (all), image_missing (all), or the mix."""
     codes = {"complete": missing_lib.COMPLETE, "text_missing": missing_lib.TEXT_MISSING,
              "image_missing": missing_lib.IMAGE_MISSING}
     if kind == "mix":

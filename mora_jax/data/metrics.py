@@ -1,4 +1,4 @@
-"""Dataset metrics of PROTOCOL.md, vectorised in numpy and equal to scikit-learn's on the same predictions.
+"""Dataset metrics of docs/protocol.md, vectorised in numpy and equal to scikit-learn's on the same predictions.
 
 Every function takes an optional `valid` mask (False for the padding rows of the last evaluation batch),
 and ignores those rows.
@@ -86,7 +86,7 @@ def softmax_auroc(logits, labels, valid=None) -> float:
   return binary_auroc(probs[:, 1], labels, valid)
 
 
-# The selection metric of each dataset (PROTOCOL.md): the best checkpoint maximises it.
+# The selection metric of each dataset (docs/protocol.md): the best checkpoint maximises it.
 PRIMARY = {"mm_imdb": "f1_macro", "hateful_memes": "auroc"}
 
 

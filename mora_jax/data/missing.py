@@ -1,4 +1,4 @@
-"""Missing-modality tables (PROTOCOL.md): one code per base sample, 0 complete, 1 text missing, 2 image missing.
+"""Missing-modality tables (docs/protocol.md): one code per base sample, 0 complete, 1 text missing, 2 image missing.
 
 Tables are built once per (split, type, rate, seed), cached next to the data as .npy, and reused by every
 method. A provided table (the authors' published `.pt` files under their names, or a table under the
@@ -32,7 +32,7 @@ class Missing:
 
 
 def build_table(num_samples: int, missing: Missing) -> np.ndarray:
-  """PROTOCOL.md's construction: int(N * rate) distinct samples lose a modality; for "both", half of those
+  """docs/protocol.md's construction: int(N * rate) distinct samples lose a modality; for "both", half of those
   (int(k * 0.5)) lose the image and the rest the text."""
   rng = np.random.default_rng(missing.seed)
   table = np.zeros(num_samples, np.int8)

@@ -1,4 +1,4 @@
-"""The run configs: one base (PROTOCOL.md and MORA.md defaults) and the published per-dataset recipes.
+"""The run configs: one base (docs/protocol.md and docs/method.md defaults) and the published per-dataset recipes.
 
 `configs/<dataset>_<method>.py` files are one call each into `get`, so every recipe number lives here once.
 """
@@ -8,10 +8,10 @@ import ml_collections
 from mora_jax import adapters
 from mora_jax.adapters import partition, registry
 
-# MORA.md "Published configs" (CLIP ViT-B/16, start_layer 10, dropout 0.1). `adapter` holds the fields every
+# docs/method.md "Published configs" (CLIP ViT-B/16, start_layer 10, dropout 0.1). `adapter` holds the fields every
 # adapter method takes; `method` the fields of one method only. LoRA and DoRA use the same targets, rank,
 # schedule and weight decay (the paper compares them on the same pipeline) with PEFT's alpha; MokA (two-tower)
-# too, with the MokA authors' alpha (16), visual-text lambda (0.05) and dropout (0.05), MOKA.md.
+# too, with the MokA authors' alpha (16), visual-text lambda (0.05) and dropout (0.05), docs/method.md.
 PUBLISHED = {
     "mm_imdb": dict(adapter=dict(targets=("q_proj", "k_proj"), rank=4), method={"mora": dict(alpha=0.001)},
                     epochs=20, batch_size=256, weight_decay=0.02),
@@ -52,7 +52,7 @@ def base() -> ml_collections.ConfigDict:
   c.backbone = ml_collections.ConfigDict(dict(path="openai/clip-vit-base-patch16", random_preset="", seed=0,
                                               dtype="auto", cache_dir="~/.cache/mora_jax"))
   c.adapter = adapter("mora")
-  # The head on concat(image, text features): "linear" (MORA.md) or "mlp" (one GELU layer of `hidden` units).
+  # The head on concat(image, text features): "linear" (docs/method.md) or "mlp" (one GELU layer of `hidden` units).
   c.head = ml_collections.ConfigDict(dict(type="linear", hidden=256))
   # A fresh run's initial adapters (and head, if the classes and head match): another run's workdir or checkpoint
   # step directory, or a PEFT adapter directory. "" = the methods' own init. See mora_jax/train/init_from.py.

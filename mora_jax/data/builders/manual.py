@@ -1,4 +1,4 @@
-"""MM-IMDb, UPMC Food-101 and Hateful Memes as TFDS builders over files the user downloads (PROTOCOL.md).
+"""MM-IMDb, UPMC Food-101 and Hateful Memes as TFDS builders over files the user downloads (docs/protocol.md).
 
 Each reads either the raw layout or the authors' preprocessed `{train,val,test}.arrow` files from
 `manual_dir`. Records: "id", "row" (the record's position in its source: the Arrow row, or the raw layout's
@@ -147,7 +147,7 @@ class MmImdb(_ManualBuilder):
 
 
 class UpmcFood101(_ManualBuilder):
-  """UPMC Food-101: dish photo + web page text -> 101 classes. Samples without text are left out (PROTOCOL.md)."""
+  """UPMC Food-101: dish photo + web page text -> 101 classes. Samples without text are left out (docs/protocol.md)."""
 
   CLASSES = tuple(str(i) for i in range(101))
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
@@ -166,7 +166,7 @@ class UpmcFood101(_ManualBuilder):
     files = json.loads(_require(root / "split.json", "UpmcFood101").read_text())[_ARROW_SPLITS[split]]
     folder = "test" if split == "test" else "train"
     without_text = [file for file in files if file not in texts]
-    if without_text:  # PROTOCOL.md drops them; say how many so nothing is lost silently
+    if without_text:  # docs/protocol.md drops them; say how many so nothing is lost silently
       self.build_notes.append(f"UPMC Food-101 {split}: {len(without_text)} of {len(files)} samples have no text "
                               f"and are left out (e.g. {without_text[0]}).")
     for file in files:
