@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm import tqdm
 
-from mora_jax import adapters, backbones, data, sharding
+from mora_jax import adapters, backbones, data, progress, sharding
 from mora_jax.data import metrics as metrics_lib
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
@@ -33,8 +32,7 @@ def evaluate_split(job: Job, eval_step, params, backbone_state, ds: data.Dataset
   target = sharding.batch_sharding(job.mesh, micro_axis=False)
   outputs, corrupt = [], 0
   steps = -(-len(ds.source) // batch_size) if jax.process_count() == 1 else None
-  for host_batch in tqdm(job.batches(ds, batch_size, train=False), desc=desc, total=steps, leave=False,
-                         disable=not sharding.is_main_process()):
+  for host_batch in progress.bar(job.batches(ds, batch_size, train=False), desc=desc, total=steps, leave=False):
     corrupt += int(np.sum(host_batch["corrupt"]))
     logits = eval_step(params, backbone_state, sharding.global_batch(host_batch, data.MODEL_INPUTS, target, False))
     outputs.append({"logits": sharding.process_rows(logits),

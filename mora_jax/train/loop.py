@@ -23,9 +23,8 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm import tqdm
 
-from mora_jax import adapters, data, sharding
+from mora_jax import adapters, data, progress, sharding
 from mora_jax.adapters import optim
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
@@ -198,8 +197,8 @@ def train_epoch(run: Run, sigterm: _Sigterm, step_hook=None) -> None:
   epoch = run.step // run.steps_per_epoch
   epoch_start, epoch_end = epoch * run.steps_per_epoch, min(run.stop_step, (epoch + 1) * run.steps_per_epoch)
   micro_target = sharding.batch_sharding(run.job.mesh, micro_axis=True)
-  bar = tqdm(total=run.steps_per_epoch, initial=run.step - epoch_start, desc=f"epoch {epoch + 1}/{c.epochs}",
-             unit="step", disable=not sharding.is_main_process())
+  bar = progress.bar(total=run.steps_per_epoch, initial=run.step - epoch_start,
+                     desc=f"epoch {epoch + 1}/{c.epochs}", unit="step")
   window_start, window_samples, corrupt = time.perf_counter(), 0, 0
   while run.step < epoch_end:
     micro = [next(run.train_iter) for _ in range(c.accum_steps)]
