@@ -86,16 +86,21 @@ def card(job: Job, out: Path, tested: str | None) -> str:
                       "missing scenario.")
   predict = ("torch.sigmoid(scores) > 0.5  # multi-label: every class above 0.5" if job.multi_label else
              "info[\"class_names\"][int(scores.argmax(-1)[0])]")
-  return f"""# {c.dataset} classifier: CLIP + {c.adapter.method} (merged), mora_jax
+  tuned = ("A frozen CLIP (linear probe: no adapter)" if c.adapter.method == "linear" else
+           f"A CLIP whose {c.adapter.method} adapters are merged into its weights")
+  long_texts = ("\n- texts longer than 75 tokens: training set position 75 to the pad token (the MoRA authors' "
+                "collate), the snippet truncates as transformers does, so such texts can score slightly differently"
+                if c.preprocessing.rewrite_position_75 and c.preprocessing.max_length > 75 else "")
+  return f"""# {c.dataset} classifier: CLIP + {c.adapter.method}, mora_jax
 
-A CLIP ({job.backbone.identity["source"]}) whose {c.adapter.method} adapters are merged into its weights, and a
-{c.head.type} head on {FEATURES} (projected, not normalised), trained with mora_jax.
+{tuned} (backbone {job.backbone.identity["source"]}), and a {c.head.type} head on
+{FEATURES} (projected, not normalised), trained with mora_jax.
 
 - dataset: {c.dataset} ({len(job.class_names)} classes, {"multi-label" if job.multi_label else "single-label"})
 - method: {c.adapter.method} ({adapter or "no adapter options"})
-- missing modality in training and test: type {c.missing.type}, rate {c.missing.rate} (seed {c.missing.seed});
-  a missing image is an all-white image, a missing text the empty string
-- text: {c.preprocessing.max_length} tokens (padded to that length, as in training)
+- missing modality: type {c.missing.type}, rate {c.missing.rate}, seed {c.missing.seed} (the run's setting, or
+  eval.py's --missing.*); a missing image is an all-white image, a missing text the empty string
+- text: {c.preprocessing.max_length} tokens (padded to that length, as in training){long_texts}
 
 ## Results
 
