@@ -18,16 +18,17 @@ LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{pos
 
 
 class _Lines:
-  """A file for tqdm that turns each redraw ('\\r' + status) into one line, and drops the blank redraw with
-  which a closing bar clears itself."""
+  """A file for tqdm that turns each redraw ('\\r' + status) into one line, dropping the blank redraw with which
+  a closing bar clears itself and a redraw that repeats the previous line (closing after set_postfix)."""
 
   def __init__(self, stream):
-    self.stream = stream
+    self.stream, self.last = stream, ""
 
   def write(self, text: str) -> None:
     line = text.replace("\r", "").replace("\x1b[A", "").strip()
-    if line:
+    if line and line != self.last:
       self.stream.write(line + "\n")
+      self.last = line
 
   def flush(self) -> None:
     self.stream.flush()

@@ -20,7 +20,7 @@ def test_a_bar_written_to_a_log_is_plain_lines_with_the_final_count():
   bar.close()
   lines = log.getvalue().splitlines()
   assert "\r" not in log.getvalue() and lines, log.getvalue()
-  assert lines[-1].startswith("epoch 1/1: 5/5") and "loss=0.5000" in lines[-1]
+  assert lines[-1].startswith("epoch 1/1: 5/5") and "loss=0.5000" in lines[-1] and lines[-2] != lines[-1]
 
 
 def test_a_bar_on_a_terminal_is_tqdms_live_bar():
