@@ -73,12 +73,15 @@ def test_a_bad_config_is_reported_before_any_backbone_is_built(tmp_path, overrid
   assert not cache.exists() and not (tmp_path / "data").exists() and not (tmp_path / "w").exists()
 
 
-def test_food101_without_its_manual_dir_fails_before_downloading_the_backbone(tmp_path):
-  hub = tmp_path / "hf_home"
+@pytest.mark.parametrize("manual_dir", ["absent", "unset"])
+def test_food101_without_its_manual_dir_fails_before_downloading_the_backbone(tmp_path, manual_dir):
+  hub, raw = tmp_path / "hf_home", tmp_path / "raw"
   proc = run_script("train.py", ["--config", ROOT / "configs" / "food101_mora.py", "--workdir", tmp_path / "w",
-                                 f"--config.manual_dir={tmp_path / 'raw'}"], check=False,
+                                 f"--config.data_dir={tmp_path / 'data'}",
+                                 f"--config.manual_dir={raw if manual_dir == 'absent' else ''}"], check=False,
                     env_extra={"HF_HOME": str(hub)})
-  assert_one_line_error(proc.stderr, proc.returncode, str(tmp_path / "raw"), "MANUAL_DOWNLOAD_INSTRUCTIONS")
+  assert_one_line_error(proc.stderr, proc.returncode, str(raw) if manual_dir == "absent" else "no manual_dir",
+                        "MANUAL_DOWNLOAD_INSTRUCTIONS")
   assert not hub.exists()
 
 

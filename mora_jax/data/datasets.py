@@ -1,6 +1,7 @@
 """`load`: a prepared TFDS split as pipeline records, with its missing table and evaluation scenarios."""
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,10 +109,10 @@ def is_prepared(name: str, data_dir: str | Path) -> bool:
   return name in BUILDERS and BUILDERS[name](data_dir=str(data_dir)).is_prepared()
 
 
-def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = None, log=print
-            ) -> tfds.core.DatasetBuilder:
-  """Builds the dataset once per data_dir (with a progress bar); later calls reuse the prepared files. What a
-  build leaves out (the builder's `build_notes`) is passed to `log`."""
+def check_source(name: str, data_dir: str | Path, manual_dir: str | Path | None = None
+                 ) -> tfds.core.DatasetBuilder:
+  """The builder of dataset `name`, once it is known, and prepared or given what it is built from (a
+  manual_dir where the raw files must be downloaded by hand). Reads no data."""
   if name not in BUILDERS:
     raise ValueError(f"Unknown dataset {name!r}; known: {sorted(BUILDERS)}.")
   builder = BUILDERS[name](data_dir=str(data_dir))
@@ -121,6 +122,16 @@ def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = Non
         f"{name} is not prepared in data_dir {data_dir} and no manual_dir was given. {name} is built from files "
         f"you download yourself: set manual_dir to them, as {cls}.MANUAL_DOWNLOAD_INSTRUCTIONS describes "
         f"(`python -c \"from mora_jax.data.builders import manual; print(manual.{cls}.MANUAL_DOWNLOAD_INSTRUCTIONS)\"`).")
+  return builder
+
+
+def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = None, log=print
+            ) -> tfds.core.DatasetBuilder:
+  """Builds the dataset once per data_dir (with a progress bar on a terminal); later calls reuse the prepared
+  files. What a build leaves out (the builder's `build_notes`) is passed to `log`."""
+  builder = check_source(name, data_dir, manual_dir)
+  if not builder.is_prepared() and not sys.stderr.isatty():
+    tfds.disable_progress_bar()  # its bars redraw with '\r', which a log file keeps as one endless line
   config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
   builder.download_and_prepare(file_format="array_record", download_config=config)
   for note in getattr(builder, "build_notes", ()):

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from mora_jax import adapters, backbones, data, sharding
 from mora_jax.adapters.classifier import HEADS
 from mora_jax.data import metrics as metrics_lib
+from mora_jax.data.datasets import check_source
 
 CONFIG_FILE = "config.json"  # in the workdir: the run's config, as JSON
 EVAL_FILE = "eval.json"  # in the workdir: the test results
@@ -77,6 +78,7 @@ def validate(config: ml_collections.ConfigDict, train: bool = True) -> None:
   if config.dataset not in data.BUILDERS:
     raise ValueError(f"config.dataset={config.dataset!r}: use one of {sorted(data.BUILDERS)}.")
   _check_manual_dir(config)
+  check_source(config.dataset, config.data_dir, config.manual_dir or None)
   data.Missing(**config.missing)
   try:
     adapters.from_config(config.adapter.to_dict())
