@@ -139,8 +139,9 @@ def memes_config(tmp_path, overrides: dict):
   return config
 
 
-def run_script(script, args, devices=1, timeout=300, check=True, **popen):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(ROOT)}
+def run_script(script, args, devices=1, timeout=300, check=True, env_extra=None, **popen):
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(ROOT),
+         **(env_extra or {})}
   proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], env=env, capture_output=True,
                         text=True, timeout=timeout, check=False, **popen)
   if check and proc.returncode != 0:

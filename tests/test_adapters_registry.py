@@ -81,3 +81,13 @@ def test_a_method_added_in_one_file_and_one_registry_line_trains_and_merges(monk
   pixels, ids, mask = helpers.random_inputs(clf.backbone.config)
   np.testing.assert_allclose(np.asarray(adapters.merge(clf)(pixels, ids, mask)), np.asarray(clf(pixels, ids, mask)),
                              atol=1e-5)
+
+
+def test_switch_keeps_the_shared_fields_and_returns_the_dropped_ones():
+  moka = registry.to_config(registry.from_config({"method": "moka", "rank": 8, "lam": 0.1}))
+  dora, dropped = registry.switch(moka, "dora")
+  assert dora == registry.to_config(registry.from_config({"method": "dora", "rank": 8, "dropout": 0.05}))
+  assert dropped == ["alpha", "lam", "lambdas", "scale_placement", "temperature"]
+  assert registry.switch(moka, "linear")[0] == {"method": "linear"}
+  with pytest.raises(ValueError, match="use one of"):
+    registry.switch(moka, "vera")

@@ -105,6 +105,18 @@ def test_preprocessor_config_drives_preprocessing(variant, tmp_path):
     assert np.abs(ours - expected).max() <= TOLERANCE, (variant, name)
 
 
+@pytest.mark.parametrize("variant", list(PROCESSOR_CONFIGS))
+def test_a_written_preprocessor_config_makes_transformers_preprocess_as_we_do(variant, tmp_path):
+  processor_class()(**PROCESSOR_CONFIGS[variant]).save_pretrained(str(tmp_path / "source"))
+  processing = preprocess.read_image_processing(tmp_path / "source" / hf.PREPROCESSOR_FILE)
+  (tmp_path / hf.PREPROCESSOR_FILE).write_text(json.dumps(preprocess.to_preprocessor_config(processing)))
+  assert preprocess.read_image_processing(tmp_path / hf.PREPROCESSOR_FILE) == processing
+  reference = processor_class().from_pretrained(str(tmp_path))
+  for name, image in images().items():
+    rgb = authors_rgb(image)
+    assert np.abs(preprocess.image_to_pixels(rgb, processing) - reference_pixels(reference, rgb)).max() <= TOLERANCE
+
+
 def test_legacy_integer_sizes_and_missing_keys(tmp_path):
   path = tmp_path / hf.PREPROCESSOR_FILE
   path.write_text(json.dumps({"size": 40, "crop_size": 32, "image_mean": [0.5, 0.5, 0.5]}))

@@ -13,7 +13,7 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-from mora_jax import clip
+from mora_jax import backbones, clip
 from tests import helpers
 
 
@@ -45,6 +45,18 @@ def test_load_then_save_is_lossless(checkpoint, tmp_path):
                                       / "model.safetensors")
   assert again.keys() == tensors.keys()
   for key, value in tensors.items():
+    np.testing.assert_array_equal(again[key], value, err_msg=key)
+
+
+def test_a_bfloat16_checkpoint_is_saved_again_in_bfloat16(checkpoint, tmp_path):
+  path, tensors = checkpoint
+  rewrite(path, {k: v.astype("bfloat16") for k, v in tensors.items()})
+  on_disk = safetensors.numpy.load_file(path / "model.safetensors")
+  assert backbones.storage_dtype(on_disk) == "bfloat16" and backbones.storage_dtype(tensors) == "float32"
+  again = safetensors.numpy.load_file(clip.save_pretrained(clip.from_pretrained(path), tmp_path / "b", "bfloat16")
+                                      / "model.safetensors")
+  for key, value in on_disk.items():
+    assert again[key].dtype == value.dtype, key
     np.testing.assert_array_equal(again[key], value, err_msg=key)
 
 
@@ -147,7 +159,7 @@ def test_hub_id_resolves_through_the_cache(checkpoint, tmp_path):
   for name in ("config.json", "model.safetensors"):
     (snapshot / name).write_bytes((path / name).read_bytes())
   script = textwrap.dedent("""
-      from mora_jax import clip
+      from mora_jax import backbones, clip
       model = clip.from_pretrained("openai/clip-tiny")
       print("loaded", model.config.projection_dim)
       try:

@@ -1,24 +1,83 @@
 """Evaluation of finished runs: re-tests, export, restores of the trained parameters alone."""
 
 import json
+from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from mora_jax.train import config as config_lib, evaluation, loop
+from mora_jax import adapters, data
+from mora_jax.train import checkpoint, config as config_lib, evaluation, export as export_lib, job as job_lib, loop
 from tests.helpers import ROOT, memes_config, memes_overrides, run_script, saved_test_results, train_losses
+
+EXPORT_FILES = {"config.json", "model.safetensors", "head.safetensors", "head.json", "README.md",
+                "preprocessor_config.json", "tokenizer_config.json"}
+
+
+def memes_samples(memes, count=4) -> tuple[list[Image.Image], list[str]]:
+  """The first `count` raw test memes: PIL images and texts."""
+  rows = [json.loads(line) for line in (memes / "raw" / "test.jsonl").read_text().splitlines()[:count]]
+  return [Image.open(memes / "raw" / row["img"]) for row in rows], [row["text"] for row in rows]
+
+
+def our_logits(workdir: Path, step: int, images, texts) -> np.ndarray:
+  """The run's classifier (unmerged, float32) at checkpoint `step`, through our own preprocessing."""
+  config = config_lib.from_json((workdir / job_lib.CONFIG_FILE).read_text())
+  job = job_lib.build_job(config)
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", read_only=True)
+  _, params = evaluation.restore_best_params(ckpt, job, [step])
+  ckpt.close()
+  clf = adapters.join(job.graphdef, {"backbone": job.params["backbone"], **params})
+  ids, mask = data.tokenize(job.backbone.tokenizer, texts, job.prep)
+  pixels = np.stack([job.prep.pixels(image) for image in images])
+  return np.asarray(clf(jnp.asarray(pixels), jnp.asarray(ids), jnp.asarray(mask)))
+
+
+def model_card_logits(export: Path, images, texts) -> np.ndarray:
+  """Runs the model card's snippet (transformers and torch alone) on the samples."""
+  card = (export / export_lib.CARD_FILE).read_text()
+  code = card.split(export_lib.SNIPPET_START, 1)[1].split("```", 1)[0]
+  namespace = {}
+  exec(compile(code, str(export / export_lib.CARD_FILE), "exec"), namespace)  # pylint: disable=exec-used
+  return namespace["logits"](images, texts).numpy()
 
 
 def test_eval_reproduces_the_test_numbers_and_exports_for_transformers(one_device_run):
   out, export = one_device_run / "again.json", one_device_run / "hf"
   run_script("eval.py", ["--workdir", one_device_run, "--output", out, "--export_hf", export])
   assert json.loads(out.read_text())["test"] == saved_test_results(one_device_run)
-  assert {"config.json", "model.safetensors", "head.safetensors", "head.json"} <= {p.name for p in export.iterdir()}
+  assert EXPORT_FILES <= {p.name for p in export.iterdir()}
+  assert "| complete |" in (export / export_lib.CARD_FILE).read_text()
   transformers = pytest.importorskip("transformers")
   assert transformers.CLIPTokenizer.from_pretrained(export)("a meme")["input_ids"][-1] == 515  # byte-level EOS
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_export_without_test_classifies_in_pytorch_as_we_do(memes, one_device_run, head):
   pytest.importorskip("torch")
-  model = transformers.CLIPModel.from_pretrained(export)
-  assert model.config.text_config.hidden_size == 32
+  transformers = pytest.importorskip("transformers")
+  if head == "linear":
+    workdir = one_device_run
+  else:
+    workdir = memes / "mlp_head"
+    loop.train(memes_config(memes, {"max_steps": 2, "head.type": "mlp"}), workdir)
+  step = checkpoint.Checkpointer(workdir / "checkpoints", read_only=True).latest_step()
+  export = workdir / f"hf_{head}"
+  proc = run_script("eval.py", ["--checkpoint", workdir / "checkpoints" / str(step), "--export_hf", export,
+                                "--no_test"])
+  assert "evaluating" not in proc.stdout + proc.stderr and not list(workdir.glob("eval-*.json"))
+  assert EXPORT_FILES <= {p.name for p in export.iterdir()}
+  assert "Not tested" in (export / export_lib.CARD_FILE).read_text()
+  info = json.loads((export / export_lib.HEAD_INFO_FILE).read_text())
+  assert info["head"] == head and info["class_names"] and info["multi_label"] is False
+  # Our preprocessing, as transformers' processors read it from the export.
+  processor = transformers.CLIPProcessor.from_pretrained(export)
+  assert transformers.CLIPImageProcessor.from_pretrained(export).crop_size == processor.image_processor.crop_size
+  images, texts = memes_samples(memes)
+  ours, theirs = our_logits(workdir, step, images, texts), model_card_logits(export, images, texts)
+  np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
 
 
 def test_checkpoint_from_8_devices_evaluates_the_same_on_2(eight_device_run):
@@ -37,6 +96,9 @@ def test_moka_trains_and_is_tested_unmerged_and_reproducibly(memes, one_device_r
   assert all(np.isfinite(loss) for loss in train_losses(workdir))
   again = evaluation.evaluate_run(workdir)
   assert again["merged"] is False and again["test"] == results["test"]
+  with pytest.raises(ValueError, match="cannot be exported with --export_hf"):
+    evaluation.evaluate_run(workdir, export_hf=memes / "moka_hf", test=False)
+  assert not (memes / "moka_hf").exists()
 
 
 def test_a_run_with_a_frozen_head_re_evaluates_from_its_parameters_alone(memes):

@@ -27,6 +27,8 @@ from mora_jax.adapters.mora import MoRAConfig
 LINEAR_PROBE = "linear"  # no adapter: frozen towers and a trained head
 METHODS: dict[str, type[AdapterConfig]] = {cls.name: cls for cls in (MoRAConfig, LoRAConfig, DoRAConfig, MokAConfig)}
 NAMES = (*METHODS, LINEAR_PROBE)
+# The fields every method takes; a method's own fields (alpha, form, lam, ...) mean different things per method.
+SHARED = tuple(f.name for f in dataclasses.fields(AdapterConfig))
 
 
 def from_config(values: Mapping) -> AdapterConfig | None:
@@ -53,3 +55,14 @@ def to_config(adapter: AdapterConfig | None) -> dict:
   if adapter is None:
     return {"method": LINEAR_PROBE}
   return {"method": adapter.name, **dataclasses.asdict(adapter)}
+
+
+def switch(values: Mapping, method: str) -> tuple[dict, list[str]]:
+  """The adapter section `values` rewritten for another `method`: the SHARED fields are kept (none for
+  "linear"), the new method's own fields take its defaults. Also returns the fields of `values` that were
+  dropped (the old method's own ones), for a note to the user."""
+  if method != LINEAR_PROBE and method not in METHODS:
+    raise ValueError(f"adapter.method={method!r}: use one of {list(NAMES)}.")
+  old = {k: v for k, v in values.items() if k != "method"}
+  kept = {} if method == LINEAR_PROBE else {k: v for k, v in old.items() if k in SHARED}
+  return to_config(from_config({"method": method, **kept})), sorted(set(old) - set(kept))

@@ -8,6 +8,8 @@ its tokenizer and image preprocessing. Imports neither `mora_jax.adapters` nor `
 """
 
 from mora_jax.backbones import embedded, pretrain
-from mora_jax.backbones.backbone import Backbone, compute_dtype, image_processing, load, weights_hash
+from mora_jax.backbones.backbone import (Backbone, compute_dtype, image_processing, load, storage_dtype,
+                                         weights_hash)
 
-__all__ = ["Backbone", "compute_dtype", "embedded", "image_processing", "load", "pretrain", "weights_hash"]
+__all__ = ["Backbone", "compute_dtype", "embedded", "image_processing", "load", "pretrain", "storage_dtype",
+           "weights_hash"]

@@ -57,6 +57,13 @@ class Backbone:
   tokenizer: transformers.CLIPTokenizer
   identity: dict  # {"source": path or "random:<preset>/seed<s>", "sha256": weights hash}
   image_processing: preprocess.ImageProcessing
+  storage_dtype: str = "float32"  # the checkpoint's weights on disk; an export writes the same
+
+
+def storage_dtype(tensors: dict[str, np.ndarray]) -> str:
+  """The one dtype of a checkpoint's float tensors (integer buffers such as position_ids aside)."""
+  names = {t.dtype.name for t in tensors.values() if t.dtype.kind not in "iub"}
+  return names.pop() if len(names) == 1 else "float32"
 
 
 def image_processing(directory: Path, image_size: int, log=print) -> preprocess.ImageProcessing:
@@ -97,7 +104,8 @@ def load(cfg: ml_collections.ConfigDict, max_length: int, data_dir: str | Path, 
     except (OSError, TypeError, ValueError) as e:
       raise FileNotFoundError(f"{directory} has no usable CLIP tokenizer ({e}); it needs the vocab.json and "
                               "merges.txt that CLIPTokenizer.save_pretrained writes.") from e
-    return Backbone(model, tokenizer, {"source": str(cfg.path), "sha256": weights_hash(tensors)}, processing)
+    return Backbone(model, tokenizer, {"source": str(cfg.path), "sha256": weights_hash(tensors)}, processing,
+                    storage_dtype(tensors))
   if not cfg.random_preset:
     raise ValueError("config.backbone: set `path` (a Hugging Face id or checkpoint directory) or "
                      "`random_preset` (a randomly initialised CLIP, e.g. 'tiny').")

@@ -3,6 +3,7 @@
 A dataset is one of `BUILDERS` by name, or `MANIFEST` with a `Manifest` (your own data, builders/manifest.py)."""
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,10 +131,10 @@ def is_prepared(name: str, data_dir: str | Path, manifest: manifest_lib.Manifest
   return (name in BUILDERS or name == MANIFEST) and _builder(name, data_dir, manifest).is_prepared()
 
 
-def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = None, log=print,
-            manifest: manifest_lib.Manifest | None = None) -> tfds.core.DatasetBuilder:
-  """Builds the dataset once per data_dir (with a progress bar); later calls reuse the prepared files. What a
-  build leaves out (the builder's `build_notes`) is passed to `log`. `manifest`: the file of dataset MANIFEST."""
+def check_source(name: str, data_dir: str | Path, manual_dir: str | Path | None = None,
+                 manifest: manifest_lib.Manifest | None = None) -> tfds.core.DatasetBuilder:
+  """The builder of dataset `name`, once it is known, and prepared or given what it is built from (a
+  manual_dir where the raw files must be downloaded by hand, or the manifest). Reads no data."""
   builder = _builder(name, data_dir, manifest)
   if manual_dir is None and builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not builder.is_prepared():
     cls = type(builder).__name__
@@ -141,6 +142,17 @@ def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = Non
         f"{name} is not prepared in data_dir {data_dir} and no manual_dir was given. {name} is built from files "
         f"you download yourself: set manual_dir to them, as {cls}.MANUAL_DOWNLOAD_INSTRUCTIONS describes "
         f"(`python -c \"from mora_jax.data.builders import manual; print(manual.{cls}.MANUAL_DOWNLOAD_INSTRUCTIONS)\"`).")
+  return builder
+
+
+def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = None, log=print,
+            manifest: manifest_lib.Manifest | None = None) -> tfds.core.DatasetBuilder:
+  """Builds the dataset once per data_dir (with a progress bar on a terminal); later calls reuse the prepared
+  files. What a build leaves out (the builder's `build_notes`) is passed to `log`. `manifest`: the file of
+  dataset MANIFEST."""
+  builder = check_source(name, data_dir, manual_dir, manifest)
+  if not builder.is_prepared() and not sys.stderr.isatty():
+    tfds.disable_progress_bar()  # its bars redraw with '\r', which a log file keeps as one endless line
   config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
   builder.download_and_prepare(file_format="array_record", download_config=config)
   for note in getattr(builder, "build_notes", ()):

@@ -84,6 +84,20 @@ def read_image_processing(path: str | Path) -> ImageProcessing:
                                                         "do_normalize")})
 
 
+def to_preprocessor_config(processing: ImageProcessing) -> dict:
+  """The inverse of `read_image_processing`: a preprocessor_config.json with which transformers'
+  CLIPImageProcessor (and CLIPProcessor) preprocess images as `image_to_pixels` does."""
+  size = ({"height": processing.size[0], "width": processing.size[1]} if isinstance(processing.size, tuple)
+          else {"shortest_edge": processing.size})
+  return {"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
+          "do_convert_rgb": True, "do_resize": processing.do_resize, "size": size,
+          "resample": int(processing.resample), "do_center_crop": processing.do_center_crop,
+          "crop_size": {"height": processing.crop_size[0], "width": processing.crop_size[1]},
+          "do_rescale": processing.do_rescale, "rescale_factor": processing.rescale_factor,
+          "do_normalize": processing.do_normalize, "image_mean": list(processing.mean),
+          "image_std": list(processing.std)}
+
+
 def to_rgb(image: Image.Image, transparency: str = "drop") -> Image.Image:
   """RGB. With "white", images with an alpha band or palette transparency are composited onto white first;
   with "drop", alpha is discarded as PIL's convert("RGB") does."""

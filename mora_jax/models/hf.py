@@ -226,12 +226,15 @@ def to_hf_tensors(model: CLIP) -> dict[str, np.ndarray]:
           for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def save_pretrained(model: CLIP, out_dir: str | os.PathLike) -> Path:
-  """Writes config.json + model.safetensors that `transformers.CLIPModel.from_pretrained` loads.
+def save_pretrained(model: CLIP, out_dir: str | os.PathLike, dtype: str | None = None) -> Path:
+  """Writes config.json + model.safetensors that `transformers.CLIPModel.from_pretrained` loads, the weights
+  in `dtype` (e.g. "bfloat16"; default: the model's).
 
   Every process must call it (arrays sharded across hosts are gathered); only process 0 writes.
   """
   tensors = to_hf_tensors(model)
+  if dtype is not None:
+    tensors = {k: v.astype(dtype) for k, v in tensors.items()}
   out = Path(out_dir)
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)

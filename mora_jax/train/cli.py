@@ -4,24 +4,53 @@ overrides, multi-process start-up, and errors printed as one line (a traceback o
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import jax
-
-from mora_jax import sharding
-from mora_jax.models.hf import WeightsError
-from mora_jax.train import checkpoint, config as config_lib, evaluation, job, loop, recipes
-
 # Without --config: the embedded easy-VQA MoRA recipe, built from the library itself (configs/easy_vqa_mora.py
 # holds the same), so the default run needs no file of the repository.
 DEFAULT_RECIPE = ("easy_vqa", "mora")
 DEFAULT_NAME = "easy_vqa_mora"
-# Bad input a person can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (config_lib.ConfigError, checkpoint.IncompatibleCheckpoint, checkpoint.NoIntactCheckpoint,
-               WeightsError, job.NotWritable, FileNotFoundError, ValueError, KeyError)
+
+OVERRIDES_HELP = """config overrides (after the flags, any number):
+  --config.KEY=VALUE or --config.KEY VALUE   KEY is dotted (optim.lr); VALUE a Python literal or plain text,
+                                             a tuple as a,b (adapter.targets=q_proj,v_proj)
+most used keys:
+  dataset                 easy_vqa | mm_imdb | upmc_food101 | hateful_memes
+  manual_dir, data_dir    the raw download (mm_imdb, upmc_food101, hateful_memes); the prepared files
+  adapter.method          mora | lora | dora | moka | linear (switching keeps targets, rank, start_layer,
+                          dropout and towers; the other method's options take the new one's defaults)
+  adapter.rank, adapter.alpha, adapter.targets, adapter.start_layer
+  optim.lr, epochs, batch_size, accum_steps, max_steps, head.type (linear | mlp)
+  missing.type, missing.rate   text | image | both, 0..1
+  backbone.path, backbone.dtype, mesh.fsdp
+"""
+
+
+class ArgumentError(ValueError):
+  """A malformed command line."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """Bad input a person can fix; anything else is a bug and keeps its traceback. (Imported here, not at the
+  top, so that --help needs neither jax nor transformers.)"""
+  from mora_jax.models.hf import WeightsError  # pylint: disable=import-outside-toplevel
+  from mora_jax.train import checkpoint, config, job  # pylint: disable=import-outside-toplevel
+  return (ArgumentError, config.ConfigError, checkpoint.IncompatibleCheckpoint, checkpoint.NoIntactCheckpoint,
+          WeightsError, job.NotWritable, FileNotFoundError, ValueError, KeyError)
+
+
+def quiet_startup() -> None:
+  """Before jax, transformers or tfds are imported: no start-up chatter (TensorFlow's C++ and absl logs,
+  transformers' notes on missing optional packages) around the run's own output. Set variables win."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+  logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +79,7 @@ def split_overrides(args: Sequence[str], prefixes: Sequence[str]) -> tuple[list[
         i += 1
         value = args[i]
       else:
-        raise config_lib.ConfigError(f"{arg} needs a value: {arg}=VALUE")
+        raise ArgumentError(f"{arg} needs a value: {arg}=VALUE")
       overrides.append((prefix, key, value))
     i += 1
   return overrides, rest
@@ -60,6 +89,7 @@ def initialize_distributed(args: argparse.Namespace) -> None:
   """jax.distributed.initialize with the given flags, or (--distributed) with what jax detects on TPU pod
   slices, SLURM and Open MPI. Explicit, because a stray cluster variable must not make a laptop run wait
   for peers."""
+  import jax  # pylint: disable=import-outside-toplevel
   if args.coordinator_address or args.num_processes:
     jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   elif args.distributed:
@@ -68,13 +98,17 @@ def initialize_distributed(args: argparse.Namespace) -> None:
 
 def run_main(main: Callable[[], int], debug: bool) -> int:
   """Runs `main`, turning bad input into one line on stderr and exit status 2; SIGTERM into 143."""
+  quiet_startup()
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   try:
     return main()
-  except loop.Preempted as e:
-    print(str(e), file=sys.stderr)
-    return 143
-  except USER_ERRORS as e:
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    from mora_jax.train import loop  # pylint: disable=import-outside-toplevel
+    if isinstance(e, loop.Preempted):
+      print(str(e), file=sys.stderr)
+      return 143
+    if not isinstance(e, user_errors()):
+      raise
     if debug:
       traceback.print_exc()
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -84,56 +118,93 @@ def run_main(main: Callable[[], int], debug: bool) -> int:
 
 def default_config():
   """The default run's config (locked, as a config file's)."""
+  from mora_jax.train import recipes  # pylint: disable=import-outside-toplevel
   config = recipes.get(*DEFAULT_RECIPE)
   config.lock()
   return config
 
 
-def train_main(argv=None) -> int:
-  """train.py and mora-train."""
-  overrides, rest = split_overrides(sys.argv[1:] if argv is None else argv, ["config"])
+def train_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      description="Trains an adapter on a frozen CLIP, then tests the best checkpoint per missing scenario.")
+      description="Trains an adapter on a frozen CLIP, then tests the best checkpoint per missing scenario.",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=OVERRIDES_HELP + """example:
+  python train.py --config configs/food101_mora.py --config.adapter.method=lora --config.optim.lr=5e-3 \\
+      --config.manual_dir=~/raw/food101 --workdir runs/food101_lora
+Re-running with the same --workdir resumes from its latest checkpoint.""")
   parser.add_argument("--config", default=None,
                       help=f"a config file (configs/*.py); default: the {DEFAULT_NAME} recipe")
   parser.add_argument("--workdir", default=None, help="default: runs/<config file name>")
   add_common_flags(parser)
-  args = parser.parse_args(rest)
+  return parser
+
+
+def train_main(argv=None) -> int:
+  """train.py and mora-train."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  parser = train_parser()
 
   def run() -> int:
+    overrides, rest = split_overrides(argv, ["config"])
+    args = parser.parse_args(rest)
     initialize_distributed(args)
+    from mora_jax.train import config as config_lib, loop  # pylint: disable=import-outside-toplevel
     config = config_lib.load(args.config) if args.config else default_config()
     config_lib.apply_overrides(config, [(key, value) for _, key, value in overrides])
     workdir = args.workdir or f"runs/{Path(args.config).stem if args.config else DEFAULT_NAME}"
     loop.train(config, workdir)
     return 0
 
-  return run_main(run, args.debug)
+  return run_main(run, "--debug" in argv)
+
+
+def eval_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      description="Re-tests a trained run with merged weights, on any missing scenario, and exports it.",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="""missing scenario (default: the run's own):
+  --missing.type=text|image|both  --missing.rate=0..1  --missing.seed=N
+""" + OVERRIDES_HELP.replace("config overrides (after the flags, any number)",
+                             "config overrides (on the run's saved config, e.g. data_dir or eval.batch_size)") +
+      """examples:
+  python eval.py --workdir runs/food101_mora --missing.type=image --missing.rate=1.0
+  python eval.py --workdir runs/food101_mora --export_hf out/food101_mora --no_test""")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", help="a train.py workdir (its best checkpoint is used)")
+  source.add_argument("--checkpoint", help="one checkpoint step directory, <workdir>/checkpoints/<step>")
+  parser.add_argument("--export_hf", default=None,
+                      help="write the merged model here: a Hugging Face CLIP checkpoint with its processor, the "
+                      "head (head.safetensors, head.json) and a model card (README.md)")
+  parser.add_argument("--export_peft", default=None,
+                      help="LoRA/DoRA: write the adapters here as a PEFT adapter directory (for transformers' CLIPModel)")
+  parser.add_argument("--no_test", action="store_true", help="with --export_hf/--export_peft: export without testing")
+  parser.add_argument("--output", default=None,
+                      help="results JSON (default: <workdir>/eval-<type>-<rate>.json next to eval.json)")
+  add_common_flags(parser)
+  return parser
 
 
 def eval_main(argv=None) -> int:
   """eval.py and mora-eval."""
-  overrides, rest = split_overrides(sys.argv[1:] if argv is None else argv, ["missing", "config"])
-  parser = argparse.ArgumentParser(
-      description="Re-tests a trained run with merged weights, on any missing scenario, and exports it.")
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--workdir", help="a train.py workdir (its best checkpoint is used)")
-  source.add_argument("--checkpoint", help="one checkpoint step directory, <workdir>/checkpoints/<step>")
-  parser.add_argument("--export_hf", default=None, help="write the merged model here as a Hugging Face checkpoint")
-  parser.add_argument("--export_peft", default=None,
-                      help="LoRA/DoRA: write the adapters here as a PEFT adapter directory (for transformers' CLIPModel)")
-  parser.add_argument("--output", default=None,
-                      help="results JSON (default: <workdir>/eval-<type>-<rate>.json next to eval.json)")
-  add_common_flags(parser)
-  args = parser.parse_args(rest)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  parser = eval_parser()
 
   def run() -> int:
+    overrides, rest = split_overrides(argv, ["missing", "config"])
+    args = parser.parse_args(rest)
+    if args.no_test and not (args.export_hf or args.export_peft):
+      raise ArgumentError("--no_test skips the test, so it needs --export_hf OUT or --export_peft OUT (otherwise "
+                          "there is nothing to do).")
     initialize_distributed(args)
+    from mora_jax import sharding  # pylint: disable=import-outside-toplevel
+    from mora_jax.train import evaluation  # pylint: disable=import-outside-toplevel
     missing = {key: value for prefix, key, value in overrides if prefix == "missing"}
     config_overrides = [(key, value) for prefix, key, value in overrides if prefix == "config"]
-    results = evaluation.evaluate_run(args.workdir, args.checkpoint, missing=missing,
-                                      export_hf=args.export_hf, config_overrides=config_overrides,
-                                      export_peft=args.export_peft)
+    results = evaluation.evaluate_run(args.workdir, args.checkpoint, missing=missing, export_hf=args.export_hf,
+                                      export_peft=args.export_peft, config_overrides=config_overrides,
+                                      test=not args.no_test)
+    if args.no_test:
+      return 0
     workdir = Path(args.workdir) if args.workdir else Path(args.checkpoint).parent.parent
     output = Path(args.output) if args.output else (
         workdir / f"eval-{results['missing']['type']}-{results['missing']['rate']}.json")
@@ -142,4 +213,4 @@ def eval_main(argv=None) -> int:
       print(f"written to {output}")
     return 0
 
-  return run_main(run, args.debug)
+  return run_main(run, "--debug" in argv)

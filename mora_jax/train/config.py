@@ -10,6 +10,8 @@ from pathlib import Path
 
 import ml_collections
 
+from mora_jax.adapters import registry
+
 
 class ConfigError(ValueError):
   """A config file or override that cannot be used; the message says which and how to fix it."""
@@ -70,9 +72,34 @@ def override(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> N
                       f"{type(current).__name__} (current value {current!r}).") from e
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> None:
-  for key, text in overrides:
-    override(config, key, text)
+ADAPTER_METHOD = "adapter.method"
+
+
+def switch_adapter(config: ml_collections.ConfigDict, method: str, log=print) -> None:
+  """`config.adapter` rebuilt for another method (its fields differ): the fields every method shares are kept,
+  the old method's own ones are dropped with a note, the new method's take their defaults."""
+  old = config.adapter.method
+  if method == old:
+    return
+  try:
+    values, dropped = registry.switch(config.adapter.to_dict(), method)
+  except ValueError as e:
+    raise ConfigError(f"config key {ADAPTER_METHOD}: {e}") from e
+  with config.unlocked():
+    config.adapter = ml_collections.ConfigDict(values)
+  if dropped:
+    log(f"note: adapter.method={method} replaces {old}: dropped the adapter options {', '.join(dropped)}; "
+        "options of the new method take its defaults unless set with --config.adapter.KEY=VALUE.")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]], log=print) -> None:
+  """Applies `--config.KEY=VALUE` overrides; adapter.method first, so that options of the new method given in
+  any order are kept."""
+  for key, text in sorted(overrides, key=lambda kv: kv[0] != ADAPTER_METHOD):
+    if key == ADAPTER_METHOD:
+      switch_adapter(config, text, log)
+    else:
+      override(config, key, text)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -11,23 +11,20 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import safetensors.numpy
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm import tqdm
 
-from mora_jax import adapters, data, sharding
+from mora_jax import adapters, backbones, data, progress, sharding
 from mora_jax.data import metrics as metrics_lib
 from mora_jax.adapters import peft as peft_io
-from mora_jax.models import hf
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
+from mora_jax.train import export as export_lib
 from mora_jax.train import step as step_lib
-from mora_jax.train.job import Job, build_job, say
+from mora_jax.train.job import Job, build_job, say, validate
 from mora_jax.train.writers import MetricWriter
 
-HEAD_WEIGHTS, HEAD_INFO = "head.safetensors", "head.json"  # beside an export's weights: the classifier head
 
 
 def evaluate_split(job: Job, eval_step, params, backbone_state, ds: data.Dataset, desc: str) -> dict:
@@ -37,8 +34,7 @@ def evaluate_split(job: Job, eval_step, params, backbone_state, ds: data.Dataset
   target = sharding.batch_sharding(job.mesh, micro_axis=False)
   outputs, corrupt = [], 0
   steps = -(-len(ds.source) // batch_size) if jax.process_count() == 1 else None
-  for host_batch in tqdm(job.batches(ds, batch_size, train=False), desc=desc, total=steps, leave=False,
-                         disable=not sharding.is_main_process()):
+  for host_batch in progress.bar(job.batches(ds, batch_size, train=False), desc=desc, total=steps, leave=False):
     corrupt += int(np.sum(host_batch["corrupt"]))
     logits = eval_step(params, backbone_state, sharding.global_batch(host_batch, data.MODEL_INPUTS, target, False))
     outputs.append({"logits": sharding.process_rows(logits),
@@ -98,12 +94,13 @@ def format_table(results: dict, metric: str) -> str:
 
 def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | None = None,
                  missing: dict | None = None, scenarios=data.SCENARIOS, export_hf: str | Path | None = None,
-                 config_overrides=(), export_peft: str | Path | None = None) -> dict:
+                 config_overrides=(), export_peft: str | Path | None = None, test: bool = True) -> dict:
   """Re-tests a run: the best intact checkpoint of `workdir` (highest validation metric; a damaged one is
   skipped with a warning, for the next best), or the given checkpoint step directory, with merged weights, on
-  any missing type/rate (`missing`: {"type", "rate"} overrides); optionally exports the merged model as a
-  Hugging Face CLIP checkpoint plus the head weights, and (LoRA/DoRA) the adapters as a PEFT adapter directory
-  plus the head weights (`export_peft`). Only the trained parameters are restored."""
+  any missing type/rate (`missing`: {"type", "rate"} overrides); optionally exports the merged model for
+  transformers (`export_hf`, mora_jax.train.export) and, for LoRA/DoRA, the adapters as a PEFT adapter
+  directory (`export_peft`), also without testing (`test=False`: no "test" in the result). Only the trained
+  parameters are restored."""
   if checkpoint is not None:
     checkpoint = Path(checkpoint).absolute()
     directory, step = checkpoint.parent, int(checkpoint.name) if checkpoint.name.isdigit() else None
@@ -124,63 +121,57 @@ def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | Non
     peft_io.check_exportable(adapters.from_config(config.adapter.to_dict()))
   for key, value in (missing or {}).items():
     config_lib.override(config, f"missing.{key}", str(value))
+  validate(config, train=False)
+  if export_hf is not None and not adapters.mergeable(adapters.from_config(config.adapter.to_dict())):
+    raise ValueError(f"adapter method {config.adapter.method!r} cannot be exported with --export_hf: its update "
+                     "depends on the input, so it does not merge into plain CLIP weights. Test it with eval.py "
+                     "without --export_hf (unmerged).")
+  if not test:  # the export alone: build the job in float32 at once
+    config = float32_backbone(config)
   job = build_job(config)
   checkpoint_lib.check_backbone(meta, job.backbone.identity, str(directory))
   chosen = "the given checkpoint" if step is not None else f"the best intact checkpoint by validation {job.metric}"
   candidates = [step] if step is not None else ckpt.steps_best_first(job.metric, meta["loop"]["best_step"])
   step, params = restore_best_params(ckpt, job, candidates)
   ckpt.close()
-  say(f"evaluating {directory / str(step)} ({chosen}) on {config.dataset} test, missing {config.missing.type} "
-      f"{config.missing.rate}")
-  writer = MetricWriter(Path(directory).parent)
   results = {"dataset": config.dataset, "method": config.adapter.method, "metric": job.metric,
              "checkpoint_step": step, "missing": config.missing.to_dict(),
-             "merged": adapters.mergeable(adapters.from_config(config.adapter.to_dict())),
-             "test": scenario_metrics(job, params, scenarios, data.Missing(**config.missing), writer, step)}
-  writer.close()
-  say(format_table(results["test"], job.metric))
+             "merged": adapters.mergeable(adapters.from_config(config.adapter.to_dict()))}
+  if test:
+    say(f"evaluating {directory / str(step)} ({chosen}) on {config.dataset} test, missing {config.missing.type} "
+        f"{config.missing.rate}")
+    writer = MetricWriter(Path(directory).parent)
+    results["test"] = scenario_metrics(job, params, scenarios, data.Missing(**config.missing), writer, step)
+    writer.close()
+    say(format_table(results["test"], job.metric))
   if export_hf is not None:
-    export(job, params, export_hf)
+    # The merge in float32: with dtype "auto" on GPU/TPU the tested job's backbone is bfloat16.
+    float32 = backbones.compute_dtype(config.backbone.dtype) == jnp.float32
+    tested = (f"checkpoint step {step}, missing {config.missing.type} {config.missing.rate}; metrics in %:\n\n"
+              + format_table(results["test"], job.metric)) if test else None
+    export_lib.to_hf(job if float32 else build_job(float32_backbone(config)), params, export_hf, tested)
   if export_peft is not None:
     export_peft_adapter(job, params, export_peft)
   return results
 
 
-def export(job: Job, trainable, out_dir: str | Path) -> Path:
-  """The merged towers as a Hugging Face CLIP checkpoint (config.json, model.safetensors, tokenizer files),
-  plus `head.safetensors` and `head.json` (class names, head type). A linear head is `kernel`
-  [2 * projection_dim, classes] and `bias`; an MLP head is `hidden.kernel`, `hidden.bias`, `output.kernel`,
-  `output.bias` with a GELU (exact) between them."""
-  merged = adapters.merge(adapters.join(job.graphdef, {"backbone": job.params["backbone"], **trainable}))
-  out = hf.save_pretrained(merged.backbone, out_dir)
-  if sharding.is_main_process():
-    job.backbone.tokenizer.save_pretrained(str(out))
-  _write_head(job, merged.head, out)
-  say(f"exported the merged model to {out}")
-  return out
+def float32_backbone(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with a float32 backbone: the export merges adapters into the weights in full precision."""
+  config = config_lib.from_json(config_lib.to_json(config))
+  config_lib.override(config, "backbone.dtype", "float32")
+  return config
 
 
 def export_peft_adapter(job: Job, trainable, out_dir: str | Path) -> Path:
   """LoRA/DoRA adapters as a PEFT adapter directory for transformers' CLIPModel of the run's backbone (see
-  mora_jax/adapters/peft.py), plus `head.safetensors` and `head.json` as `export` writes them."""
+  mora_jax/adapters/peft.py), plus the head as the Hugging Face export writes it (export.write_head)."""
   # This process's local copies: a global array spanning several processes cannot be read into a file.
   host = jax.tree.map(lambda x: jnp.asarray(sharding.replicated_value(x)), trainable)
   clf = adapters.join(job.graphdef, {"backbone": job.params["backbone"], **host})
   out = Path(out_dir)
   if sharding.is_main_process():
     peft_io.save(clf, out, base_model=job.backbone.identity["source"])
-  _write_head(job, clf.head, out)
+  export_lib.write_head(job, clf.head, out)
   say(f"exported the adapters to {out} (PEFT: peft.PeftModel.from_pretrained(CLIPModel of "
       f"{job.backbone.identity['source']}, {out}))")
   return out
-
-
-def _write_head(job: Job, head: nnx.Module, out: Path) -> None:
-  """`head.safetensors` and `head.json` in the layout `export` describes."""
-  tensors = {".".join(map(str, path)): sharding.replicated_value(variable.get_value())
-             for path, variable in nnx.to_flat_state(nnx.state(head))}
-  if sharding.is_main_process():
-    safetensors.numpy.save_file(tensors, out / HEAD_WEIGHTS)
-    (out / HEAD_INFO).write_text(json.dumps({"class_names": list(job.class_names), "multi_label": job.multi_label,
-                                               "head": job.config.head.type,
-                                               "features": "concat(image_features, text_features)"}, indent=2))

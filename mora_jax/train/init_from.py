@@ -19,7 +19,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from flax import nnx
 
 from mora_jax import adapters, sharding
@@ -27,7 +26,7 @@ from mora_jax.adapters import peft as peft_io
 from mora_jax.data import metrics as metrics_lib
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
-from mora_jax.train import evaluation
+from mora_jax.train import evaluation, export
 from mora_jax.train.job import Job, say
 
 
@@ -40,19 +39,18 @@ def initial_params(job: Job, source: str) -> tuple[dict, dict]:
     head = _load_head(clf, job, path)
     _, params = adapters.split(clf)
     say(f"init_from: the adapters{' and head' if head else ''} of the PEFT directory {path}"
-        + ("" if head else f" (the head starts fresh: no {evaluation.HEAD_INFO} of the same classes and head)"))
+        + ("" if head else f" (the head starts fresh: no {export.HEAD_INFO_FILE} of the same classes and head)"))
     return params, {"source": str(path), "kind": "peft", "step": None, "head": head}
   return _from_run(job, path, source)
 
 
 def _load_head(clf: adapters.Classifier, job: Job, directory: Path) -> bool:
-  """Sets `clf.head` from the head files `eval.py --export_peft` writes beside the adapter, if they hold a head
-  of the same classes, type and shapes; whether it did."""
-  info, weights = directory / evaluation.HEAD_INFO, directory / evaluation.HEAD_WEIGHTS
-  if not (info.is_file() and weights.is_file()):
+  """Sets `clf.head` from the head files an export writes beside the adapter (export.write_head), if they hold
+  a head of the same classes, type and shapes; whether it did."""
+  found = export.read_head(directory)
+  if found is None:
     return False
-  saved = json.loads(info.read_text())
-  tensors = safetensors.numpy.load_file(str(weights))
+  saved, tensors = found
   variables = {".".join(map(str, path)): variable for path, variable in nnx.to_flat_state(nnx.state(clf.head))}
   if (saved.get("class_names") != list(job.class_names) or saved.get("head") != job.config.head.type
       or {k: v.shape for k, v in tensors.items()} != {k: v.get_value().shape for k, v in variables.items()}):

@@ -17,7 +17,9 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from mora_jax import adapters, backbones, data, sharding
+from mora_jax.adapters.classifier import HEADS
 from mora_jax.data import metrics as metrics_lib
+from mora_jax.data.datasets import check_source
 
 CONFIG_FILE = "config.json"  # in the workdir: the run's config, as JSON
 EVAL_FILE = "eval.json"  # in the workdir: the test results
@@ -44,17 +46,53 @@ def say(message: str) -> None:
     tqdm.write(message)
 
 
-def make_mesh(cfg: ml_collections.ConfigDict) -> tuple[Mesh, tuple]:
-  """Mesh ("data", "fsdp") over all devices (data=-1 takes what fsdp leaves), and the backbone's rules:
-  FSDP-sharded along "fsdp" when fsdp > 1, replicated otherwise."""
+def mesh_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(data, fsdp) sizes of config.mesh over all devices (data=-1 takes what fsdp leaves)."""
   count = jax.device_count()
   fsdp = cfg.fsdp
   data_size = cfg.data if cfg.data > 0 else count // max(fsdp, 1)
   if fsdp < 1 or data_size * fsdp != count:
     raise ValueError(f"config.mesh data={cfg.data} x fsdp={fsdp} does not cover the {count} devices; "
                      f"use data=-1 with an fsdp that divides {count}.")
-  rules = sharding.FSDP_RULES if fsdp > 1 else sharding.REPLICATED_RULES
-  return sharding.make_mesh((data_size, fsdp), ("data", "fsdp")), rules
+  return data_size, fsdp
+
+
+def make_mesh(cfg: ml_collections.ConfigDict) -> tuple[Mesh, tuple]:
+  """Mesh ("data", "fsdp") of `mesh_shape`, and the backbone's rules: FSDP-sharded along "fsdp" when
+  fsdp > 1, replicated otherwise."""
+  shape = mesh_shape(cfg)
+  rules = sharding.FSDP_RULES if shape[1] > 1 else sharding.REPLICATED_RULES
+  return sharding.make_mesh(shape, ("data", "fsdp")), rules
+
+
+def check_batching(c: ml_collections.ConfigDict) -> None:
+  if c.batch_size % c.accum_steps or (c.batch_size // c.accum_steps) % jax.device_count():
+    raise ValueError(f"batch_size={c.batch_size} must split into accum_steps={c.accum_steps} micro-batches "
+                     f"whose size divides over the {jax.device_count()} devices.")
+
+
+def validate(config: ml_collections.ConfigDict, train: bool = True) -> None:
+  """Every check a config allows without reading data or weights, so that a mistake is reported before any
+  download, data preparation or backbone pre-training (minutes, on a first run). `train`: also the training
+  batch, which evaluation does not use."""
+  if config.dataset not in data.BUILDERS:
+    raise ValueError(f"config.dataset={config.dataset!r}: use one of {sorted(data.BUILDERS)}.")
+  _check_manual_dir(config)
+  check_source(config.dataset, config.data_dir, config.manual_dir or None)
+  data.Missing(**config.missing)
+  try:
+    adapters.from_config(config.adapter.to_dict())
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.adapter: {e}") from e
+  if config.head.type not in HEADS:
+    raise ValueError(f"config.head.type={config.head.type!r}: use one of {HEADS}.")
+  backbones.compute_dtype(config.backbone.dtype)
+  if not config.backbone.path and not config.backbone.random_preset:
+    raise ValueError("config.backbone: set `path` (a Hugging Face id, a checkpoint directory or 'embedded') or "
+                     "`random_preset` (a randomly initialised CLIP, e.g. 'tiny').")
+  mesh_shape(config.mesh)
+  if train:
+    check_batching(config)
 
 
 @dataclasses.dataclass

@@ -23,14 +23,14 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm import tqdm
 
-from mora_jax import adapters, data, sharding
+from mora_jax import adapters, data, progress, sharding
 from mora_jax.adapters import optim
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
 from mora_jax.train import evaluation
 from mora_jax.train import init_from
+from mora_jax.train import job as job_lib
 from mora_jax.train import step as step_lib
 from mora_jax.train.job import CONFIG_FILE, EVAL_FILE, Job, build_job, check_writable, manifest, say, summary_lines
 from mora_jax.train.writers import MetricWriter
@@ -108,21 +108,15 @@ def _abstract(tree, target: NamedSharding):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target), tree)
 
 
-def _check_batching(c: ml_collections.ConfigDict) -> None:
-  if c.batch_size % c.accum_steps or (c.batch_size // c.accum_steps) % jax.device_count():
-    raise ValueError(f"batch_size={c.batch_size} must split into accum_steps={c.accum_steps} micro-batches "
-                     f"whose size divides over the {jax.device_count()} devices.")
-
-
 def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
-  """Checks the folders, builds the job, its data and steps, and restores the newest intact checkpoint of
-  `workdir` if it holds any (a damaged one is moved to checkpoints/damaged/)."""
+  """Checks the config and the folders, builds the job, its data and steps, and restores the newest intact
+  checkpoint of `workdir` if it holds any (a damaged one is moved to checkpoints/damaged/)."""
   c = config
+  job_lib.validate(c)
   check_writable(workdir / "checkpoints", "--workdir")
   if not data.is_prepared(c.dataset, c.data_dir, manifest(c)):
     check_writable(Path(c.data_dir).expanduser(), "--config.data_dir")
   job = build_job(c)
-  _check_batching(c)
   train_ds, val_ds = job.load("train"), job.load("validation")
   if len(train_ds.source) == 0:
     raise ValueError(f"{c.dataset} has no train samples in {c.data_dir}.")
@@ -211,8 +205,8 @@ def train_epoch(run: Run, sigterm: _Sigterm, step_hook=None) -> None:
   epoch = run.step // run.steps_per_epoch
   epoch_start, epoch_end = epoch * run.steps_per_epoch, min(run.stop_step, (epoch + 1) * run.steps_per_epoch)
   micro_target = sharding.batch_sharding(run.job.mesh, micro_axis=True)
-  bar = tqdm(total=run.steps_per_epoch, initial=run.step - epoch_start, desc=f"epoch {epoch + 1}/{c.epochs}",
-             unit="step", disable=not sharding.is_main_process())
+  bar = progress.bar(total=run.steps_per_epoch, initial=run.step - epoch_start,
+                     desc=f"epoch {epoch + 1}/{c.epochs}", unit="step")
   window_start, window_samples, corrupt = time.perf_counter(), 0, 0
   while run.step < epoch_end:
     micro = [next(run.train_iter) for _ in range(c.accum_steps)]
