@@ -19,8 +19,10 @@ OVERRIDES_HELP = """config overrides (after the flags, any number):
   --config.KEY=VALUE or --config.KEY VALUE   KEY is dotted (optim.lr); VALUE a Python literal or plain text,
                                              a tuple as a,b (adapter.targets=q_proj,v_proj)
 most used keys:
-  dataset                 easy_vqa | mm_imdb | upmc_food101 | hateful_memes
+  dataset                 easy_vqa | mm_imdb | upmc_food101 | hateful_memes | manifest (your own data)
   manual_dir, data_dir    the raw download (mm_imdb, upmc_food101, hateful_memes); the prepared files
+  manifest.path           dataset=manifest: your .jsonl or .csv (docs/own_data.md)
+  init_from               start from another run's workdir or a PEFT adapter directory (docs/peft.md)
   adapter.method          mora | lora | dora | moka | linear (switching keeps targets, rank, start_layer,
                           dropout and towers; the other method's options take the new one's defaults)
   adapter.rank, adapter.alpha, adapter.targets, adapter.start_layer
