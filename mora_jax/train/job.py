@@ -75,10 +75,11 @@ def validate(config: ml_collections.ConfigDict, train: bool = True) -> None:
   """Every check a config allows without reading data or weights, so that a mistake is reported before any
   download, data preparation or backbone pre-training (minutes, on a first run). `train`: also the training
   batch, which evaluation does not use."""
-  if config.dataset not in data.BUILDERS:
-    raise ValueError(f"config.dataset={config.dataset!r}: use one of {sorted(data.BUILDERS)}.")
+  if config.dataset not in (*data.BUILDERS, data.MANIFEST):
+    raise ValueError(f"config.dataset={config.dataset!r}: use one of {sorted(data.BUILDERS)}, or "
+                     f"{data.MANIFEST!r} with config.manifest.path for your own data.")
   _check_manual_dir(config)
-  check_source(config.dataset, config.data_dir, config.manual_dir or None)
+  check_source(config.dataset, config.data_dir, config.manual_dir or None, manifest(config))
   data.Missing(**config.missing)
   try:
     adapters.from_config(config.adapter.to_dict())
