@@ -178,7 +178,8 @@ def eval_parser() -> argparse.ArgumentParser:
                       help="write the merged model here: a Hugging Face CLIP checkpoint with its processor, the "
                       "head (head.safetensors, head.json) and a model card (README.md)")
   parser.add_argument("--export_peft", default=None,
-                      help="LoRA/DoRA: write the adapters here as a PEFT adapter directory (for transformers' CLIPModel)")
+                      help="LoRA/DoRA: write the adapters here as a PEFT adapter directory (for transformers' "
+                      "CLIPModel)")
   parser.add_argument("--no_test", action="store_true", help="with --export_hf/--export_peft: export without testing")
   parser.add_argument("--output", default=None,
                       help="results JSON (default: <workdir>/eval-<type>-<rate>.json next to eval.json)")
