@@ -35,7 +35,7 @@ def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:
 
 
 def host_peak() -> str:
-  """The line that puts absolute times in context: machines of one kind differ 2.5-3x in speed."""
+  """The line that puts absolute times in context: the same kind of machine runs at very different speeds."""
   return f"practical float32 matmul peak {matmul_gflops():.1f} GFLOP/s (2048^3, same run)"
 
 

@@ -81,7 +81,7 @@ def test_default_pipeline_reaches_its_accuracy_thresholds(built, tmp_path):
   complete, text_missing, image_missing = (results[k] for k in ("complete", "text_missing", "image_missing"))
   # Measured with these settings (8 simulated devices): complete 74.4 (colour questions 97.8), text missing 37.3,
   # image missing 66.8. What broken models reach on easy-VQA test: the majority answer 37.3%, the question
-  # alone 66.9% (docs/protocol.md; colour questions 12.5% blind). So each bound below needs the image to work:
+  # alone 66.8% (bench/easyvqa_priors.py; colour questions 12.5% blind). So each bound below needs the image to work:
   assert complete["accuracy"] > 0.70  # above the question-only ceiling
   assert complete["accuracy_color"] > 0.80  # colours read from the image
   assert complete["accuracy"] > image_missing["accuracy"] + 0.03  # the image adds to the question

@@ -47,6 +47,14 @@ def test_mora_init_bench_runs():
   assert all(float(row[4]) > 0 and 0 < float(row[7]) <= 1 for row in rows), out
 
 
+def test_easyvqa_priors_bench_runs(tmp_path):
+  out = subprocess.run([sys.executable, "bench/easyvqa_priors.py", "--data_dir", str(tmp_path)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, check=True).stdout
+  lines = out.splitlines()  # after TFDS's own preparation messages
+  for start in ("question types in test: ", "majority answer (from train): ", "question words alone "):
+    assert any(line.startswith(start) for line in lines), out
+
+
 def test_train_bench_runs():
   pytest.importorskip("torch", reason="the benchmark's peer is PyTorch")
   out = subprocess.run([sys.executable, "bench/train.py", "--configs", "tiny", "--repeats", "1", "--batch", "4"],
