@@ -70,6 +70,11 @@ def host_numpy(array: jax.Array) -> np.ndarray:
   return np.asarray(array)
 
 
+def abstract(tree, target: NamedSharding):
+  """`tree`'s shapes and dtypes as jax.ShapeDtypeStruct leaves placed by `target`: a restore target."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target), tree)
+
+
 def replicate(tree, mesh: Mesh):
   """Every leaf of `tree` replicated over `mesh` (multi-host safe)."""
   return jax.tree.map(lambda x: place(x, NamedSharding(mesh, PartitionSpec())), tree)

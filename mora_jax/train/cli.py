@@ -141,14 +141,19 @@ Re-running with the same --workdir resumes from its latest checkpoint.""")
   return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str], prefixes: Sequence[str]):
+  """(the `--<prefix>.KEY=VALUE` overrides, the parsed flags) of a command line."""
+  overrides, rest = split_overrides(argv, prefixes)
+  return overrides, parser.parse_args(rest)
+
+
 def train_main(argv=None) -> int:
   """train.py and mora-train."""
   argv = sys.argv[1:] if argv is None else list(argv)
   parser = train_parser()
 
   def run() -> int:
-    overrides, rest = split_overrides(argv, ["config"])
-    args = parser.parse_args(rest)
+    overrides, args = parse(parser, argv, ["config"])
     initialize_distributed(args)
     from mora_jax.train import config as config_lib, loop  # pylint: disable=import-outside-toplevel
     config = config_lib.load(args.config) if args.config else default_config()
@@ -193,8 +198,7 @@ def eval_main(argv=None) -> int:
   parser = eval_parser()
 
   def run() -> int:
-    overrides, rest = split_overrides(argv, ["missing", "config"])
-    args = parser.parse_args(rest)
+    overrides, args = parse(parser, argv, ["missing", "config"])
     if args.no_test and not (args.export_hf or args.export_peft):
       raise ArgumentError("--no_test skips the test, so it needs --export_hf OUT or --export_peft OUT (otherwise "
                           "there is nothing to do).")

@@ -72,9 +72,7 @@ def scenario_metrics(job: Job, trainable, scenarios, missing: data.Missing, writ
 
 def abstract_params(job: Job):
   """The trainable parameters' shapes and dtypes, replicated over the job's mesh: a restore target."""
-  replicated = NamedSharding(job.mesh, PartitionSpec())
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                      adapters.trainable(job.params))
+  return sharding.abstract(adapters.trainable(job.params), NamedSharding(job.mesh, PartitionSpec()))
 
 
 def restore_best_params(ckpt: checkpoint_lib.Checkpointer, job: Job, candidates) -> tuple[int, dict]:
@@ -117,12 +115,13 @@ def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | Non
   _, meta, _ = ckpt.first_intact(steps[::-1], ckpt.meta)  # config and backbone: the same in every checkpoint
   config = config_lib.from_json(json.dumps(meta["config"]))
   config_lib.apply_overrides(config, config_overrides)
+  adapter = adapters.from_config(config.adapter.to_dict())
   if export_peft is not None:  # before the evaluation that would precede the refusal
-    peft_io.check_exportable(adapters.from_config(config.adapter.to_dict()))
+    peft_io.check_exportable(adapter)
   for key, value in (missing or {}).items():
     config_lib.override(config, f"missing.{key}", str(value))
   validate(config, train=False)
-  if export_hf is not None and not adapters.mergeable(adapters.from_config(config.adapter.to_dict())):
+  if export_hf is not None and not adapters.mergeable(adapter):
     raise ValueError(f"adapter method {config.adapter.method!r} cannot be exported with --export_hf: its update "
                      "depends on the input, so it does not merge into plain CLIP weights. Test it with eval.py "
                      "without --export_hf (unmerged).")
@@ -136,7 +135,7 @@ def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | Non
   ckpt.close()
   results = {"dataset": config.dataset, "method": config.adapter.method, "metric": job.metric,
              "checkpoint_step": step, "missing": config.missing.to_dict(),
-             "merged": adapters.mergeable(adapters.from_config(config.adapter.to_dict()))}
+             "merged": adapters.mergeable(adapter)}
   if test:
     say(f"evaluating {directory / str(step)} ({chosen}) on {config.dataset} test, missing {config.missing.type} "
         f"{config.missing.rate}")

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -61,7 +60,6 @@ class Run:
   workdir: Path
   train_ds: data.Dataset
   val_ds: data.Dataset
-  schedule: optax.Schedule
   train_step: object
   eval_step: object
   train_iter: object
@@ -77,8 +75,7 @@ class Run:
 
   @property
   def steps_per_epoch(self) -> int:
-    # Every sample once per epoch, the last step smaller (padded and masked), as the authors' DataLoader runs.
-    return -(-len(self.train_ds.source) // self.config.batch_size)
+    return epoch_steps(len(self.train_ds.source), self.config.batch_size)
 
   @property
   def total_steps(self) -> int:
@@ -104,8 +101,9 @@ class Run:
     self.ckpt.save(self.step, self.state, self.train_iter, self.meta(), metrics=metrics)
 
 
-def _abstract(tree, target: NamedSharding):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target), tree)
+def epoch_steps(num_samples: int, batch_size: int) -> int:
+  """Every sample once per epoch, the last step smaller (padded and masked), as the authors' DataLoader runs."""
+  return -(-num_samples // batch_size)
 
 
 def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
@@ -120,8 +118,8 @@ def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
   train_ds, val_ds = job.load("train"), job.load("validation")
   if len(train_ds.source) == 0:
     raise ValueError(f"{c.dataset} has no train samples in {c.data_dir}.")
-  steps_per_epoch = -(-len(train_ds.source) // c.batch_size)
-  schedule = step_lib.lr_schedule(c.optim.lr, steps_per_epoch * c.epochs, c.optim.warmup_fraction)
+  schedule = step_lib.lr_schedule(c.optim.lr, epoch_steps(len(train_ds.source), c.batch_size) * c.epochs,
+                                  c.optim.warmup_fraction)
   tx = optim.adamw(schedule, c.optim.weight_decay, lr_mults=c.optim.lr_mults.to_dict(),
                    wd_mults=c.optim.wd_mults.to_dict(), b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps)
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", c.checkpoint.keep, metric=job.metric)
@@ -132,7 +130,7 @@ def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
   state = sharding.replicate({"params": trainable, "opt": tx.init(trainable), "step": jnp.int32(0),
                               "rng": jax.random.PRNGKey(c.seed)}, job.mesh)
   backbone_shardings = sharding.state_shardings(job.params["backbone"], job.mesh, job.rules)
-  run = Run(job=job, workdir=workdir, train_ds=train_ds, val_ds=val_ds, schedule=schedule,
+  run = Run(job=job, workdir=workdir, train_ds=train_ds, val_ds=val_ds,
             train_step=step_lib.make_train_step(job.graphdef, tx, schedule, job.multi_label, job.mesh,
                                                 backbone_shardings),
             eval_step=step_lib.make_eval_step(job.graphdef, job.mesh, backbone_shardings),
@@ -150,7 +148,7 @@ def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
 
 def _resume(run: Run) -> None:
   c, ckpt = run.config, run.ckpt
-  abstract_state = _abstract(run.state, NamedSharding(run.job.mesh, PartitionSpec()))
+  abstract_state = sharding.abstract(run.state, NamedSharding(run.job.mesh, PartitionSpec()))
 
   def restore(step: int) -> tuple[dict, dict]:
     meta = ckpt.meta(step)
