@@ -9,6 +9,10 @@ from mora_jax.adapters import common, partition
 from mora_jax.models.modeling import CLIP, Call
 
 HEADS = ("linear", "mlp")
+# The batch forms `Classifier.logits` reads besides the model inputs: the towers' inputs at the adapters' first
+# layer (text pooled at text_pool), and the towers' final features (for frozen towers: the linear probe).
+PREFIX_INPUTS = ("vision_hidden", "text_hidden", "text_mask", "text_pool")
+FEATURE_INPUTS = ("vision_features", "text_features")
 
 
 class HeadLinear(nnx.Module):
@@ -58,8 +62,19 @@ class Classifier(nnx.Module):
                rngs: nnx.Rngs | None = None) -> jax.Array:
     text_mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
     call = Call(rngs=rngs, text_mask=text_mask)
-    image_features = lambda: self.backbone.get_image_features(pixel_values, call)
-    text_features = lambda: self.backbone.get_text_features(input_ids, attention_mask, call)
+    return self._joined(lambda: self.backbone.get_image_features(pixel_values, call),
+                        lambda: self.backbone.get_text_features(input_ids, attention_mask, call))
+
+  def features_from_layer(self, layer: int, inputs: dict, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """`features` continued from the input of layer `layer` of both towers: `inputs` holds PREFIX_INPUTS, the
+    frozen layers' output computed beforehand (mora_jax.train.prefix_cache)."""
+    call = Call(rngs=rngs, text_mask=inputs["text_mask"])
+    return self._joined(
+        lambda: self.backbone.image_features_from(inputs["vision_hidden"], layer, call),
+        lambda: self.backbone.text_features_from(inputs["text_hidden"], layer, inputs["text_pool"],
+                                                 inputs["text_mask"], call))
+
+  def _joined(self, image_features, text_features) -> jax.Array:
     # The order sets which tower's dropout draws come first, and lets MokA hand text rows to the vision tower.
     if self.adapter is not None and self.adapter.text_first:
       text = text_features()
@@ -73,6 +88,15 @@ class Classifier(nnx.Module):
                rngs: nnx.Rngs | None = None) -> jax.Array:
     """Logits [B, num_classes]; deterministic unless `rngs` (with a `dropout` stream) is given."""
     return self.head(self.features(pixel_values, input_ids, attention_mask, rngs))
+
+  def logits(self, inputs: dict, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Logits of a batch in any of the forms the steps feed: model inputs (MODEL_INPUTS), the towers' inputs
+    at their first adapted layer (PREFIX_INPUTS), or the towers' final features (FEATURE_INPUTS)."""
+    if "pixel_values" in inputs:
+      return self(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], rngs)
+    if "vision_hidden" in inputs:
+      return self.head(self.features_from_layer(self.adapter.start_layer, inputs, rngs))
+    return self.head(jnp.concatenate([inputs["vision_features"], inputs["text_features"]], axis=-1))
 
 
 def build_classifier(backbone: CLIP, adapter: common.AdapterConfig | None, num_classes: int,

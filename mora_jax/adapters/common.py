@@ -31,11 +31,16 @@ class AdapterConfig:
 
   A method subclasses it with its own fields, its registry `name`, whether its update folds into the frozen
   weights (`mergeable`), whether the classifier runs the text tower before the vision tower (`text_first`:
-  MokA's vision projections read the text rows), and `adapt`, which wraps one frozen projection.
+  MokA's vision projections read the text rows), whether each tower's features depend on its own input only
+  (`separable`: a test computes each tower once for all missing scenarios), whether the layers below
+  `start_layer` stay the frozen backbone's (`frozen_prefix`: their activations can be cached), and `adapt`,
+  which wraps one frozen projection.
   """
   name: ClassVar[str]
   mergeable: ClassVar[bool] = True
   text_first: ClassVar[bool] = False
+  separable: ClassVar[bool] = True
+  frozen_prefix: ClassVar[bool] = True
   targets: tuple[str, ...] = ("q_proj", "v_proj")
   start_layer: int = 10
   rank: int = 4

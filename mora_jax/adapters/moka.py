@@ -40,6 +40,7 @@ class MokAConfig(AdapterConfig):
   name: ClassVar[str] = "moka"
   mergeable: ClassVar[bool] = False  # the cross term depends on the input (the text rows)
   text_first: ClassVar[bool] = True  # the vision projections attend over the text projections' rows
+  separable: ClassVar[bool] = False  # so the vision features depend on the text
   dropout: float = 0.05  # the MokA authors' (LoRA, DoRA and MoRA use 0.1)
   alpha: float = 16.0  # scale = alpha / rank
   lam: float = 0.05  # lambda of every non-text modality (the authors' visual-text value; 1.0 audio-visual)

@@ -86,6 +86,9 @@ class _Decode:
     self.white = prep.white_pixels()
     self.padding_label = np.zeros_like(np.asarray(source[0]["label"])) if len(source) else None
 
+  def missing_pixels(self) -> np.ndarray:
+    return self.white if self.prep.missing_image == "white" else np.ones_like(self.white)
+
   def padding(self) -> dict:
     """A masked row (index -1) of the right shapes; nothing is read or decoded for it."""
     return {"pixel_values": self.white, "text": "", "label": self.padding_label,
@@ -100,7 +103,7 @@ class _Decode:
     code = int(self.table[index])
     corrupt = False
     if code == missing_lib.IMAGE_MISSING:
-      pixels = self.white if self.prep.missing_image == "white" else np.ones_like(self.white)
+      pixels = self.missing_pixels()
     else:
       try:
         pixels = self.prep.pixels(record_image(record, self.source_name))
@@ -157,6 +160,21 @@ def train_indices(num_samples: int, step_size: int, seed: int) -> grain.MapDatas
   return grain.MapDataset.range(epoch_length).repeat(None).map_with_index(index)
 
 
+def index_batches(num_samples: int, batch_size: int, *, train: bool, seed: int = 0, process_index: int = 0,
+                  process_count: int = 1, accum_steps: int = 1) -> grain.MapDataset:
+  """This process's record indices per batch (int64 [batch_size], -1 for padding), in the order `batches`
+  reads them (see there): what a batch holds, whatever fills it (decoded records, or cached activations)."""
+  if train:
+    # Process p takes the p-th block of every global micro-batch, so a global batch holds the same samples in
+    # the same row order for any process count (row-dependent randomness such as dropout masks then does not
+    # depend on how many hosts feed the run).
+    global_micro_batch = batch_size * process_count
+    return train_indices(num_samples, global_micro_batch * accum_steps, seed).batch(global_micro_batch).map(
+        lambda rows: np.asarray(rows[process_index * batch_size:(process_index + 1) * batch_size], np.int64))
+  own = eval_indices(num_samples, batch_size, process_index, process_count)
+  return grain.MapDataset.source(own.reshape(-1, batch_size))
+
+
 def batches(source, table: np.ndarray, tokenizer, batch_size: int, *, train: bool, seed: int = 0,
             prep: Preprocessing = Preprocessing(), process_index: int = 0, process_count: int = 1,
             accum_steps: int = 1, num_threads: int = 2, source_name: str = "dataset",
@@ -175,16 +193,14 @@ def batches(source, table: np.ndarray, tokenizer, batch_size: int, *, train: boo
   if len(table) != len(source):
     raise ValueError(f"{source_name}: missing table has {len(table)} entries for {len(source)} samples.")
   decode = _Decode(source, table, prep, source_name, skip_corrupt)
-  if train:
-    # Process p takes the p-th block of every global micro-batch, so a global batch holds the same samples in
-    # the same row order for any process count (row-dependent randomness such as dropout masks then does not
-    # depend on how many hosts feed the run).
-    global_micro_batch = batch_size * process_count
-    indices = train_indices(len(source), global_micro_batch * accum_steps, seed).batch(global_micro_batch).map(
-        lambda rows: rows[process_index * batch_size:(process_index + 1) * batch_size])
-    dataset = indices.map(lambda rows: _stack([decode(int(i)) for i in rows]))
-  else:
-    indices = grain.MapDataset.source(eval_indices(len(source), batch_size, process_index, process_count))
-    dataset = indices.map(decode).batch(batch_size, drop_remainder=False, batch_fn=_stack)
-  dataset = dataset.map(_Tokenize(tokenizer, prep))
+  dataset = index_batches(len(source), batch_size, train=train, seed=seed, process_index=process_index,
+                          process_count=process_count, accum_steps=accum_steps)
+  dataset = dataset.map(lambda rows: _stack([decode(int(i)) for i in rows])).map(_Tokenize(tokenizer, prep))
   return dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2))
+
+
+def missing_inputs(tokenizer, prep: Preprocessing) -> dict:
+  """The model inputs of a sample whose image and text are both missing (one row): each tower's dummy."""
+  decode = _Decode([], np.zeros(0, np.int8), prep, "", False)
+  ids, mask = tokenize(tokenizer, [""], prep)
+  return {"pixel_values": decode.missing_pixels()[None], "input_ids": ids, "attention_mask": mask}

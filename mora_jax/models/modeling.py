@@ -135,11 +135,12 @@ class Encoder(nnx.Module):
   def __init__(self, cfg: TextConfig | VisionConfig, *, dtype, rngs: nnx.Rngs):
     self.layers = nnx.List([EncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None,
-               call: Call | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """Returns the last hidden state and all hidden states (the input, then each layer's output)."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None, call: Call | None = None, start: int = 0,
+               stop: int | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Runs layers start..stop-1 on `x`, the input of layer `start`. Returns the last hidden state and the
+    hidden states (the input, then each layer's output)."""
     hidden_states = [x]
-    for layer in self.layers:
+    for layer in self.layers[start:stop]:
       x = layer(x, mask, call)
       hidden_states.append(x)
     return x, tuple(hidden_states)
@@ -148,7 +149,8 @@ class Encoder(nnx.Module):
 class TowerOutput(NamedTuple):
   last_hidden_state: jax.Array  # [B, L, D], before the final/post LayerNorm for vision (as Hugging Face)
   pooler_output: jax.Array  # [B, D], LayerNormed pooled token, before the projection
-  hidden_states: tuple[jax.Array, ...]  # num_hidden_layers + 1 entries, as Hugging Face's hidden_states
+  # num_hidden_layers + 1 entries, as Hugging Face's hidden_states (entered at layer k: the last L + 1 - k)
+  hidden_states: tuple[jax.Array, ...]
 
 
 class Embedding(nnx.Module):
@@ -183,17 +185,35 @@ class TextTransformer(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                call: Call | None = None) -> TowerOutput:
+    return self.from_layer(self.embed(input_ids), 0, self.eos_positions(input_ids), attention_mask, call)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """The input of layer 0, [B, L, D]."""
     length = input_ids.shape[-1]
     if length > self.config.max_position_embeddings:
       raise ValueError(f"input_ids has length {length}, longer than max_position_embeddings "
                        f"{self.config.max_position_embeddings}.")
+    return self.embeddings(input_ids)
+
+  def hidden_at(self, input_ids: jax.Array, attention_mask: jax.Array | None, layer: int) -> jax.Array:
+    """The input of layer `layer` (what `from_layer` continues from): layers 0..layer-1 of the frozen tower."""
+    x = self.embed(input_ids)
+    return self.encoder(x, self._mask(x.shape[1], attention_mask), None, 0, layer)[0]
+
+  def from_layer(self, x: jax.Array, start: int, pool_positions: jax.Array, attention_mask: jax.Array | None,
+                 call: Call | None = None) -> TowerOutput:
+    """Layers start.. on `x` (the input of layer `start`), the final LayerNorm, and the pooled token at
+    `pool_positions` [B] (`eos_positions` of the input ids)."""
+    x, hidden_states = self.encoder(x, self._mask(x.shape[1], attention_mask), call, start)
+    x = self.final_layer_norm(x)
+    return TowerOutput(x, x[jnp.arange(x.shape[0]), pool_positions], hidden_states)
+
+  @staticmethod
+  def _mask(length: int, attention_mask: jax.Array | None) -> jax.Array:
     mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
     if attention_mask is not None:
       mask = mask & attention_mask.astype(bool)[:, None, None, :]
-    x, hidden_states = self.encoder(self.embeddings(input_ids), mask, call)
-    x = self.final_layer_norm(x)
-    pooled = x[jnp.arange(x.shape[0]), self.eos_positions(input_ids)]
-    return TowerOutput(x, pooled, hidden_states)
+    return mask
 
   def eos_positions(self, input_ids: jax.Array) -> jax.Array:
     # Hugging Face's two branches: configs from before transformers PR #24773 say eos_token_id == 2 and
@@ -251,7 +271,19 @@ class VisionTransformer(nnx.Module):
     self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
   def __call__(self, pixel_values: jax.Array, call: Call | None = None) -> TowerOutput:
-    x, hidden_states = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)), None, call)
+    return self.from_layer(self.embed(pixel_values), 0, call)
+
+  def embed(self, pixel_values: jax.Array) -> jax.Array:
+    """The input of layer 0, [B, 1 + num_patches, D]."""
+    return self.pre_layrnorm(self.embeddings(pixel_values))
+
+  def hidden_at(self, pixel_values: jax.Array, layer: int) -> jax.Array:
+    """The input of layer `layer` (what `from_layer` continues from): layers 0..layer-1 of the frozen tower."""
+    return self.encoder(self.embed(pixel_values), None, None, 0, layer)[0]
+
+  def from_layer(self, x: jax.Array, start: int, call: Call | None = None) -> TowerOutput:
+    """Layers start.. on `x` (the input of layer `start`), then the class token's post-LayerNorm."""
+    x, hidden_states = self.encoder(x, None, call, start)
     return TowerOutput(x, self.post_layernorm(x[:, 0]), hidden_states)
 
 
@@ -283,6 +315,18 @@ class CLIP(nnx.Module):
     """input_ids int [B, L], attention_mask {0,1} [B, L] -> float32 [B, projection_dim]."""
     pooled = self.text_model(input_ids, attention_mask, call).pooler_output
     return self.text_projection(pooled).astype(jnp.float32)
+
+  def image_features_from(self, hidden: jax.Array, start: int, call: Call | None = None) -> jax.Array:
+    """`get_image_features` continued from the input of vision layer `start` (`vision_model.hidden_at`)."""
+    pooled = self.vision_model.from_layer(hidden.astype(self.visual_projection.kernel.dtype), start, call)
+    return self.visual_projection(pooled.pooler_output).astype(jnp.float32)
+
+  def text_features_from(self, hidden: jax.Array, start: int, pool_positions: jax.Array,
+                         attention_mask: jax.Array | None, call: Call | None = None) -> jax.Array:
+    """`get_text_features` continued from the input of text layer `start` (`text_model.hidden_at`)."""
+    pooled = self.text_model.from_layer(hidden.astype(self.text_projection.kernel.dtype), start, pool_positions,
+                                        attention_mask, call)
+    return self.text_projection(pooled.pooler_output).astype(jnp.float32)
 
   def __call__(self, pixel_values: jax.Array, input_ids: jax.Array,
                attention_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:

@@ -25,10 +25,11 @@ from orbax.checkpoint import checkpoint_managers
 from mora_jax.train import config as config_lib
 
 # Keys a resumed or re-evaluated run may change: where data lives, how it is spread over devices, how
-# often it logs and saves, evaluation batch sizes, and init_from (which a resumed run does not re-apply). Every
+# often it logs and saves, evaluation batch sizes, init_from (which a resumed run does not re-apply) and whether
+# and where frozen activations are cached (the same values either way). Every
 # other key must equal the saved config.
 CHANGEABLE = ("data_dir", "manual_dir", "mesh", "data_threads", "log_every_steps", "checkpoint", "max_steps",
-              "eval", "skip_corrupt", "init_from")
+              "eval", "skip_corrupt", "init_from", "prefix_cache", "prefix_cache_memory_gb")
 DAMAGED = "damaged"
 
 

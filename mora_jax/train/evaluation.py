@@ -6,6 +6,7 @@ finished run from its best intact checkpoint, and exporting the merged model.
 * MokA, whose cross term depends on the input, is tested unmerged (eval.json says "merged": false).
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,22 +22,26 @@ from mora_jax.adapters import peft as peft_io
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
 from mora_jax.train import export as export_lib
+from mora_jax.train import prefix_cache
 from mora_jax.train import step as step_lib
 from mora_jax.train.job import Job, build_job, say, validate
 from mora_jax.train.writers import MetricWriter
 
 
 
-def evaluate_split(job: Job, eval_step, params, backbone_state, ds: data.Dataset, desc: str) -> dict:
-  """Metrics of one pass over `ds` (every sample exactly once; padding and corrupt rows ignored). Only the model
-  inputs go to the devices; labels and groups stay on the host."""
+def evaluate_split(job: Job, eval_step, params, backbone_state, ds: data.Dataset, desc: str,
+                   cache: prefix_cache.Cache | None = None) -> dict:
+  """Metrics of one pass over `ds` (every sample exactly once; padding and corrupt rows ignored), read from the
+  split's `cache` if given. Only the model inputs go to the devices; labels and groups stay on the host."""
   batch_size = job.config.eval.batch_size
   target = sharding.batch_sharding(job.mesh, micro_axis=False)
   outputs, corrupt = [], 0
   steps = -(-len(ds.source) // batch_size) if jax.process_count() == 1 else None
-  for host_batch in progress.bar(job.batches(ds, batch_size, train=False), desc=desc, total=steps, leave=False):
+  for host_batch in progress.bar(job.batches(ds, batch_size, train=False, cache=cache), desc=desc, total=steps,
+                                 leave=False):
     corrupt += int(np.sum(host_batch["corrupt"]))
-    logits = eval_step(params, backbone_state, sharding.global_batch(host_batch, data.MODEL_INPUTS, target, False))
+    keys = step_lib.input_keys(host_batch)
+    logits = eval_step(params, backbone_state, sharding.global_batch(host_batch, keys, target, False))
     outputs.append({"logits": sharding.process_rows(logits),
                     **{k: host_batch[k] for k in ("label", "valid", "group")}})
   joined = sharding.gather_rows({k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]})
@@ -50,19 +55,31 @@ def evaluate_split(job: Job, eval_step, params, backbone_state, ds: data.Dataset
 
 def scenario_metrics(job: Job, trainable, scenarios, missing: data.Missing, writer: MetricWriter, step: int) -> dict:
   """Test metrics per scenario of the merged model (adapters folded into the backbone), or of the unmerged
-  one for a method that cannot be merged (MokA)."""
+  one for a method that cannot be merged (MokA).
+
+  Where each tower's features depend on its own input only (every method but MokA), each tower runs once over
+  the present inputs and once over the dummy, and every scenario's samples are assembled from those features
+  (prefix_cache's final-features cache, in memory); MokA runs each scenario, from the test split's prefix cache
+  when the config's cache is on for rows read once per scenario."""
   clf = adapters.join(job.graphdef, {"backbone": job.params["backbone"], **trainable})
-  if adapters.mergeable(clf.adapter):
+  adapter = clf.adapter
+  if adapters.mergeable(adapter):
     clf = adapters.merge(clf)
   graphdef, params = adapters.split(clf)
+  merged_job = dataclasses.replace(job, graphdef=graphdef, params=params)
   backbone_shardings = sharding.state_shardings(params["backbone"], job.mesh, job.rules)
   eval_step = step_lib.make_eval_step(graphdef, job.mesh, backbone_shardings)
   test = job.load("test", missing)
   trainable_params = adapters.trainable(params)
+  if adapter is None or adapter.separable:
+    cache = prefix_cache.features(merged_job, test, trainable_params, backbone_shardings, log=say)
+  else:
+    cache = prefix_cache.prepare(merged_job, trainable_params, backbone_shardings, {"test": test}, len(scenarios),
+                                 log=say).get("test")
   results = {}
   for kind in scenarios:
     results[kind] = evaluate_split(job, eval_step, trainable_params, params["backbone"], test.scenario(kind),
-                                   f"test/{kind}")
+                                   f"test/{kind}", cache)
     writer.write(step, f"test/{kind}", results[kind])
     if results[kind]["corrupt_skipped"]:
       say(f"warning: test/{kind}: {results[kind]['corrupt_skipped']} samples with a corrupt image were skipped "

@@ -20,6 +20,7 @@ from mora_jax import adapters, backbones, data, sharding
 from mora_jax.adapters.classifier import HEADS
 from mora_jax.data import metrics as metrics_lib
 from mora_jax.data.datasets import check_source
+from mora_jax.train import prefix_cache
 
 CONFIG_FILE = "config.json"  # in the workdir: the run's config, as JSON
 EVAL_FILE = "eval.json"  # in the workdir: the test results
@@ -92,6 +93,7 @@ def validate(config: ml_collections.ConfigDict, train: bool = True) -> None:
     raise ValueError("config.backbone: set `path` (a Hugging Face id, a checkpoint directory or 'embedded') or "
                      "`random_preset` (a randomly initialised CLIP, e.g. 'tiny').")
   mesh_shape(config.mesh)
+  prefix_cache.check(config)
   if train:
     check_batching(config)
 
@@ -116,14 +118,19 @@ class Job:
   def load(self, split: str, missing: data.Missing | None = None) -> data.Dataset:
     return load_split(self.config, split, missing)
 
-  def batches(self, ds: data.Dataset, global_batch: int, train: bool, accum_steps: int = 1):
+  def batches(self, ds: data.Dataset, global_batch: int, train: bool, accum_steps: int = 1,
+              cache: prefix_cache.Cache | None = None, skip_corrupt: bool | None = None):
+    """This process's batches of `ds`: decoded and tokenized records, or rows of the split's `cache`."""
     per_process, remainder = divmod(global_batch, jax.process_count())
     if remainder:
       raise ValueError(f"batch {global_batch} is not divisible by the {jax.process_count()} processes.")
+    skip_corrupt = self.config.skip_corrupt if skip_corrupt is None else skip_corrupt
+    if cache is not None:
+      return prefix_cache.batches(cache, ds, per_process, train=train, seed=self.config.seed,
+                                  accum_steps=accum_steps, skip_corrupt=skip_corrupt)
     return data.batches(ds, per_process, self.backbone.tokenizer, train=train, seed=self.config.seed,
                         prep=self.prep, process_index=jax.process_index(), process_count=jax.process_count(),
-                        accum_steps=accum_steps, num_threads=self.config.data_threads,
-                        skip_corrupt=self.config.skip_corrupt)
+                        accum_steps=accum_steps, num_threads=self.config.data_threads, skip_corrupt=skip_corrupt)
 
 
 def manifest(config: ml_collections.ConfigDict) -> data.Manifest | None:

@@ -30,6 +30,7 @@ from mora_jax.train import config as config_lib
 from mora_jax.train import evaluation
 from mora_jax.train import init_from
 from mora_jax.train import job as job_lib
+from mora_jax.train import prefix_cache
 from mora_jax.train import step as step_lib
 from mora_jax.train.job import CONFIG_FILE, EVAL_FILE, Job, build_job, check_writable, manifest, say, summary_lines
 from mora_jax.train.writers import MetricWriter
@@ -67,6 +68,7 @@ class Run:
   writer: MetricWriter
   state: dict  # {"params": trainable, "opt", "step", "rng"}, replicated
   progress: Progress
+  caches: dict  # split -> prefix_cache.Cache of the frozen activations ({}: the cache is off)
   step: int = 0
 
   @property
@@ -83,7 +85,7 @@ class Run:
 
   @property
   def stop_step(self) -> int:
-    return min(self.total_steps, self.config.max_steps) if self.config.max_steps > 0 else self.total_steps
+    return stop_step(self.config, self.steps_per_epoch)
 
   @property
   def backbone_state(self):
@@ -106,6 +108,12 @@ def epoch_steps(num_samples: int, batch_size: int) -> int:
   return -(-num_samples // batch_size)
 
 
+def stop_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """Where training stops: after `epochs`, or at `max_steps` if that comes first."""
+  total = steps_per_epoch * config.epochs
+  return min(total, config.max_steps) if config.max_steps > 0 else total
+
+
 def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
   """Checks the config and the folders, builds the job, its data and steps, and restores the newest intact
   checkpoint of `workdir` if it holds any (a damaged one is moved to checkpoints/damaged/)."""
@@ -118,8 +126,8 @@ def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
   train_ds, val_ds = job.load("train"), job.load("validation")
   if len(train_ds.source) == 0:
     raise ValueError(f"{c.dataset} has no train samples in {c.data_dir}.")
-  schedule = step_lib.lr_schedule(c.optim.lr, epoch_steps(len(train_ds.source), c.batch_size) * c.epochs,
-                                  c.optim.warmup_fraction)
+  steps_per_epoch = epoch_steps(len(train_ds.source), c.batch_size)
+  schedule = step_lib.lr_schedule(c.optim.lr, steps_per_epoch * c.epochs, c.optim.warmup_fraction)
   tx = optim.adamw(schedule, c.optim.weight_decay, lr_mults=c.optim.lr_mults.to_dict(),
                    wd_mults=c.optim.wd_mults.to_dict(), b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps)
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", c.checkpoint.keep, metric=job.metric)
@@ -130,13 +138,15 @@ def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
   state = sharding.replicate({"params": trainable, "opt": tx.init(trainable), "step": jnp.int32(0),
                               "rng": jax.random.PRNGKey(c.seed)}, job.mesh)
   backbone_shardings = sharding.state_shardings(job.params["backbone"], job.mesh, job.rules)
+  caches = prefix_cache.prepare(job, state["params"], backbone_shardings, {"train": train_ds, "validation": val_ds},
+                                uses=stop_step(c, steps_per_epoch) / steps_per_epoch, log=say)
   run = Run(job=job, workdir=workdir, train_ds=train_ds, val_ds=val_ds,
             train_step=step_lib.make_train_step(job.graphdef, tx, schedule, job.multi_label, job.mesh,
                                                 backbone_shardings),
             eval_step=step_lib.make_eval_step(job.graphdef, job.mesh, backbone_shardings),
             train_iter=iter(job.batches(train_ds, c.batch_size // c.accum_steps, train=True,
-                                        accum_steps=c.accum_steps)),
-            ckpt=ckpt, writer=None, state=state, progress=progress)
+                                        accum_steps=c.accum_steps, cache=caches.get("train"))),
+            ckpt=ckpt, writer=None, state=state, progress=progress, caches=caches)
   if run.ckpt.all_steps():
     _resume(run)
   run.step = int(sharding.replicated_value(run.state["step"]))
@@ -209,9 +219,10 @@ def train_epoch(run: Run, sigterm: _Sigterm, step_hook=None) -> None:
   while run.step < epoch_end:
     micro = [next(run.train_iter) for _ in range(c.accum_steps)]
     corrupt += sum(int(np.sum(m["corrupt"])) for m in micro)
-    host = {k: np.stack([m[k] for m in micro]) for k in step_lib.TRAIN_KEYS}
+    keys = step_lib.input_keys(micro[0]) + step_lib.TARGET_KEYS
+    host = {k: np.stack([m[k] for m in micro]) for k in keys}
     run.state, metrics = run.train_step(run.state, run.backbone_state,
-                                        sharding.global_batch(host, step_lib.TRAIN_KEYS, micro_target, True))
+                                        sharding.global_batch(host, keys, micro_target, True))
     window_samples += min(c.batch_size, samples - (run.step - epoch_start) * c.batch_size)
     run.step += 1
     bar.update(1)
@@ -238,7 +249,7 @@ def validate(run: Run) -> None:
   (ranked by the metric)."""
   job, progress = run.job, run.progress
   val = evaluation.evaluate_split(job, run.eval_step, run.state["params"], run.backbone_state, run.val_ds,
-                                  "validation")
+                                  "validation", run.caches.get("validation"))
   run.writer.write(run.step, "val", val)
   value = val[job.metric]
   if progress.best_metric is None or value > progress.best_metric:

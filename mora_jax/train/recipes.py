@@ -72,6 +72,12 @@ def base() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.data_threads = 2
   c.skip_corrupt = False  # True: a corrupt image's sample is masked out and counted instead of stopping the run
+  # The frozen layers' activations computed once (mora_jax/train/prefix_cache.py): "auto" (when more than one
+  # epoch is trained), "on" or "off"; stored as "auto" (the backbone's compute dtype), "float32" or "bfloat16",
+  # in host memory up to prefix_cache_memory_gb per process, beyond it in files under data_dir.
+  c.prefix_cache = "auto"
+  c.prefix_cache_dtype = "auto"
+  c.prefix_cache_memory_gb = 8.0
   return c
 
 

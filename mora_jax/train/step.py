@@ -15,9 +15,19 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mora_jax import adapters, sharding
+from mora_jax.adapters import classifier
 from mora_jax.data import pipeline
 
-TRAIN_KEYS = pipeline.MODEL_INPUTS + ("label", "valid")
+TARGET_KEYS = ("label", "valid")
+
+
+def input_keys(batch: dict) -> tuple[str, ...]:
+  """The keys of a host batch that go to the devices as model inputs: decoded records' (MODEL_INPUTS), or
+  cached activations' (classifier.PREFIX_INPUTS / FEATURE_INPUTS; mora_jax.train.prefix_cache)."""
+  for keys in (pipeline.MODEL_INPUTS, classifier.PREFIX_INPUTS, classifier.FEATURE_INPUTS):
+    if keys[0] in batch:
+      return keys
+  raise KeyError(f"a batch with keys {sorted(batch)} holds no model inputs.")
 
 
 def lr_schedule(peak: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
@@ -44,8 +54,7 @@ def make_loss_and_grads(graphdef: nnx.GraphDef, multi_label: bool) -> Callable:
 
   def summed_loss(params, backbone, micro, key):
     model = adapters.join(graphdef, {"backbone": backbone, **params})
-    logits = model(micro["pixel_values"], micro["input_ids"], micro["attention_mask"],
-                   rngs=nnx.Rngs(dropout=key))
+    logits = model.logits(micro, rngs=nnx.Rngs(dropout=key))
     weight = micro["valid"].astype(jnp.float32)
     return jnp.sum(per_sample_loss(logits.astype(jnp.float32), micro["label"], multi_label) * weight)
 
@@ -90,12 +99,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, backbone_shardings) -> Callable:
   """(params, backbone, model inputs) -> float32 logits, sharded like the batch: each process reads the rows of
-  its own samples (sharding.process_rows), whose labels never left the host."""
+  its own samples (sharding.process_rows), whose labels never left the host. Inputs in any form
+  `Classifier.logits` reads."""
   replicated = NamedSharding(mesh, PartitionSpec())
   rows = sharding.batch_sharding(mesh, False)
 
   def step(params, backbone, batch):
-    model = adapters.join(graphdef, {"backbone": backbone, **params})
-    return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).astype(jnp.float32)
+    return adapters.join(graphdef, {"backbone": backbone, **params}).logits(batch).astype(jnp.float32)
 
   return jax.jit(step, in_shardings=(replicated, backbone_shardings, rows), out_shardings=rows)

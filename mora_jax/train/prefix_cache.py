@@ -1,0 +1,424 @@
+"""Every frozen activation computed once: the prefix-activation cache.
+
+The layers below an adapter's first adapted layer (`adapter.start_layer`) are frozen, have no dropout, and see
+the same input every epoch (the protocol has no augmentation, and a missing modality is always the same dummy).
+So before the first epoch each tower's hidden state at the input of that layer is computed once per sample for
+its present input and once for the dummy, and every epoch then runs only the adapted layers, the head and the
+loss on stored rows. The linear probe stores the towers' final features, so its epochs train the head alone.
+
+A split's cache holds the present inputs of all its samples (row i for sample i) and the dummy (row n), so one
+cache serves every missing table and scenario: a batch takes row i of a tower whose input the sample has, and
+row n of a tower whose input is missing. It lives in host memory when it fits `prefix_cache_memory_gb`, else in
+files under `<data_dir>/prefix_cache/` (a filesystem all hosts see, like the prepared data), keyed by everything
+its values depend on; a build left incomplete by a kill is completed, and a file whose checksum fails is rebuilt
+with a warning.
+
+Config: prefix_cache "auto" (on when a run trains more than one epoch, so that stored rows are reused) | "on" |
+"off"; prefix_cache_dtype "auto" (the backbone's compute dtype) | "float32" | "bfloat16";
+prefix_cache_memory_gb (host memory per process for caches; beyond it, disk).
+"""
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mora_jax import adapters, backbones, data, progress, sharding
+from mora_jax.adapters.classifier import FEATURE_INPUTS, PREFIX_INPUTS
+from mora_jax.data import missing as missing_lib
+from mora_jax.data import pipeline
+
+MODES = ("auto", "on", "off")
+DTYPES = ("auto", "float32", "bfloat16")
+FORMAT_VERSION = 1
+META_FILE = "cache.json"  # written last: a folder without it is an unfinished build
+ROW_KEYS = ("label", "group", "corrupt")  # per-sample values stored beside the activations (no dummy row)
+_CHECKSUM_BLOCK = 64 << 20
+
+
+class CacheError(ValueError):
+  """A cache that cannot be built where configured (e.g. too little disk space); the message says the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a run caches: tower inputs at `layer` (PREFIX_INPUTS), or the final features when `layer` is None."""
+  layer: int | None
+  dtype: np.dtype
+  memory_bytes: float
+  root: Path  # where disk caches live
+
+  @property
+  def inputs(self) -> tuple[str, ...]:
+    return FEATURE_INPUTS if self.layer is None else PREFIX_INPUTS
+
+
+def check(config) -> None:
+  """The cache options of a config (job.validate)."""
+  if config.prefix_cache not in MODES:
+    raise ValueError(f"config.prefix_cache={config.prefix_cache!r}: use one of {MODES}.")
+  if config.prefix_cache_dtype not in DTYPES:
+    raise ValueError(f"config.prefix_cache_dtype={config.prefix_cache_dtype!r}: use one of {DTYPES}.")
+  if config.prefix_cache_memory_gb < 0:
+    raise ValueError(f"config.prefix_cache_memory_gb={config.prefix_cache_memory_gb} must be >= 0.")
+  adapter = adapters.from_config(config.adapter.to_dict())
+  if config.prefix_cache == "on" and adapter is not None and not adapter.frozen_prefix:
+    raise ValueError(f"config.prefix_cache='on', but adapter method {adapter.name!r} changes the layers below "
+                     "its start layer, so they cannot be cached: use prefix_cache='auto' or 'off'.")
+
+
+def plan(config, adapter, uses: float) -> Plan | None:
+  """The cache of a run whose rows are each read `uses` times (epochs trained; scenarios tested), or None:
+  off, or "auto" with rows read once (building the cache then costs what it saves)."""
+  if config.prefix_cache == "off" or (adapter is not None and not adapter.frozen_prefix):
+    return None
+  if config.prefix_cache == "auto" and uses <= 1:
+    return None
+  name = config.prefix_cache_dtype
+  dtype = np.dtype(backbones.compute_dtype(config.backbone.dtype)) if name == "auto" else np.dtype(
+      {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[name])
+  return Plan(None if adapter is None else adapter.start_layer, dtype, config.prefix_cache_memory_gb * 2**30,
+              Path(config.data_dir).expanduser() / "prefix_cache")
+
+
+@dataclasses.dataclass
+class Cache:
+  """One split's stored rows: activation arrays with n + 1 rows (row n: the dummy) and ROW_KEYS with n."""
+  arrays: dict[str, np.ndarray]
+  num_samples: int
+  directory: Path | None = None  # None: in host memory
+
+  def rows(self, indices: np.ndarray, table: np.ndarray) -> dict:
+    """The batch of record `indices` (-1: padding) under missing `table`: each tower's row of the sample, or the
+    dummy row where the table says its input is missing (and for padding)."""
+    present = indices >= 0
+    safe = np.where(present, indices, 0)
+    codes = np.where(present, table[safe], missing_lib.COMPLETE).astype(np.int8)
+    has_image = present & (codes != missing_lib.IMAGE_MISSING)
+    has_text = present & (codes != missing_lib.TEXT_MISSING)
+    vision_rows = np.where(has_image, safe, self.num_samples)
+    text_rows = np.where(has_text, safe, self.num_samples)
+    corrupt = has_image & self.arrays["corrupt"][safe]
+    batch = {k: np.asarray(self.arrays[k][vision_rows if k.startswith("vision") else text_rows])
+             for k in self.arrays if k not in ROW_KEYS}
+    label = self.arrays["label"][safe]
+    batch.update(label=np.where(present.reshape((-1,) + (1,) * (label.ndim - 1)), label, 0),
+                 group=np.where(present, self.arrays["group"][safe], -1).astype(np.int8), missing=codes,
+                 index=indices, valid=present & ~corrupt, corrupt=corrupt)
+    return batch
+
+
+class _Rows:
+  """Record indices -> a cached batch (Grain's map); a corrupt image is re-decoded to raise its own error unless
+  skip_corrupt, as the decoding pipeline does."""
+
+  def __init__(self, cache: Cache, ds: data.Dataset, skip_corrupt: bool):
+    self.cache, self.ds, self.skip_corrupt = cache, ds, skip_corrupt
+
+  def __call__(self, indices: np.ndarray) -> dict:
+    batch = self.cache.rows(indices, self.ds.table)
+    if batch["corrupt"].any() and not self.skip_corrupt:
+      index = int(indices[np.argmax(batch["corrupt"])])
+      pipeline.record_image(self.ds.source[index], self.ds.name)
+    return batch
+
+
+def batches(cache: Cache, ds: data.Dataset, batch_size: int, *, train: bool, seed: int, accum_steps: int = 1,
+            skip_corrupt: bool = False) -> grain.IterDataset:
+  """`data.batches` read from `cache` instead of decoding: the same samples in the same order, with the same
+  iterator state (resume positions are interchangeable), under `ds.table`'s missing codes."""
+  if cache.num_samples != len(ds.source):
+    raise ValueError(f"the prefix cache of {ds.name}/{ds.split} has {cache.num_samples} samples, the split "
+                     f"{len(ds.source)}.")
+  indices = pipeline.index_batches(len(ds.source), batch_size, train=train, seed=seed,
+                                   process_index=jax.process_index(), process_count=jax.process_count(),
+                                   accum_steps=accum_steps)
+  return indices.map(_Rows(cache, ds, skip_corrupt)).to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+
+
+def tokenizer_hash(tokenizer) -> str:
+  """What the tokenizer maps text to: its class and its fast backend's definition (vocabulary, merges, pre- and
+  post-processing), without the padding and truncation settings that each call rewrites."""
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is None:
+    definition = sorted(tokenizer.get_vocab().items())
+  else:
+    definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+  return hashlib.sha256(f"{type(tokenizer).__name__}|{json.dumps(definition)}".encode()).hexdigest()
+
+
+def key(job, ds: data.Dataset, layer: int | None, dtype: np.dtype) -> dict:
+  """Everything a split's cached values depend on (a different key is a different cache)."""
+  return {"format": FORMAT_VERSION, "backbone": job.backbone.identity["sha256"],
+          "backbone_dtype": str(np.dtype(backbones.compute_dtype(job.config.backbone.dtype))),
+          "dataset": ds.name, "split": ds.split, "samples": len(ds.source),
+          "preprocessing": json.loads(json.dumps(dataclasses.asdict(job.prep), default=str)),
+          "tokenizer": tokenizer_hash(job.backbone.tokenizer), "layer": "features" if layer is None else layer,
+          "dtype": str(dtype)}
+
+
+def layout(job, layer: int | None, num_samples: int) -> dict:
+  """name -> (shape, numpy dtype, or "act" for the activations' dtype) of a cache's arrays."""
+  cfg = job.backbone.model.config
+  rows = num_samples + 1
+  if layer is None:
+    out = {"vision_features": ((rows, cfg.projection_dim), "act"), "text_features": ((rows, cfg.projection_dim), "act")}
+  else:
+    length = job.config.preprocessing.max_length
+    out = {"vision_hidden": ((rows, cfg.vision.num_patches + 1, cfg.vision.hidden_size), "act"),
+           "text_hidden": ((rows, length, cfg.text.hidden_size), "act"),
+           "text_mask": ((rows, length), np.int32), "text_pool": ((rows,), np.int32)}
+  label_shape = (num_samples, len(job.class_names)) if job.multi_label else (num_samples,)
+  out.update(label=(label_shape, np.int32), group=((num_samples,), np.int8), corrupt=((num_samples,), np.bool_))
+  return out
+
+
+def make_fill_step(graphdef, layer: int | None, mesh, backbone_shardings):
+  """(params, backbone, model inputs) -> the cached arrays of those rows, sharded like the batch: the towers'
+  inputs at `layer` (frozen layers only), or the final features (layer None) of the model as it stands."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  rows = sharding.batch_sharding(mesh, False)
+
+  def fill(params, backbone, batch):
+    clip = adapters.join(graphdef, {"backbone": backbone, **params}).backbone
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if layer is None:
+      return {"vision_features": clip.get_image_features(batch["pixel_values"]),
+              "text_features": clip.get_text_features(ids, mask)}
+    return {"vision_hidden": clip.vision_model.hidden_at(batch["pixel_values"], layer),
+            "text_hidden": clip.text_model.hidden_at(ids, mask, layer), "text_mask": mask.astype(jnp.int32),
+            "text_pool": clip.text_model.eos_positions(ids).astype(jnp.int32)}
+
+  return jax.jit(fill, in_shardings=(replicated, backbone_shardings, rows), out_shardings=rows)
+
+
+def _file_dtype(dtype: np.dtype) -> np.dtype:
+  # numpy's .npy format has no bfloat16: such arrays are stored as their uint16 bits.
+  return np.dtype(np.uint16) if dtype == ml_dtypes.bfloat16 else dtype
+
+
+def _array_dtype(kind, dtype: np.dtype) -> np.dtype:
+  return dtype if kind == "act" else np.dtype(kind)
+
+
+def _checksum(path: Path) -> str:
+  crc = 0
+  with open(path, "rb") as f:
+    while block := f.read(_CHECKSUM_BLOCK):
+      crc = zlib.crc32(block, crc)
+  return f"{crc:08x}"
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+class _Files:
+  """A disk cache's folder: one .npy per array, progress files while building, cache.json once complete."""
+
+  def __init__(self, directory: Path):
+    self.directory = directory
+
+  def path(self, name: str) -> Path:
+    return self.directory / f"{name}.npy"
+
+  def progress_path(self, process: int) -> Path:
+    return self.directory / f"progress-{process}-of-{jax.process_count()}.json"
+
+  def meta(self) -> dict | None:
+    try:
+      return json.loads((self.directory / META_FILE).read_text())
+    except (OSError, ValueError):
+      return None
+
+  def batches_done(self, cache_key: dict, batch_size: int) -> int:
+    """Batches every process finished in an earlier, interrupted build of the same key and layout (0: none)."""
+    done = []
+    for process in range(jax.process_count()):
+      try:
+        record = json.loads(self.progress_path(process).read_text())
+      except (OSError, ValueError):
+        return 0
+      if record.get("key") != cache_key or record.get("batch_size") != batch_size:
+        return 0
+      done.append(int(record["batches"]))
+    return min(done)
+
+  def mark(self, cache_key: dict, batch_size: int, batches: int) -> None:
+    self.progress_path(jax.process_index()).write_text(
+        json.dumps({"key": cache_key, "batch_size": batch_size, "batches": batches}))
+
+  def open(self, layout: dict, dtype: np.dtype, mode: str) -> dict[str, np.ndarray]:
+    arrays = {}
+    for name, (shape, kind) in layout.items():
+      file_dtype = _file_dtype(_array_dtype(kind, dtype))
+      if mode == "w+":
+        arrays[name] = np.lib.format.open_memmap(self.path(name), mode="w+", dtype=file_dtype, shape=shape)
+      else:
+        arrays[name] = np.load(self.path(name), mmap_mode=mode)
+      if _array_dtype(kind, dtype) == ml_dtypes.bfloat16:
+        arrays[name] = arrays[name].view(ml_dtypes.bfloat16)
+    return arrays
+
+  def intact(self, cache_key: dict, layout: dict, dtype: np.dtype, log) -> bool:
+    """Whether a finished cache of `cache_key` is here with every file as written (sizes and checksums)."""
+    meta = self.meta()
+    if meta is None:
+      return False
+    if meta.get("key") != cache_key:
+      log(f"warning: {self.directory} holds a prefix cache of another key; rebuilding it")
+      return False
+    for name in layout:
+      path = self.path(name)
+      expected = meta["files"].get(name)
+      if not path.is_file() or expected is None or path.stat().st_size != expected["bytes"] \
+          or _checksum(path) != expected["crc32"]:
+        log(f"warning: prefix cache file {path} is damaged (its checksum or size differs from {META_FILE}'s); "
+            "rebuilding the cache")
+        return False
+    return True
+
+  def finish(self, cache_key: dict, layout: dict) -> None:
+    files = {name: {"bytes": self.path(name).stat().st_size, "crc32": _checksum(self.path(name))} for name in layout}
+    (self.directory / META_FILE).write_text(json.dumps({"key": cache_key, "files": files}, indent=2) + "\n")
+    for process in range(jax.process_count()):
+      self.progress_path(process).unlink(missing_ok=True)
+
+
+def nbytes(layout: dict, dtype: np.dtype) -> int:
+  return sum(int(np.prod(shape)) * _array_dtype(kind, dtype).itemsize for shape, kind in layout.values())
+
+
+def _check_space(directory: Path, needed: int, what: str) -> None:
+  existing = directory
+  while not existing.exists():
+    existing = existing.parent
+  free = shutil.disk_usage(existing).free
+  if needed > free:
+    raise CacheError(f"the prefix cache of {what} needs {needed / 2**30:.2f} GiB in {directory}, but only "
+                     f"{free / 2**30:.2f} GiB are free there: free space, point --config.data_dir at a larger "
+                     "disk, halve the cache with --config.prefix_cache_dtype=bfloat16, raise "
+                     "--config.prefix_cache_memory_gb to keep it in memory, or turn it off with "
+                     "--config.prefix_cache=off.")
+
+
+def prepare(job, params, backbone_shardings, splits: dict[str, data.Dataset], uses: float, log) -> dict:
+  """split name -> Cache of each of `splits` (in order; host memory while the budget lasts, then disk), or {} when
+  the config's plan is off for rows read `uses` times."""
+  adapter = adapters.from_config(job.config.adapter.to_dict())
+  cache_plan = plan(job.config, adapter, uses)
+  if cache_plan is None:
+    return {}
+  fill_step = make_fill_step(job.graphdef, cache_plan.layer, job.mesh, backbone_shardings)
+  budget, caches = cache_plan.memory_bytes, {}
+  what = "final features" if cache_plan.layer is None else f"inputs of layer {cache_plan.layer}"
+  for name, ds in splits.items():
+    size = nbytes(layout(job, cache_plan.layer, len(ds.source)), cache_plan.dtype)
+    memory = size <= budget
+    budget -= size if memory else 0
+    log(f"prefix cache of {ds.name}/{name}: the towers' {what}, {size / 2**20:.1f} MiB of {cache_plan.dtype} "
+        f"({'host memory' if memory else 'disk'})")
+    caches[name] = build(job, ds, params, cache_plan, fill_step, memory=memory, log=log, desc=f"caching {name}")
+  return caches
+
+
+def features(job, ds: data.Dataset, params, backbone_shardings, log) -> Cache:
+  """The towers' final features of every sample's present inputs and of the dummy, in host memory: what a test
+  of separable towers assembles each scenario from (they depend on the trained weights: never stored)."""
+  features_plan = Plan(None, np.dtype(np.float32), 0.0, Path())
+  fill_step = make_fill_step(job.graphdef, None, job.mesh, backbone_shardings)
+  return build(job, ds, params, features_plan, fill_step, memory=True, log=log, desc=f"features {ds.split}")
+
+
+def build(job, ds: data.Dataset, params, plan_: Plan, fill_step, *, memory: bool, log, desc: str) -> Cache:
+  """The cache of split `ds` under `plan_`: in host memory (`memory`), else reused, completed or (re)built under
+  `plan_.root`. Every process takes part (the towers run on the whole mesh) and ends with the whole cache."""
+  shapes = layout(job, plan_.layer, len(ds.source))
+  cache_key = key(job, ds, plan_.layer, plan_.dtype)
+  if memory:
+    arrays = {name: np.zeros(shape, _array_dtype(kind, plan_.dtype)) for name, (shape, kind) in shapes.items()}
+    _fill(job, ds, params, fill_step, arrays, None, cache_key, 0, desc)
+    return Cache(arrays, len(ds.source))
+  digest = hashlib.sha256(json.dumps(cache_key, sort_keys=True).encode()).hexdigest()[:16]
+  layer_name = "features" if plan_.layer is None else f"layer{plan_.layer}"
+  files = _Files(plan_.root / f"{ds.name}-{ds.split}-{layer_name}-{digest}")
+  if files.intact(cache_key, shapes, plan_.dtype, log):
+    log(f"prefix cache of {ds.name}/{ds.split}: reusing {files.directory}")
+    return Cache(files.open(shapes, plan_.dtype, "r"), len(ds.source), files.directory)
+  done = files.batches_done(cache_key, job.config.eval.batch_size)
+  if done:
+    log(f"prefix cache of {ds.name}/{ds.split}: completing the build in {files.directory}, left off after {done} "
+        "batches")
+  elif sharding.is_main_process():
+    _check_space(files.directory, nbytes(shapes, plan_.dtype), f"{ds.name}/{ds.split}")
+    if files.directory.exists():
+      shutil.rmtree(files.directory)
+    files.directory.mkdir(parents=True)
+    files.open(shapes, plan_.dtype, "w+")
+  _sync(f"prefix cache {files.directory} created")
+  _fill(job, ds, params, fill_step, files.open(shapes, plan_.dtype, "r+"), files, cache_key, done, desc)
+  _sync(f"prefix cache {files.directory} written")
+  if sharding.is_main_process():
+    files.finish(cache_key, shapes)
+  _sync(f"prefix cache {files.directory} finished")
+  log(f"prefix cache of {ds.name}/{ds.split}: written to {files.directory}")
+  return Cache(files.open(shapes, plan_.dtype, "r"), len(ds.source), files.directory)
+
+
+def _fill(job, ds, params, fill_step, arrays, files, cache_key, done, desc) -> None:
+  """Computes the rows: the dummy (row n), then every sample's present inputs, batch by batch from batch `done`
+  (disk: each batch's rows flushed and counted in this process's progress file)."""
+  n, batch_size = len(ds.source), job.config.eval.batch_size
+  rows_target = sharding.batch_sharding(job.mesh, micro_axis=False)
+  activations = [k for k in arrays if k not in ROW_KEYS]
+
+  def run(host):
+    out = fill_step(params, job.params["backbone"], sharding.global_batch(host, data.MODEL_INPUTS, rows_target, False))
+    return {k: sharding.process_rows(out[k]) for k in activations}
+
+  dummy = pipeline.missing_inputs(job.backbone.tokenizer, job.prep)
+  dummy_rows = run({k: np.repeat(v, jax.local_device_count(), axis=0) for k, v in dummy.items()})
+  for k in activations:
+    arrays[k][n] = dummy_rows[k][0]
+  # Every image is decoded and a corrupt one recorded (its rows are masked where used), whatever the table says.
+  it = iter(job.batches(ds.scenario("complete"), batch_size, train=False, skip_corrupt=True))
+  if done:
+    it.set_state({"next_index": done})
+  gather = files is None and jax.process_count() > 1  # in memory on several hosts: each needs every row
+  pending = []
+  total = -(-n // batch_size) if jax.process_count() == 1 else None
+  for count, host in enumerate(progress.bar(it, desc=desc, total=total, initial=done, leave=False), done + 1):
+    values = {**run(host), **{k: host[k] for k in ("index", *ROW_KEYS)}}
+    if gather:
+      pending.append(values)
+      continue
+    _write(arrays, values)
+    if files is not None:
+      _flush(arrays)
+      files.mark(cache_key, batch_size, count)
+  if pending:
+    _write(arrays, sharding.gather_rows({k: np.concatenate([p[k] for p in pending]) for k in pending[0]}))
+
+
+def _write(arrays: dict, values: dict) -> None:
+  own = values["index"] >= 0
+  for name, array in arrays.items():
+    array[values["index"][own]] = np.asarray(values[name])[own].astype(array.dtype)
+
+
+def _flush(arrays: dict) -> None:
+  for array in arrays.values():
+    if isinstance(array, np.memmap):
+      array.flush()
