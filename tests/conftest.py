@@ -43,7 +43,7 @@ def eight_device_run(memes, one_device_run):
 
 @pytest.fixture(scope="session")
 def straight_run(memes, one_device_run):
-  """6 steps without interruption, in this process (8 devices)."""
+  """6 steps without interruption, in this process (8 devices), from the prefix cache."""
   workdir = memes / "straight"
-  loop.train(memes_config(memes, {"max_steps": 6}), workdir)
+  loop.train(memes_config(memes, {"max_steps": 6, "prefix_cache": "on"}), workdir)
   return workdir

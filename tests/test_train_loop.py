@@ -6,6 +6,7 @@ resume test runs the loop in this process so that SIGTERM arrives at an exact st
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,13 +39,17 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_and_their_checkpoint_restores_in_one(memes, one_device_run):
+  """1 process x 4 devices without the prefix cache, 2 x 2 with it: the train split's cache built on disk by both
+  processes, the validation split's in memory (a budget that holds only it), the test from shared tower passes."""
   reference = memes / "run_1x4"
   run_script("train.py", ["--config", CONFIG, "--workdir", reference, *memes_overrides(memes, max_steps=3)],
              devices=4)
   workdir, port = memes / "run_2x2", _free_port()
+  shutil.rmtree(memes / "data" / "prefix_cache", ignore_errors=True)
+  cached = memes_overrides(memes, max_steps=3, prefix_cache="on", prefix_cache_memory_gb=0.0002)  # 0.2 MiB
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(ROOT)}
   procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", CONFIG, "--workdir", str(workdir),
-                             *memes_overrides(memes, max_steps=3), "--coordinator_address", f"127.0.0.1:{port}",
+                             *cached, "--coordinator_address", f"127.0.0.1:{port}",
                              "--num_processes", "2", "--process_id", str(i)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
@@ -55,6 +60,9 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(memes, one
       p.kill()
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
+  log = outputs[0][0] + outputs[0][1]
+  assert "prefix cache of hateful_memes/train: written to" in log and "validation: the towers' inputs of layer 1" \
+      in log and "(host memory)" in log, log[-3000:]
   np.testing.assert_allclose(train_losses(workdir), train_losses(reference), atol=1e-5, rtol=0)
   out = workdir / "in_one.json"
   run_script("eval.py", ["--workdir", workdir, "--output", out], devices=4)
@@ -62,7 +70,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(memes, one
 
 
 def test_sigterm_then_resume_equals_a_straight_run_bitwise(memes, straight_run):
-  config = memes_config(memes, {"max_steps": 6})
+  config = memes_config(memes, {"max_steps": 6, "prefix_cache": "on"})
   resumed = memes / "resumed"
 
   def preempt(step):
@@ -85,7 +93,7 @@ def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(memes, strai
   complete) ends with the parameters of the uninterrupted run (to 1e-6: the two runs are separate processes,
   the straight one under the test session's jax flags)."""
   workdir = memes / "killed"
-  flags = memes_overrides(memes, max_steps=6, **{"checkpoint.every_steps": 1})
+  flags = memes_overrides(memes, max_steps=6, prefix_cache="on", **{"checkpoint.every_steps": 1})
   script = ("import os, signal, sys; sys.argv = sys.argv[:1] + sys.argv[2:]; import train; "
             "from mora_jax.train import loop; original = loop.train; "
             "hook = lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == 4 else None; "
@@ -100,14 +108,21 @@ def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(memes, strai
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=0), a, b)
 
 
-def test_corrupt_images_are_skipped_and_counted_when_asked(tmp_path):
+@pytest.mark.parametrize("prefix_cache", ["off", "on"])
+def test_corrupt_images_are_skipped_and_counted_when_asked(tmp_path, prefix_cache):
   write_memes(tmp_path / "raw", sizes=(("train", 32), ("dev", 8), ("test", 8)))
   for meme in (5, 41):  # one train sample, one test sample
     (tmp_path / "raw" / "img" / f"{meme:05d}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-  config = config_lib.load(CONFIG)
-  config_lib.apply_overrides(config, [tuple(flag[len("--config."):].split("=", 1)) for flag in memes_overrides(
-      tmp_path, epochs=1, skip_corrupt=True, **{"missing.rate": 0.0})])
-  results = loop.train(config, tmp_path / "run")
+
+  def config(skip_corrupt: bool):
+    c = config_lib.load(CONFIG)
+    config_lib.apply_overrides(c, [tuple(flag[len("--config."):].split("=", 1)) for flag in memes_overrides(
+        tmp_path, epochs=1, skip_corrupt=skip_corrupt, prefix_cache=prefix_cache, **{"missing.rate": 0.0})])
+    return c
+
+  with pytest.raises(ValueError, match="00005.png"):  # the cache records it; its use re-raises the decode error
+    loop.train(config(False), tmp_path / "refused")
+  results = loop.train(config(True), tmp_path / "run")
   assert results["corrupt_skipped_in_training"] == 1
   counts = {kind: r["corrupt_skipped"] for kind, r in results["test"].items()}
   assert counts == {"complete": 1, "text_missing": 1, "image_missing": 0, "mix": 1}
