@@ -31,6 +31,16 @@ def test_adapters_bench_runs():
   assert rows[7][3].strip().endswith("x") and rows[7][4].strip().endswith("x"), out
 
 
+def test_prefix_cache_bench_runs():
+  pytest.importorskip("torch", reason="the benchmark's peer is PyTorch")
+  out = subprocess.run([sys.executable, "bench/prefix_cache.py", "--configs", "tiny", "--epochs", "1", "--samples",
+                        "16", "--test_samples", "8", "--test_repeats", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       check=True).stdout
+  assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "x |" in line] == \
+      ["1"], out
+  assert "metrics identical: True" in out and "cache build" in out, out
+
+
 def test_data_bench_runs(tmp_path):
   out = subprocess.run([sys.executable, "bench/data.py", "--data_dir", str(tmp_path), "--threads", "1",
                         "--batch", "4", "--batches", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True,

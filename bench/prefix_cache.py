@@ -1,0 +1,210 @@
+"""Epoch time with and without the prefix-activation cache, the PyTorch MoRA peer's epoch, and the four-scenario
+test before and after shared tower passes, in one interleaved run.
+
+    python bench/prefix_cache.py                                  # ViT-B/16 (start layer 10) and the embedded CLIP
+    python bench/prefix_cache.py --configs embedded --epochs 3
+
+Each config trains MoRA (q, v; rank 4) with the library's own loop (`loop.start`, `loop.train_epoch`) on a fixed
+synthetic manifest (random 64 px PNGs and short texts, 70% missing of type both), once with
+`prefix_cache="off"` and once with "on" (float32, host memory), epoch by epoch in turn with the peer: epoch 1
+includes compilation; building the cached run's train and validation caches (done in its `loop.start`) is
+timed on its own, by building them once more. The peer is transformers' CLIPModel with MoRA layers written from docs/method.md (bench/adapters.py),
+eager PyTorch, the same threads, one step per batch of the epoch on a fixed batch: it reads no data, so the
+ratio against it leaves our input pipeline in our time. ViT-B/16 has random weights (no download) and a byte-level
+tokenizer; the embedded CLIP is the project's pre-trained one (built on first use).
+
+The test: the library's test (`evaluation.scenario_metrics`: merged model, one pass per tower over the present
+inputs plus the dummy, every scenario assembled) against the same merged model evaluated scenario by scenario
+(four full passes, as the test ran before), both timed end to end including compilation, and checked equal.
+"""
+
+import argparse
+import base64
+import io
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import torch
+from PIL import Image
+
+from mora_jax import adapters, data, sharding
+from mora_jax.backbones import embedded
+from mora_jax.models import hf
+from mora_jax.train import config as config_lib
+from mora_jax.train import evaluation, loop, prefix_cache, recipes
+from mora_jax.train import step as step_lib
+from mora_jax.train.writers import MetricWriter
+from adapters import torch_step
+from harness import host_peak, random_batch, random_checkpoint
+
+# name -> (backbone overrides, start layer, batch, max_length)
+CONFIGS = {
+    "ViT-B/16": ({"backbone.path": "", "backbone.random_preset": "ViT-B/16"}, 10, 8, 77),
+    "embedded": ({"backbone.path": "embedded"}, 1, 64, 24),
+    "tiny": ({"backbone.path": "", "backbone.random_preset": "tiny"}, 1, 8, 24),
+}
+FOOD101_TRAIN = 61_127  # UPMC Food-101 training samples (docs/protocol.md)
+
+
+class _NeverPreempted:
+
+  @staticmethod
+  def any_process() -> bool:
+    return False
+
+
+def write_manifest(directory: Path, sizes: dict[str, int]) -> Path:
+  """A manifest of random 64 px PNGs whose colour and text both carry the label (two classes)."""
+  rng = np.random.RandomState(0)
+  lines = []
+  for split, count in sizes.items():
+    for _ in range(count):
+      label = int(rng.randint(2))
+      pixels = rng.randint(0, 120, (64, 64, 3)).astype(np.uint8)
+      pixels[..., label] += 120
+      png = io.BytesIO()
+      Image.fromarray(pixels).save(png, "PNG")
+      image = base64.b64encode(png.getvalue()).decode()
+      words = ("calm", "bright") if label == 0 else ("dark", "loud")
+      lines.append(json.dumps({"image_base64": image, "text": f"a {words[rng.randint(2)]} scene {len(lines)}",
+                               "label": f"class{label}", "split": split}))
+  path = directory / "bench.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+def run_config(name: str, manifest: Path, workdir: Path, data_dir: Path, epochs: int, cache: str):
+  overrides, start, batch, max_length = CONFIGS[name]
+  c = recipes.get("upmc_food101", "mora")
+  values = {**overrides, "dataset": data.MANIFEST, "manifest.path": manifest, "data_dir": data_dir,
+            "adapter.start_layer": start, "batch_size": batch, "eval.batch_size": 32, "epochs": epochs,
+            "preprocessing.max_length": max_length, "prefix_cache": cache, "prefix_cache_dtype": "float32",
+            "log_every_steps": 10**6}
+  config_lib.apply_overrides(c, [(key, str(value)) for key, value in values.items()])
+  return loop.start(c, workdir / f"{name.replace('/', '_')}_{cache}")
+
+
+def peer_epoch(name: str, run: loop.Run):
+  """A no-argument call running the PyTorch peer's steps of one epoch (the same batch size and step count)."""
+  cfg = run.job.backbone.model.config
+  batch = run.config.batch_size
+  recipe = adapters.MoRAConfig(targets=("q_proj", "v_proj"), start_layer=run.config.adapter.start_layer, rank=4)
+  torch.manual_seed(0)
+  if name == "embedded":
+    import transformers  # pylint: disable=import-outside-toplevel
+    directory = embedded.ensure(run.config.backbone.cache_dir, run.config.data_dir, log=lambda _: None)
+    hf_model = transformers.CLIPModel.from_pretrained(directory, attn_implementation="eager")
+    cfg = hf.read_config(directory)
+  else:
+    with random_checkpoint(cfg) as (model, _):
+      hf_model = model
+  step = torch_step(hf_model, cfg, recipe, random_batch(cfg, batch))
+
+  def epoch():
+    for _ in range(run.steps_per_epoch):
+      step()
+
+  return epoch
+
+
+def timed(fn) -> float:
+  return timed_result(fn)[0]
+
+
+def timed_result(fn):
+  begin = time.perf_counter()
+  result = fn()
+  return time.perf_counter() - begin, result
+
+
+def per_scenario_test(run: loop.Run):
+  """The test as it ran before shared tower passes: the merged model, each scenario a full pass."""
+  job = run.job
+  clf = adapters.join(job.graphdef, {"backbone": job.params["backbone"], **run.state["params"]})
+  graphdef, params = adapters.split(adapters.merge(clf))
+  shardings = sharding.state_shardings(params["backbone"], job.mesh, job.rules)
+  eval_step = step_lib.make_eval_step(graphdef, job.mesh, shardings)
+  test = job.load("test")
+  return {kind: evaluation.evaluate_split(job, eval_step, adapters.trainable(params), params["backbone"],
+                                          test.scenario(kind), kind) for kind in data.SCENARIOS}
+
+
+def bench(name: str, manifest: Path, workdir: Path, data_dir: Path, epochs: int, test_repeats: int) -> dict:
+  uncached = run_config(name, manifest, workdir, data_dir, epochs, "off")
+  cached = run_config(name, manifest, workdir, data_dir, epochs, "on")
+  job = cached.job
+  shardings = sharding.state_shardings(job.params["backbone"], job.mesh, job.rules)
+  build = timed(lambda: prefix_cache.prepare(job, cached.state["params"], shardings,
+                                             {"train": cached.train_ds, "validation": cached.val_ds}, epochs,
+                                             log=lambda _: None))
+  peer = peer_epoch(name, uncached)
+  never = _NeverPreempted()
+  rows = []
+  for epoch in range(epochs):
+    rows.append({"epoch": epoch + 1, "uncached": timed(lambda: loop.train_epoch(uncached, never)),
+                 "cached": timed(lambda: loop.train_epoch(cached, never)), "peer": timed(peer)})
+  layer = cached.config.adapter.start_layer
+  per_sample = prefix_cache.nbytes(prefix_cache.layout(job, layer, 1), np.dtype(np.float32)) / 2
+  writer = MetricWriter(workdir / "test_writer")
+  missing = data.Missing(**cached.config.missing)
+  test_times = {"per scenario": [], "shared passes": []}
+  for _ in range(test_repeats):
+    seconds, before = timed_result(lambda: per_scenario_test(cached))
+    test_times["per scenario"].append(seconds)
+    seconds, after = timed_result(lambda: evaluation.scenario_metrics(job, cached.state["params"], data.SCENARIOS,
+                                                                      missing, writer, 0))
+    test_times["shared passes"].append(seconds)
+  writer.close()
+  identical = all(before[k][m] == after[k][m] for k in data.SCENARIOS for m in before[k])
+  return dict(name=name, batch=cached.config.batch_size, layer=layer, samples=len(cached.train_ds.source),
+              test_samples=before["complete"]["samples"], epochs=rows, build=build,
+              bytes_per_sample=per_sample, test_before=min(test_times["per scenario"]),
+              test_after=min(test_times["shared passes"]), identical=identical)
+
+
+def report(r: dict) -> None:
+  print(f"\n### {r['name']}: start layer {r['layer']}, batch {r['batch']}, {r['samples']} train samples, "
+        f"cache {r['bytes_per_sample'] / 2**10:.1f} KiB per sample (float32)\n")
+  print("| epoch | uncached (s) | cached (s) | PyTorch peer (s) | uncached / cached | peer / cached |")
+  print("|---|---|---|---|---|---|")
+  for e in r["epochs"]:
+    print(f"| {e['epoch']} | {e['uncached']:.1f} | {e['cached']:.1f} | {e['peer']:.1f} | "
+          f"{e['uncached'] / e['cached']:.2f}x | {e['peer'] / e['cached']:.2f}x |")
+  print(f"\ncache build (train + validation splits, compilation included, timed on its own): {r['build']:.1f} s")
+  later = r["epochs"][1:] or r["epochs"]
+  uncached, cached = np.median([e["uncached"] for e in later]), np.median([e["cached"] for e in later])
+  build_per_epoch = r["build"] / cached  # in units of one cached epoch
+  ratio_20 = 20 * uncached / (20 * cached + r["build"])
+  print(f"20 epochs at these rates: uncached {20 * uncached:.0f} s, cached {20 * cached + r['build']:.0f} s "
+        f"(build included, {build_per_epoch:.2f} cached epochs): {ratio_20:.2f}x, i.e. "
+        f"{100 * (1 - 1 / ratio_20):.0f}% of the training time saved; on Food-101's {FOOD101_TRAIN:,} samples: "
+        f"{20 * uncached * FOOD101_TRAIN / r['samples'] / 3600:.1f} h -> "
+        f"{(20 * cached + r['build']) * FOOD101_TRAIN / r['samples'] / 3600:.1f} h on this machine")
+  print(f"\ntest, four scenarios of {r['test_samples']} samples (compilation included): per scenario "
+        f"{r['test_before']:.1f} s, shared tower passes {r['test_after']:.1f} s: "
+        f"{r['test_before'] / r['test_after']:.2f}x; metrics identical: {r['identical']}")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--configs", nargs="+", default=["ViT-B/16", "embedded"], choices=sorted(CONFIGS))
+  parser.add_argument("--epochs", type=int, default=3)
+  parser.add_argument("--samples", type=int, default=256, help="training samples")
+  parser.add_argument("--test_samples", type=int, default=128)
+  parser.add_argument("--test_repeats", type=int, default=2, help="best of this many timings of each test")
+  args = parser.parse_args()
+  print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); {host_peak()}")
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(tmp)
+    manifest = write_manifest(tmp, {"train": args.samples, "validation": 16, "test": args.test_samples})
+    for name in args.configs:
+      report(bench(name, manifest, tmp / "runs", tmp / "data", args.epochs, args.test_repeats))
+
+
+if __name__ == "__main__":
+  main()
