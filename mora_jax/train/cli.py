@@ -29,6 +29,7 @@ most used keys:
   optim.lr, epochs, batch_size, accum_steps, max_steps, head.type (linear | mlp)
   missing.type, missing.rate   text | image | both, 0..1
   backbone.path, backbone.dtype, mesh.fsdp
+  prefix_cache, prefix_cache_dtype   auto | on | off; auto | float32 | bfloat16 (frozen layers computed once)
 """
 
 

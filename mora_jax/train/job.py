@@ -126,7 +126,7 @@ class Job:
       raise ValueError(f"batch {global_batch} is not divisible by the {jax.process_count()} processes.")
     skip_corrupt = self.config.skip_corrupt if skip_corrupt is None else skip_corrupt
     if cache is not None:
-      return prefix_cache.batches(cache, ds, per_process, train=train, seed=self.config.seed,
+      return prefix_cache.batches(cache, ds, per_process, train=train, seed=self.config.seed, prep=self.prep,
                                   accum_steps=accum_steps, skip_corrupt=skip_corrupt)
     return data.batches(ds, per_process, self.backbone.tokenizer, train=train, seed=self.config.seed,
                         prep=self.prep, process_index=jax.process_index(), process_count=jax.process_count(),

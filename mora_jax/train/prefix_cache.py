@@ -122,19 +122,21 @@ class _Rows:
   """Record indices -> a cached batch (Grain's map); a corrupt image is re-decoded to raise its own error unless
   skip_corrupt, as the decoding pipeline does."""
 
-  def __init__(self, cache: Cache, ds: data.Dataset, skip_corrupt: bool):
-    self.cache, self.ds, self.skip_corrupt = cache, ds, skip_corrupt
+  def __init__(self, cache: Cache, ds: data.Dataset, prep: data.Preprocessing, skip_corrupt: bool):
+    self.cache, self.ds, self.prep, self.skip_corrupt = cache, ds, prep, skip_corrupt
 
   def __call__(self, indices: np.ndarray) -> dict:
     batch = self.cache.rows(indices, self.ds.table)
     if batch["corrupt"].any() and not self.skip_corrupt:
       index = int(indices[np.argmax(batch["corrupt"])])
-      pipeline.record_image(self.ds.source[index], self.ds.name)
+      self.prep.pixels(pipeline.record_image(self.ds.source[index], self.ds.name))
+      raise ValueError(f"{self.ds.name} sample {index}: its image could not be decoded when the prefix cache was "
+                       "built; fix the file, or pass --config.skip_corrupt=True to skip such samples.")
     return batch
 
 
-def batches(cache: Cache, ds: data.Dataset, batch_size: int, *, train: bool, seed: int, accum_steps: int = 1,
-            skip_corrupt: bool = False) -> grain.IterDataset:
+def batches(cache: Cache, ds: data.Dataset, batch_size: int, *, train: bool, seed: int,
+            prep: data.Preprocessing, accum_steps: int = 1, skip_corrupt: bool = False) -> grain.IterDataset:
   """`data.batches` read from `cache` instead of decoding: the same samples in the same order, with the same
   iterator state (resume positions are interchangeable), under `ds.table`'s missing codes."""
   if cache.num_samples != len(ds.source):
@@ -143,7 +145,7 @@ def batches(cache: Cache, ds: data.Dataset, batch_size: int, *, train: bool, see
   indices = pipeline.index_batches(len(ds.source), batch_size, train=train, seed=seed,
                                    process_index=jax.process_index(), process_count=jax.process_count(),
                                    accum_steps=accum_steps)
-  return indices.map(_Rows(cache, ds, skip_corrupt)).to_iter_dataset(
+  return indices.map(_Rows(cache, ds, prep, skip_corrupt)).to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
 
 
