@@ -25,7 +25,7 @@ METHODS = ("mora", "lora", "dora", "moka", "linear")
 
 
 def config_for(memes, method: str, **overrides):
-  config = memes_config(memes, {"epochs": 5, "max_steps": 20, **overrides})
+  config = memes_config(memes, {"epochs": 3, "batch_size": 8, "max_steps": 20, **overrides})  # 8 steps an epoch
   config_lib.apply_overrides(config, [("adapter.method", method)], log=lambda _: None)
   return config
 

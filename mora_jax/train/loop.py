@@ -205,6 +205,18 @@ def _preempt(run: Run):
   raise Preempted(run.step, run.ckpt.directory)
 
 
+def advance(run: Run) -> tuple[dict, int]:
+  """One optimizer step on the next global batch: (its metrics, still on the devices; the number of samples
+  skipped for a corrupt image)."""
+  micro = [next(run.train_iter) for _ in range(run.config.accum_steps)]
+  keys = step_lib.input_keys(micro[0]) + step_lib.TARGET_KEYS
+  host = {k: np.stack([m[k] for m in micro]) for k in keys}
+  target = sharding.batch_sharding(run.job.mesh, micro_axis=True)
+  run.state, metrics = run.train_step(run.state, run.backbone_state, sharding.global_batch(host, keys, target, True))
+  run.step += 1
+  return metrics, sum(int(np.sum(m["corrupt"])) for m in micro)
+
+
 def train_epoch(run: Run, sigterm: _Sigterm, step_hook=None) -> None:
   """Steps to the end of the current epoch (or config.max_steps): logging, periodic saves, and a save and stop
   on SIGTERM anywhere but at the epoch's end (where validation and its save come first)."""
@@ -212,19 +224,13 @@ def train_epoch(run: Run, sigterm: _Sigterm, step_hook=None) -> None:
   samples = len(run.train_ds.source)
   epoch = run.step // run.steps_per_epoch
   epoch_start, epoch_end = epoch * run.steps_per_epoch, min(run.stop_step, (epoch + 1) * run.steps_per_epoch)
-  micro_target = sharding.batch_sharding(run.job.mesh, micro_axis=True)
   bar = progress.bar(total=run.steps_per_epoch, initial=run.step - epoch_start,
                      desc=f"epoch {epoch + 1}/{c.epochs}", unit="step")
   window_start, window_samples, corrupt = time.perf_counter(), 0, 0
   while run.step < epoch_end:
-    micro = [next(run.train_iter) for _ in range(c.accum_steps)]
-    corrupt += sum(int(np.sum(m["corrupt"])) for m in micro)
-    keys = step_lib.input_keys(micro[0]) + step_lib.TARGET_KEYS
-    host = {k: np.stack([m[k] for m in micro]) for k in keys}
-    run.state, metrics = run.train_step(run.state, run.backbone_state,
-                                        sharding.global_batch(host, keys, micro_target, True))
     window_samples += min(c.batch_size, samples - (run.step - epoch_start) * c.batch_size)
-    run.step += 1
+    metrics, skipped = advance(run)
+    corrupt += skipped
     bar.update(1)
     if run.step % c.log_every_steps == 0 or run.step == epoch_end:
       values = {k: float(sharding.replicated_value(v)) for k, v in metrics.items()}

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import time
 import zlib
 from pathlib import Path
 
@@ -97,6 +98,7 @@ class Cache:
   arrays: dict[str, np.ndarray]
   num_samples: int
   directory: Path | None = None  # None: in host memory
+  build_seconds: float = 0.0  # what computing it took this run (0: reused from disk)
 
   def rows(self, indices: np.ndarray, table: np.ndarray) -> dict:
     """The batch of record `indices` (-1: padding) under missing `table`: each tower's row of the sample, or the
@@ -333,6 +335,8 @@ def prepare(job, params, backbone_shardings, splits: dict[str, data.Dataset], us
     log(f"prefix cache of {ds.name}/{name}: the towers' {what}, {size / 2**20:.1f} MiB of {cache_plan.dtype} "
         f"({'host memory' if memory else 'disk'})")
     caches[name] = build(job, ds, params, cache_plan, fill_step, memory=memory, log=log, desc=f"caching {name}")
+    if caches[name].build_seconds:
+      log(f"prefix cache of {ds.name}/{name}: built in {caches[name].build_seconds:.1f} s")
   return caches
 
 
@@ -349,10 +353,11 @@ def build(job, ds: data.Dataset, params, plan_: Plan, fill_step, *, memory: bool
   `plan_.root`. Every process takes part (the towers run on the whole mesh) and ends with the whole cache."""
   shapes = layout(job, plan_.layer, len(ds.source))
   cache_key = key(job, ds, plan_.layer, plan_.dtype)
+  begin = time.perf_counter()
   if memory:
     arrays = {name: np.zeros(shape, _array_dtype(kind, plan_.dtype)) for name, (shape, kind) in shapes.items()}
     _fill(job, ds, params, fill_step, arrays, None, cache_key, 0, desc)
-    return Cache(arrays, len(ds.source))
+    return Cache(arrays, len(ds.source), build_seconds=time.perf_counter() - begin)
   digest = hashlib.sha256(json.dumps(cache_key, sort_keys=True).encode()).hexdigest()[:16]
   layer_name = "features" if plan_.layer is None else f"layer{plan_.layer}"
   files = _Files(plan_.root / f"{ds.name}-{ds.split}-{layer_name}-{digest}")
@@ -376,7 +381,7 @@ def build(job, ds: data.Dataset, params, plan_: Plan, fill_step, *, memory: bool
     files.finish(cache_key, shapes)
   _sync(f"prefix cache {files.directory} finished")
   log(f"prefix cache of {ds.name}/{ds.split}: written to {files.directory}")
-  return Cache(files.open(shapes, plan_.dtype, "r"), len(ds.source), files.directory)
+  return Cache(files.open(shapes, plan_.dtype, "r"), len(ds.source), files.directory, time.perf_counter() - begin)
 
 
 def _fill(job, ds, params, fill_step, arrays, files, cache_key, done, desc) -> None:
