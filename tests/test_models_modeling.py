@@ -125,3 +125,25 @@ def test_pytorch_bin_checkpoint_loads(tmp_path):
   ours = clip.from_pretrained(tmp_path)
   pixels, ids, mask = helpers.random_inputs(cfg)
   assert max_diff(ours.get_image_features(pixels), hf_outputs(model, pixels, ids, mask)["image"]) <= 1e-4
+
+
+def test_zero_length_prompts_leave_each_tower_bitwise_unchanged():
+  """A prompting method with no tokens computes exactly plain CLIP (same values, bit for bit), jitted."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  cfg = helpers.tiny_config()
+  graphdef, state = nnx.split(clip.init(cfg))
+  pixels, ids, mask = helpers.random_inputs(cfg, batch=3, length=12)
+  none = lambda x: [x[:, :0]] * cfg.vision.num_hidden_layers  # every layer prompted, with 0 tokens
+
+  def towers(state, prompts):
+    model = nnx.merge(graphdef, state)
+    vision = model.vision_model(pixels, prompts=prompts)
+    text = model.text_model(ids, mask, prompts=prompts)
+    return vision, text, model.get_image_features(pixels, prompts=prompts), model.get_text_features(
+        ids, mask, prompts=prompts)
+
+  plain = jax.jit(lambda state: towers(state, None))(state)
+  prompted = jax.jit(lambda state: towers(state, none))(state)
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(prompted), strict=True):
+    assert a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
