@@ -36,7 +36,8 @@ def evaluate_split(job: Job, eval_step, params, backbone_state, ds: data.Dataset
   steps = -(-len(ds.source) // batch_size) if jax.process_count() == 1 else None
   for host_batch in progress.bar(job.batches(ds, batch_size, train=False), desc=desc, total=steps, leave=False):
     corrupt += int(np.sum(host_batch["corrupt"]))
-    logits = eval_step(params, backbone_state, sharding.global_batch(host_batch, data.MODEL_INPUTS, target, False))
+    logits = eval_step(params, backbone_state,
+                       sharding.global_batch(host_batch, data.CLASSIFIER_INPUTS, target, False))
     outputs.append({"logits": sharding.process_rows(logits),
                     **{k: host_batch[k] for k in ("label", "valid", "group")}})
   joined = sharding.gather_rows({k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]})
@@ -133,7 +134,8 @@ def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | Non
   candidates = [step] if step is not None else ckpt.steps_best_first(job.metric, meta["loop"]["best_step"])
   step, params = restore_best_params(ckpt, job, candidates)
   ckpt.close()
-  results = {"dataset": config.dataset, "method": config.adapter.method, "metric": job.metric,
+  results = {"dataset": config.dataset, "method": config.adapter.method, "adapter": config.adapter.to_dict(),
+             "metric": job.metric,
              "checkpoint_step": step, "missing": config.missing.to_dict(),
              "merged": adapters.mergeable(adapter)}
   if test:

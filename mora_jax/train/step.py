@@ -17,13 +17,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mora_jax import adapters, sharding
 from mora_jax.data import pipeline
 
-TRAIN_KEYS = pipeline.MODEL_INPUTS + ("label", "valid")
+TRAIN_KEYS = pipeline.CLASSIFIER_INPUTS + ("label", "valid")
 
 
-def lr_schedule(peak: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
-  """Linear warm-up from 0 over the first `warmup_fraction` of the steps, then cosine decay to 0."""
-  return optax.warmup_cosine_decay_schedule(0.0, peak, int(total_steps * warmup_fraction), max(total_steps, 1),
-                                            end_value=0.0)
+DECAYS = ("cosine", "linear")
+
+
+def lr_schedule(peak: float, total_steps: int, warmup_fraction: float, decay: str = "cosine") -> optax.Schedule:
+  """Linear warm-up from 0 over the first `warmup_fraction` of the steps, then `decay` to 0: "cosine" (MoRA's
+  recipe) or "linear" (the DCP code's polynomial decay of power 1)."""
+  warmup, total = int(total_steps * warmup_fraction), max(total_steps, 1)
+  if decay == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0)
+  if decay == "linear":
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
+                                 optax.linear_schedule(peak, 0.0, max(total - warmup, 1))], [warmup])
+  raise ValueError(f"config.optim.decay={decay!r}: use one of {DECAYS}.")
 
 
 def per_sample_loss(logits: jax.Array, labels: jax.Array, multi_label: bool) -> jax.Array:
@@ -45,7 +54,7 @@ def make_loss_and_grads(graphdef: nnx.GraphDef, multi_label: bool) -> Callable:
   def summed_loss(params, backbone, micro, key):
     model = adapters.join(graphdef, {"backbone": backbone, **params})
     logits = model(micro["pixel_values"], micro["input_ids"], micro["attention_mask"],
-                   rngs=nnx.Rngs(dropout=key))
+                   rngs=nnx.Rngs(dropout=key), missing=micro["missing"])
     weight = micro["valid"].astype(jnp.float32)
     return jnp.sum(per_sample_loss(logits.astype(jnp.float32), micro["label"], multi_label) * weight)
 
@@ -96,6 +105,7 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, backbone_shardings) -> Ca
 
   def step(params, backbone, batch):
     model = adapters.join(graphdef, {"backbone": backbone, **params})
-    return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).astype(jnp.float32)
+    return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                 missing=batch["missing"]).astype(jnp.float32)
 
   return jax.jit(step, in_shardings=(replicated, backbone_shardings, rows), out_shardings=rows)
