@@ -24,6 +24,6 @@ from mora_jax.adapters.registry import METHODS, from_config, to_config
 
 __all__ = [
     "AdapterConfig", "Classifier", "DCPConfig", "DoRAConfig", "LoRAConfig", "METHODS", "MMPConfig", "MoRAConfig",
-    "MokAConfig", "PARTITIONS", "PromptConfig", "build_classifier", "count_parameters", "from_config", "join", "merge", "mergeable", "split", "to_config",
-    "trainable",
+    "MokAConfig", "PARTITIONS", "PromptConfig", "build_classifier", "count_parameters", "from_config", "join",
+    "merge", "mergeable", "split", "to_config", "trainable",
 ]

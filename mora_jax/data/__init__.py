@@ -13,6 +13,6 @@ from mora_jax.data.datasets import (BUILDERS, MANIFEST, SCENARIOS, Classes, Data
 from mora_jax.data.missing import Missing
 from mora_jax.data.pipeline import CLASSIFIER_INPUTS, MODEL_INPUTS, Preprocessing, tokenize
 
-__all__ = ["BUILDERS", "CLASSIFIER_INPUTS", "MANIFEST", "MODEL_INPUTS", "SCENARIOS", "Classes", "Dataset", "Manifest", "Missing",
-           "Preprocessing", "batches", "classes", "is_prepared", "load", "prepare", "tokenize"]
+__all__ = ["BUILDERS", "CLASSIFIER_INPUTS", "MANIFEST", "MODEL_INPUTS", "SCENARIOS", "Classes", "Dataset", "Manifest",
+           "Missing", "Preprocessing", "batches", "classes", "is_prepared", "load", "prepare", "tokenize"]
 
