@@ -50,6 +50,9 @@ class PromptConfig:
   mergeable: ClassVar[bool] = False  # the prompts are extra tokens: nothing folds into the weights
   text_first: ClassVar[bool] = False
   start_layer: ClassVar[int] = 0  # prompts enter at layer 0: no frozen prefix of layers to reuse or cache
+  frozen_prefix: ClassVar[bool] = False  # so no prefix-activation cache applies (main's prefix cache)
+  separable: ClassVar[bool] = False  # each tower's prompts depend on the sample's missing case, i.e. on the other
+  # tower's input being present, so a tower's features cannot be computed once for all missing scenarios
   length: int = 36
   depth: int = 6
   zero_missing_features: bool = True
