@@ -15,7 +15,7 @@ prompts change layer 0 onwards, so no frozen prefix of layers is shared with pla
 """
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import ClassVar
 
 import jax
@@ -26,7 +26,7 @@ from flax import nnx
 from mora_jax.adapters import partition
 from mora_jax.data import missing as missing_lib
 from mora_jax.models.config import CLIPConfig
-from mora_jax.models.modeling import CLIP, LayerNorm
+from mora_jax.models.modeling import CLIP, LayerNorm, Prompter
 
 CASES = 3  # missing cases, indexed by the missing code
 # Backbone parts a prompt method may train, by Hugging Face name -> the module holding them.
@@ -36,8 +36,6 @@ BACKBONE_PARTS: dict[str, Callable[[CLIP], nnx.Module]] = {
     "visual_projection": lambda m: m.visual_projection,
     "text_projection": lambda m: m.text_projection,
 }
-# A tower's prompter: its encoder input [B, L, D] -> one [B, k_l, D] array per prompted layer.
-Prompter = Callable[[jax.Array], Sequence[jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
