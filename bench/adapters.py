@@ -45,7 +45,8 @@ def jax_step(backbone_dir, adapter, data, dtype=jnp.float32):
                                         sharding.state_shardings(backbone, mesh, sharding.REPLICATED_RULES))
   pixels, ids, mask, labels = data
   batch = {"pixel_values": pixels, "input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
-           "label": labels.astype(np.int32), "valid": np.ones(len(labels), bool)}
+           "missing": np.zeros(len(labels), np.int8), "label": labels.astype(np.int32),
+           "valid": np.ones(len(labels), bool)}
   batch = jax.device_put({k: v[None] for k, v in batch.items()}, sharding.batch_sharding(mesh, micro_axis=True))
   holder = {"state": state}
 

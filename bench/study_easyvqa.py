@@ -1,17 +1,18 @@
 """The easy-VQA study: MoRA's two findings reproduced at small scale on the embedded pre-trained CLIP.
 
     python bench/study_easyvqa.py                                  # every run, then the tables and the plot
-    python bench/study_easyvqa.py --seeds 0 --runs MoRA LoRA       # a subset (the tables cover what exists)
+    python bench/study_easyvqa.py --seeds 0 --runs MoRA LoRA       # a subset, added to the existing tables
 
 1. Aligned vs unaligned towers: LoRA and MoRA on the pre-trained backbone vs on a "mismatched" one whose vision
    tower and text tower come from two independent pre-training runs (seeds 0 and 1, `embedded.combine_towers`).
-2. Methods on the aligned backbone: linear probe, LoRA, DoRA, MoRA (+ identity_start, + the MLP head), and
-   MokA (two-tower) (+ lambda 0, its cross term off; + a lower learning rate), each with several fine-tuning
-   seeds (adapter and head init, data order, dropout).
+2. Methods on the aligned backbone: linear probe, LoRA, DoRA, MoRA (+ identity_start, + the MLP head), MokA
+   (two-tower) (+ lambda 0, its cross term off; + a lower learning rate), and the prompt baselines MMP and DCP
+   (docs/prompts.md), each with several fine-tuning seeds (adapter and head init, data order, dropout).
 
 Every run is the library's own `loop.train` with the easy-VQA recipe (70% missing of type both in training,
 test per scenario and per question type); a run whose workdir already holds eval.json is reused, so an
-interrupted study resumes. Writes docs/study_easyvqa.{json,md,png}.
+interrupted study resumes. Writes docs/study_easyvqa.{json,md,png}; the runs already recorded there that this
+command did not ask for are kept, so a subset adds (or replaces) its rows.
 """
 
 import argparse
@@ -41,6 +42,9 @@ RUNS = {
     "DoRA": ("dora", {}, "aligned"),
     "MoRA (identity_start)": ("mora", {"adapter.variant": "identity_start"}, "aligned"),
     "MoRA + MLP head": ("mora", {"head.type": "mlp"}, "aligned"),
+    # The prompt baselines with the study's run settings (recipes.PUBLISHED["easy_vqa"]["prompting"]).
+    "MMP": ("mmp", {}, "aligned"),
+    "DCP": ("dcp", {}, "aligned"),
 }
 SCENARIO_NAMES = {"complete": "complete", "text_missing": "text missing", "image_missing": "image missing",
                   "mix": "mix (70% both)"}
@@ -85,6 +89,16 @@ def run(name: str, seed: int, args) -> dict:
           "trainable_parameters": results["parameters"]["trainable"],
           "ms_per_step": 1000 * config["batch_size"] / statistics.median(rates) if rates else None,
           "wall_seconds": float((workdir / "wall_seconds.txt").read_text())}
+
+
+def with_recorded(records: list[dict], path: Path) -> list[dict]:
+  """`records` plus the runs of an earlier study file at `path` that they do not redo, in RUNS order, then by
+  seed."""
+  done = {(r["name"], r["seed"]) for r in records}
+  earlier = json.loads(path.read_text())["runs"] if path.is_file() else []
+  merged = records + [r for r in earlier if (r["name"], r["seed"]) not in done and r["name"] in RUNS]
+  order = list(RUNS)
+  return sorted(merged, key=lambda r: (order.index(r["name"]), r["seed"]))
 
 
 def mean_std(values: list[float]) -> str:
@@ -168,8 +182,9 @@ def main():
   args = parser.parse_args()
   # Seed-major: every run of the first seed before any second seed, so a partial study covers every method.
   records = [run(name, seed, args) for seed in args.seeds for name in args.runs]
-  summary = summarise(records)
   out = Path(args.out)
+  records = with_recorded(records, out / "study_easyvqa.json")
+  summary = summarise(records)
   out.mkdir(parents=True, exist_ok=True)
   cache = Path(args.cache_dir).expanduser()
   pretraining = {p.name: json.loads((p / "pretraining.json").read_text())

@@ -16,18 +16,20 @@ from tests import helpers
 
 def test_every_method_round_trips_through_its_config_dict():
   for name, cls in registry.METHODS.items():
-    adapter = cls(targets=("q_proj",), start_layer=1, rank=2)
+    projections = issubclass(cls, adapters.AdapterConfig)
+    adapter = cls(targets=("q_proj",), start_layer=1, rank=2) if projections else cls(length=6, depth=2)
     values = adapters.to_config(adapter)
     assert values["method"] == name == adapter.name
     assert adapters.from_config(values) == adapter
     # A config file stores tuples as lists (JSON); they come back as the same config.
-    assert adapters.from_config({**values, "targets": ["q_proj"]}) == adapter
+    list_field = "targets" if projections else "trained_backbone"
+    assert adapters.from_config({**values, list_field: list(values[list_field])}) == adapter
   assert adapters.from_config({"method": "linear"}) is None
   assert adapters.to_config(None) == {"method": "linear"}
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"method": "qlora"}, r"adapter.method='qlora': use one of \['mora', 'lora', 'dora', 'moka', 'linear'\]"),
+    ({"method": "qlora"}, r"adapter.method='qlora': use one of \['mora', 'lora', 'dora', 'moka', 'mmp', 'dcp', 'linear'\]"),
     ({"rank": 4}, "adapter.method=None"),
     ({"method": "lora", "lam": 0.5}, r"'lora' has no field\(s\) \['lam'\]; its fields are .*'alpha'"),
     ({"method": "linear", "rank": 4}, r"takes no fields; got \['rank'\]"),
@@ -35,6 +37,25 @@ def test_every_method_round_trips_through_its_config_dict():
 def test_unknown_methods_and_fields_are_named(values, message):
   with pytest.raises(ValueError, match=message):
     adapters.from_config(values)
+
+
+def test_switching_to_a_prompt_method_drops_the_projection_fields():
+  values, dropped = registry.switch(adapters.to_config(adapters.MoRAConfig()), "dcp")
+  assert values == adapters.to_config(adapters.DCPConfig())
+  assert {"targets", "rank", "start_layer", "alpha"} <= set(dropped)
+  assert registry.switch(values, "lora")[0] == adapters.to_config(adapters.LoRAConfig())
+
+
+def test_prompt_recipes_take_the_dcp_code_settings():
+  for dataset in ("mm_imdb", "upmc_food101", "hateful_memes"):
+    for method in recipes.PROMPT_METHODS:
+      c = recipes.get(dataset, method)
+      assert (c.adapter.length, c.adapter.depth, c.epochs, c.batch_size) == (36, 6, 20, 256)
+      assert (c.optim.lr, c.optim.weight_decay, c.optim.decay) == (1e-2, 0.02, "linear")
+      assert c.preprocessing.missing_image == "ones_after_norm"
+  assert recipes.get("hateful_memes", "mora").optim.decay == "cosine"
+  easy = recipes.get("easy_vqa", "dcp")  # the study's run settings, every layer of the 4-layer embedded CLIP
+  assert (easy.adapter.depth, easy.epochs, easy.batch_size, easy.optim.decay) == (4, 1, 64, "cosine")
 
 
 def test_recipes_give_each_method_its_own_fields_and_drop_nothing(monkeypatch):

@@ -103,3 +103,12 @@ def test_study_tables_summarise_seeds_and_pair_aligned_with_mismatched():
   assert [line.split(" | ")[0] for line in pairs if line.startswith("| ") and "backbone" not in line] == [
       "| LoRA", "| LoRA, mismatched towers"], text
   assert "| LoRA, mismatched towers | 70.0 | 30.0 | 50.0 | 40.0 | 40.0 | 20.0 |" in text, text
+
+
+def test_inference_bench_runs():
+  out = subprocess.run([sys.executable, "bench/inference.py", "--configs", "tiny", "--repeats", "1", "--batch", "4"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, check=True).stdout
+  rows = [line.split("|") for line in out.splitlines() if line.startswith("| tiny | 4 |")]
+  assert [row[3].strip() for row in rows] == ["merged MoRA", "DCP", "MMP"], out
+  assert all(row[-2].strip().endswith("x") for row in rows), out  # time / merged MoRA
+  assert float(rows[1][7].rstrip("x ")) > 1 and float(rows[2][7].rstrip("x ")) > 1, out  # more MACs with prompts

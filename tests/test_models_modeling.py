@@ -144,3 +144,25 @@ def test_towers_entered_at_a_layer_give_the_full_pass(layer):
   np.testing.assert_allclose(image_from, image(pixels), atol=1e-6, rtol=0)
   np.testing.assert_allclose(text_from, text(ids, mask), atol=1e-6, rtol=0)
   assert vision_hidden.shape == (3, cfg.vision.num_patches + 1, cfg.vision.hidden_size)
+
+
+def test_zero_length_prompts_leave_each_tower_bitwise_unchanged():
+  """A prompting method with no tokens computes exactly plain CLIP (same values, bit for bit), jitted."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  cfg = helpers.tiny_config()
+  graphdef, state = nnx.split(clip.init(cfg))
+  pixels, ids, mask = helpers.random_inputs(cfg, batch=3, length=12)
+  none = lambda x: [x[:, :0]] * cfg.vision.num_hidden_layers  # every layer prompted, with 0 tokens
+
+  def towers(state, prompts):
+    model = nnx.merge(graphdef, state)
+    vision = model.vision_model(pixels, prompts=prompts)
+    text = model.text_model(ids, mask, prompts=prompts)
+    return vision, text, model.get_image_features(pixels, prompts=prompts), model.get_text_features(
+        ids, mask, prompts=prompts)
+
+  plain = jax.jit(lambda state: towers(state, None))(state)
+  prompted = jax.jit(lambda state: towers(state, none))(state)
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(prompted), strict=True):
+    assert a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))

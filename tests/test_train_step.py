@@ -31,7 +31,7 @@ def batch_of(rows: int, valid: int, multi_label: bool, seed: int = 0) -> dict:
   rng = np.random.RandomState(seed + 1)
   label = rng.randint(0, 2, (rows, 5)) if multi_label else rng.randint(0, 5, rows)
   return {"pixel_values": pixels, "input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
-          "label": label, "valid": np.arange(rows) < valid}
+          "missing": np.zeros(rows, np.int8), "label": label, "valid": np.arange(rows) < valid}
 
 
 def micro_batches(batch: dict, count: int) -> dict:
@@ -90,7 +90,8 @@ def test_bfloat16_backbone_step_tracks_float32():
   pixels, ids, mask = random_inputs(cfg, batch=8, length=12)
   mesh = sharding.make_mesh((jax.device_count(), 1), ("data", "fsdp"))
   batch = {"pixel_values": pixels[None], "input_ids": ids[None].astype(np.int32),
-           "attention_mask": mask[None].astype(np.int32), "label": np.arange(8, dtype=np.int32)[None] % 3,
+           "attention_mask": mask[None].astype(np.int32), "missing": np.zeros((1, 8), np.int8),
+           "label": np.arange(8, dtype=np.int32)[None] % 3,
            "valid": np.ones((1, 8), bool)}
   losses = {}
   for dtype in (jnp.float32, jnp.bfloat16):

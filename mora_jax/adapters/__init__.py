@@ -1,5 +1,5 @@
-"""Adapters on frozen CLIP towers: MoRA, LoRA, DoRA, MokA (two-tower), or none (linear probe), on one
-partitioned tree.
+"""Adapters on frozen CLIP towers: MoRA, LoRA, DoRA, MokA (two-tower), the prompt baselines MMP and DCP, or none
+(linear probe), on one partitioned tree.
 
     from mora_jax import adapters, clip
     cfg = adapters.MoRAConfig(targets=("q_proj", "v_proj"), start_layer=10, rank=4, alpha=0.01, dropout=0.1)
@@ -19,10 +19,11 @@ from mora_jax.adapters.lora import LoRAConfig
 from mora_jax.adapters.moka import MokAConfig
 from mora_jax.adapters.mora import MoRAConfig
 from mora_jax.adapters.partition import PARTITIONS, join, split, trainable
+from mora_jax.adapters.prompts import DCPConfig, MMPConfig, PromptConfig
 from mora_jax.adapters.registry import METHODS, from_config, to_config
 
 __all__ = [
-    "AdapterConfig", "Classifier", "DoRAConfig", "LoRAConfig", "METHODS", "MoRAConfig", "MokAConfig", "PARTITIONS",
-    "build_classifier", "count_parameters", "from_config", "join", "merge", "mergeable", "split", "to_config",
-    "trainable",
+    "AdapterConfig", "Classifier", "DCPConfig", "DoRAConfig", "LoRAConfig", "METHODS", "MMPConfig", "MoRAConfig",
+    "MokAConfig", "PARTITIONS", "PromptConfig", "build_classifier", "count_parameters", "from_config", "join",
+    "merge", "mergeable", "split", "to_config", "trainable",
 ]

@@ -1,11 +1,11 @@
-"""The MoRA classifier: adapted CLIP towers -> concat(image feature, text feature) -> a head (docs/method.md's linear
-head, or an optional small MLP)."""
+"""The MoRA classifier: adapted (or prompted) CLIP towers -> concat(image feature, text feature) -> a head
+(docs/method.md's linear head, or an optional small MLP)."""
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mora_jax.adapters import common, partition
+from mora_jax.adapters import common, partition, prompts
 from mora_jax.models.modeling import CLIP, Call
 
 HEADS = ("linear", "mlp")
@@ -39,19 +39,36 @@ class HeadMLP(nnx.Module):
     return self.output(jax.nn.gelu(self.hidden(x), approximate=False))
 
 
-class Classifier(nnx.Module):
-  """logits = head(concat(image_features, text_features)); features are not L2-normalised (docs/method.md)."""
+Method = common.AdapterConfig | prompts.PromptConfig
 
-  def __init__(self, backbone: CLIP, adapter: common.AdapterConfig | None, num_classes: int, multi_label: bool,
+
+def projection_targets(model: CLIP, adapter: Method | None):
+  """The projections `adapter` replaces (none for the linear probe and the prompt methods)."""
+  return common.targets(model, adapter) if isinstance(adapter, common.AdapterConfig) else ()
+
+
+class Classifier(nnx.Module):
+  """logits = head(concat(image_features, text_features)); features are not L2-normalised (docs/method.md).
+
+  A prompt method (MMP, DCP) adds `prompts`, the module that makes each sample's prompt tokens from its missing
+  code, and may zero the missing modality's feature; the projection adapters ignore the missing codes.
+  """
+
+  def __init__(self, backbone: CLIP, adapter: Method | None, num_classes: int, multi_label: bool,
                *, head: str = "linear", head_hidden: int = 256, rngs: nnx.Rngs):
     self.adapter = adapter
     self.num_classes, self.multi_label = num_classes, multi_label
     self.adapter_common = nnx.Dict()  # modules several adapted projections share (MoRA's common pairs)
     self.backbone = backbone
-    for target in (common.targets(backbone, adapter) if adapter is not None else ()):
+    for target in projection_targets(backbone, adapter):
       base = getattr(target.parent, target.name)
       setattr(target.parent, target.name,
               adapter.adapt(base, target, self.adapter_common, backbone.config, rngs=rngs))
+    prompting = isinstance(adapter, prompts.PromptConfig)
+    if prompting:
+      adapter.check(backbone.config)
+      prompts.mark_trained_backbone(backbone, adapter)
+    self.prompts = nnx.data(adapter.build(backbone.config, rngs=rngs) if prompting else None)
     d_features = 2 * backbone.config.projection_dim
     if head not in HEADS:
       raise ValueError(f"head={head!r}: use one of {HEADS}.")
@@ -59,60 +76,71 @@ class Classifier(nnx.Module):
                  else HeadMLP(d_features, head_hidden, num_classes, rngs=rngs))
 
   def features(self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
+               rngs: nnx.Rngs | None = None, missing: jax.Array | None = None) -> jax.Array:
     text_mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
     call = Call(rngs=rngs, text_mask=text_mask)
-    return self._joined(lambda: self.backbone.get_image_features(pixel_values, call),
-                        lambda: self.backbone.get_text_features(input_ids, attention_mask, call))
+    vision_prompts = text_prompts = None
+    if self.prompts is not None:
+      if missing is None:
+        raise ValueError(f"adapter method {self.adapter.name!r} picks its prompts by each sample's missing code: "
+                         "pass missing=[B] ints (0 complete, 1 text missing, 2 image missing), the batch's "
+                         "'missing' entry.")
+      vision_prompts, text_prompts = self.prompts(missing)
+    image, text = self._towers(lambda: self.backbone.get_image_features(pixel_values, call, vision_prompts),
+                               lambda: self.backbone.get_text_features(input_ids, attention_mask, call, text_prompts))
+    if self.prompts is not None and self.adapter.zeroes():
+      image = jnp.where((missing == prompts.missing_lib.IMAGE_MISSING)[:, None], 0.0, image)
+      text = jnp.where((missing == prompts.missing_lib.TEXT_MISSING)[:, None], 0.0, text)
+    return jnp.concatenate([image, text], axis=-1)
 
   def features_from_layer(self, layer: int, inputs: dict, rngs: nnx.Rngs | None = None) -> jax.Array:
     """`features` continued from the input of layer `layer` of both towers: `inputs` holds PREFIX_INPUTS, the
     frozen layers' output computed beforehand (mora_jax.train.prefix_cache)."""
     call = Call(rngs=rngs, text_mask=inputs["text_mask"])
-    return self._joined(
+    image, text = self._towers(
         lambda: self.backbone.image_features_from(inputs["vision_hidden"], layer, call),
         lambda: self.backbone.text_features_from(inputs["text_hidden"], layer, inputs["text_pool"],
                                                  inputs["text_mask"], call))
+    return jnp.concatenate([image, text], axis=-1)
 
-  def _joined(self, image_features, text_features) -> jax.Array:
+  def _towers(self, image_features, text_features) -> tuple[jax.Array, jax.Array]:
     # The order sets which tower's dropout draws come first, and lets MokA hand text rows to the vision tower.
     if self.adapter is not None and self.adapter.text_first:
       text = text_features()
-      image = image_features()
-    else:
-      image = image_features()
-      text = text_features()
-    return jnp.concatenate([image, text], axis=-1)
+      return image_features(), text
+    image = image_features()
+    return image, text_features()
 
   def __call__(self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Logits [B, num_classes]; deterministic unless `rngs` (with a `dropout` stream) is given."""
-    return self.head(self.features(pixel_values, input_ids, attention_mask, rngs))
+               rngs: nnx.Rngs | None = None, missing: jax.Array | None = None) -> jax.Array:
+    """Logits [B, num_classes]; deterministic unless `rngs` (with a `dropout` stream) is given. `missing` [B]:
+    each sample's missing code, which the prompt methods need (and the others ignore)."""
+    return self.head(self.features(pixel_values, input_ids, attention_mask, rngs, missing))
 
   def logits(self, inputs: dict, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Logits of a batch in any of the forms the steps feed: model inputs (MODEL_INPUTS), the towers' inputs
-    at their first adapted layer (PREFIX_INPUTS), or the towers' final features (FEATURE_INPUTS)."""
+    """Logits of a batch in any of the forms the steps feed: model inputs (CLASSIFIER_INPUTS), the towers'
+    inputs at their first adapted layer (PREFIX_INPUTS), or the towers' final features (FEATURE_INPUTS)."""
     if "pixel_values" in inputs:
-      return self(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], rngs)
+      return self(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], rngs, inputs["missing"])
     if "vision_hidden" in inputs:
       return self.head(self.features_from_layer(self.adapter.start_layer, inputs, rngs))
     return self.head(jnp.concatenate([inputs["vision_features"], inputs["text_features"]], axis=-1))
 
 
-def build_classifier(backbone: CLIP, adapter: common.AdapterConfig | None, num_classes: int,
+def build_classifier(backbone: CLIP, adapter: Method | None, num_classes: int,
                      multi_label: bool = False, seed: int = 0, head: str = "linear",
                      head_hidden: int = 256) -> Classifier:
   """Wraps `backbone` (modified in place: its target projections become adapted ones) in a classifier.
 
-  adapter: a method's config (MoRAConfig, LoRAConfig, DoRAConfig, MokAConfig; see adapters.registry), or None
-    for frozen towers + head (the linear probe).
+  adapter: a method's config (MoRAConfig, LoRAConfig, DoRAConfig, MokAConfig, MMPConfig, DCPConfig; see
+    adapters.registry), or None for frozen towers + head (the linear probe).
   head: "linear" (docs/method.md) or "mlp" (one GELU hidden layer of `head_hidden` units).
   """
   return Classifier(backbone, adapter, num_classes, multi_label, head=head, head_hidden=head_hidden,
                     rngs=nnx.Rngs(params=seed))
 
 
-def mergeable(adapter: common.AdapterConfig | None) -> bool:
+def mergeable(adapter: Method | None) -> bool:
   """Whether the adapted towers fold into plain CLIP weights (not MokA: its cross term depends on the input)."""
   return adapter is None or adapter.mergeable
 
@@ -121,9 +149,9 @@ def merge(clf: Classifier) -> Classifier:
   """A copy of `clf` whose towers are plain CLIP weights with every adapter folded in."""
   if not mergeable(clf.adapter):
     raise ValueError(f"{clf.adapter.name} cannot be merged into the backbone: its update depends on the input "
-                     "(MokA: the text rows). Evaluate the unmerged classifier.")
+                     "(MokA: the text rows; MMP, DCP: extra prompt tokens). Evaluate the unmerged classifier.")
   merged = nnx.clone(clf)
-  for target in (common.targets(merged.backbone, clf.adapter) if clf.adapter else ()):
+  for target in projection_targets(merged.backbone, clf.adapter):
     adapted = getattr(target.parent, target.name)
     base = adapted.base
     base.kernel.set_value(adapted.effective_kernel().astype(base.kernel.dtype))

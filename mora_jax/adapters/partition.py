@@ -1,4 +1,5 @@
-"""The partitioned parameter tree: `backbone`, `adapter/common`, `adapter/specific/{vision,text}`, `head`.
+"""The partitioned parameter tree: `backbone`, `adapter/common`, `adapter/specific/{vision,text}`, `prompt`,
+`backbone_trained`, `head`.
 
 The frozen backbone is plain `nnx.Param`; every trainable variable is a `Trainable` subclass whose type
 names its partition. `split` turns a module into one nested dict of states with exactly these names (they
@@ -26,6 +27,15 @@ class TextSpecific(Trainable):
   """Adapter parameters of the text tower."""
 
 
+class Prompt(Trainable):
+  """A prompting method's parameters (MMP's and DCP's prompts and the modules that make them)."""
+
+
+class BackboneTrained(Trainable):
+  """Backbone parameters a method trains (DCP: the towers' final LayerNorms and the vision projection); a method
+  marks them by re-typing the frozen `nnx.Param` (`retype`)."""
+
+
 class Head(Trainable):
   """The classifier head."""
 
@@ -37,9 +47,18 @@ PARTITIONS: dict[str, type[nnx.Variable]] = {
     "adapter/common": Common,
     "adapter/specific/vision": VisionSpecific,
     "adapter/specific/text": TextSpecific,
+    "prompt": Prompt,
+    "backbone_trained": BackboneTrained,
     "head": Head,
 }
 TRAINABLE_PARTITIONS = tuple(name for name in PARTITIONS if name != "backbone")
+
+
+def retype(module: nnx.Module, kind: type[Trainable]) -> None:
+  """Makes every frozen parameter held directly by `module` a `kind` one (its partition), in place."""
+  for name, value in list(vars(module).items()):
+    if isinstance(value, nnx.Param):
+      setattr(module, name, kind(value.get_value(), **value.get_metadata()))
 
 
 def _nest(flat: dict[str, object]) -> dict:

@@ -12,7 +12,9 @@ Adding a method is one new file plus one line here. The file defines the config 
         return VeRALinear(base, target.tower, self, rngs=rngs)  # an nnx.Module with __call__(x, call=None)
 
 and the line adds `vera.VeRAConfig` to `METHODS` below. `mergeable` (default True) says whether the adapted
-projection's `effective_kernel()` folds into the frozen weights for inference.
+projection's `effective_kernel()` folds into the frozen weights for inference. The prompt methods (MMP, DCP,
+mora_jax/adapters/prompts.py) adapt no projection: their configs derive from `prompts.PromptConfig` and `build`
+the module that makes their prompt tokens.
 """
 
 import dataclasses
@@ -23,15 +25,18 @@ from mora_jax.adapters.dora import DoRAConfig
 from mora_jax.adapters.lora import LoRAConfig
 from mora_jax.adapters.moka import MokAConfig
 from mora_jax.adapters.mora import MoRAConfig
+from mora_jax.adapters.prompts import DCPConfig, MMPConfig, PromptConfig
 
 LINEAR_PROBE = "linear"  # no adapter: frozen towers and a trained head
-METHODS: dict[str, type[AdapterConfig]] = {cls.name: cls for cls in (MoRAConfig, LoRAConfig, DoRAConfig, MokAConfig)}
+METHODS: dict[str, type[AdapterConfig | PromptConfig]] = {
+    cls.name: cls for cls in (MoRAConfig, LoRAConfig, DoRAConfig, MokAConfig, MMPConfig, DCPConfig)}
 NAMES = (*METHODS, LINEAR_PROBE)
-# The fields every method takes; a method's own fields (alpha, form, lam, ...) mean different things per method.
+# The fields every projection adapter takes (the prompt methods take none of them); a method's own fields (alpha,
+# form, lam, ...) mean different things per method.
 SHARED = tuple(f.name for f in dataclasses.fields(AdapterConfig))
 
 
-def from_config(values: Mapping) -> AdapterConfig | None:
+def from_config(values: Mapping) -> AdapterConfig | PromptConfig | None:
   """{"method": name, <that method's fields>} -> its config (None for "linear"). Unknown methods and fields are
   errors that list the known ones; a field left out keeps the method's default."""
   values = dict(values)
@@ -50,7 +55,7 @@ def from_config(values: Mapping) -> AdapterConfig | None:
   return cls(**values)
 
 
-def to_config(adapter: AdapterConfig | None) -> dict:
+def to_config(adapter: AdapterConfig | PromptConfig | None) -> dict:
   """The inverse of `from_config`: {"method": name, <every field>}."""
   if adapter is None:
     return {"method": LINEAR_PROBE}
@@ -58,11 +63,12 @@ def to_config(adapter: AdapterConfig | None) -> dict:
 
 
 def switch(values: Mapping, method: str) -> tuple[dict, list[str]]:
-  """The adapter section `values` rewritten for another `method`: the SHARED fields are kept (none for
-  "linear"), the new method's own fields take its defaults. Also returns the fields of `values` that were
-  dropped (the old method's own ones), for a note to the user."""
+  """The adapter section `values` rewritten for another `method`: the SHARED fields the new method takes are
+  kept (none for "linear" and the prompt methods), its other fields take its defaults. Also returns the fields
+  of `values` that were dropped (the old method's own ones), for a note to the user."""
   if method != LINEAR_PROBE and method not in METHODS:
     raise ValueError(f"adapter.method={method!r}: use one of {list(NAMES)}.")
   old = {k: v for k, v in values.items() if k != "method"}
-  kept = {} if method == LINEAR_PROBE else {k: v for k, v in old.items() if k in SHARED}
+  takes = set() if method == LINEAR_PROBE else {f.name for f in dataclasses.fields(METHODS[method])}
+  kept = {k: v for k, v in old.items() if k in SHARED and k in takes}
   return to_config(from_config({"method": method, **kept})), sorted(set(old) - set(kept))

@@ -11,8 +11,8 @@ from mora_jax.data.builders.manifest import Manifest
 from mora_jax.data.datasets import (BUILDERS, MANIFEST, SCENARIOS, Classes, Dataset, batches, classes, is_prepared,
                                     load, prepare)
 from mora_jax.data.missing import Missing
-from mora_jax.data.pipeline import MODEL_INPUTS, Preprocessing, tokenize
+from mora_jax.data.pipeline import CLASSIFIER_INPUTS, MODEL_INPUTS, Preprocessing, tokenize
 
-__all__ = ["BUILDERS", "MANIFEST", "MODEL_INPUTS", "SCENARIOS", "Classes", "Dataset", "Manifest", "Missing",
-           "Preprocessing", "batches", "classes", "is_prepared", "load", "prepare", "tokenize"]
+__all__ = ["BUILDERS", "CLASSIFIER_INPUTS", "MANIFEST", "MODEL_INPUTS", "SCENARIOS", "Classes", "Dataset", "Manifest",
+           "Missing", "Preprocessing", "batches", "classes", "is_prepared", "load", "prepare", "tokenize"]
 

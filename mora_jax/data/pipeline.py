@@ -75,6 +75,9 @@ def record_image(record, source_name: str) -> Image.Image:
 
 GROUP_FEATURE = "question_type"
 MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")  # the batch keys a CLIP forward reads
+# The batch keys the classifier reads: the CLIP inputs and each sample's missing code (by which the prompt
+# methods pick their prompts; the other methods ignore it).
+CLASSIFIER_INPUTS = MODEL_INPUTS + ("missing",)
 
 
 class _Decode:

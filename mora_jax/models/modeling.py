@@ -9,6 +9,7 @@ dtype, while LayerNorm and the attention softmax always run in float32.
 """
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -130,17 +131,33 @@ class EncoderLayer(nnx.Module):
     return x + self.mlp(self.layer_norm2(x), call)
 
 
+# Prompt tokens of a tower, given its encoder input [B, L, D]: one [B, k_l, D] array per prompted layer l
+# (prompting methods, mora_jax.adapters.prompts; see `Encoder`).
+Prompter = Callable[[jax.Array], Sequence[jax.Array]]
+
+
 class Encoder(nnx.Module):
 
   def __init__(self, cfg: TextConfig | VisionConfig, *, dtype, rngs: nnx.Rngs):
     self.layers = nnx.List([EncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
 
   def __call__(self, x: jax.Array, mask: jax.Array | None, call: Call | None = None, start: int = 0,
-               stop: int | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+               stop: int | None = None, prompts: Sequence[jax.Array] = ()) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Runs layers start..stop-1 on `x`, the input of layer `start`. Returns the last hidden state and the
-    hidden states (the input, then each layer's output)."""
+    hidden states (the input, then each layer's output).
+
+    prompts: [B, k_l, D] tokens for the first len(prompts) layers. Layer 0's go in front of `x`; a later
+    layer's replace the first k_l positions (what the previous layer made of the prompts there); the other
+    positions, and every position after the last prompted layer, carry on as ordinary tokens. `mask` must
+    cover the longer sequence. Empty: the plain encoder.
+    """
+    if prompts and len(prompts) > len(self.layers):
+      raise ValueError(f"{len(prompts)} prompted layers, but the encoder has {len(self.layers)} layers.")
     hidden_states = [x]
-    for layer in self.layers[start:stop]:
+    for index, layer in enumerate(self.layers[start:stop], start):
+      if index < len(prompts):
+        tokens = prompts[index].astype(x.dtype)
+        x = jnp.concatenate([tokens, x if index == 0 else x[:, tokens.shape[1]:]], axis=1)
       x = layer(x, mask, call)
       hidden_states.append(x)
     return x, tuple(hidden_states)
@@ -184,8 +201,13 @@ class TextTransformer(nnx.Module):
     self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               call: Call | None = None) -> TowerOutput:
-    return self.from_layer(self.embed(input_ids), 0, self.eos_positions(input_ids), attention_mask, call)
+               call: Call | None = None, prompts: Prompter | None = None) -> TowerOutput:
+    """`prompts` (optional): per-layer prompt tokens (see `Encoder`), placed before the text; the causal mask
+    spans prompts and text (every token sees all prompts), and the prompts are dropped before the readout,
+    so `last_hidden_state` and the pooled EOS are the text positions' (`hidden_states` keep the prompts)."""
+    x = self.embed(input_ids)
+    layer_prompts = tuple(prompts(x)) if prompts is not None else ()
+    return self.from_layer(x, 0, self.eos_positions(input_ids), attention_mask, call, layer_prompts)
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """The input of layer 0, [B, L, D]."""
@@ -201,18 +223,24 @@ class TextTransformer(nnx.Module):
     return self.encoder(x, self._mask(x.shape[1], attention_mask), None, 0, layer)[0]
 
   def from_layer(self, x: jax.Array, start: int, pool_positions: jax.Array, attention_mask: jax.Array | None,
-                 call: Call | None = None) -> TowerOutput:
+                 call: Call | None = None, prompts: Sequence[jax.Array] = ()) -> TowerOutput:
     """Layers start.. on `x` (the input of layer `start`), the final LayerNorm, and the pooled token at
     `pool_positions` [B] (`eos_positions` of the input ids)."""
-    x, hidden_states = self.encoder(x, self._mask(x.shape[1], attention_mask), call, start)
-    x = self.final_layer_norm(x)
+    extra = prompts[0].shape[1] if prompts else 0
+    x, hidden_states = self.encoder(x, self._mask(x.shape[1], attention_mask, extra), call, start,
+                                    prompts=prompts)
+    x = self.final_layer_norm(x[:, extra:] if extra else x)
     return TowerOutput(x, x[jnp.arange(x.shape[0]), pool_positions], hidden_states)
 
   @staticmethod
-  def _mask(length: int, attention_mask: jax.Array | None) -> jax.Array:
-    mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+  def _mask(length: int, attention_mask: jax.Array | None, extra: int = 0) -> jax.Array:
+    """Causal over `extra` prompt positions then `length` text positions; padding text keys masked."""
+    mask = jnp.tril(jnp.ones((extra + length, extra + length), bool))[None, None]
     if attention_mask is not None:
-      mask = mask & attention_mask.astype(bool)[:, None, None, :]
+      keys = attention_mask.astype(bool)
+      if extra:
+        keys = jnp.concatenate([jnp.ones((keys.shape[0], extra), bool), keys], axis=1)
+      mask = mask & keys[:, None, None, :]
     return mask
 
   def eos_positions(self, input_ids: jax.Array) -> jax.Array:
@@ -270,8 +298,13 @@ class VisionTransformer(nnx.Module):
     self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
     self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
-  def __call__(self, pixel_values: jax.Array, call: Call | None = None) -> TowerOutput:
-    return self.from_layer(self.embed(pixel_values), 0, call)
+  def __call__(self, pixel_values: jax.Array, call: Call | None = None,
+               prompts: Prompter | None = None) -> TowerOutput:
+    """`prompts` (optional): per-layer prompt tokens (see `Encoder`), placed after `pre_layrnorm`, before the
+    class token; the readout is the class token at its shifted position, and `last_hidden_state` drops the
+    prompt positions (`hidden_states` keep them)."""
+    x = self.embed(pixel_values)
+    return self.from_layer(x, 0, call, tuple(prompts(x)) if prompts is not None else ())
 
   def embed(self, pixel_values: jax.Array) -> jax.Array:
     """The input of layer 0, [B, 1 + num_patches, D]."""
@@ -281,9 +314,12 @@ class VisionTransformer(nnx.Module):
     """The input of layer `layer` (what `from_layer` continues from): layers 0..layer-1 of the frozen tower."""
     return self.encoder(self.embed(pixel_values), None, None, 0, layer)[0]
 
-  def from_layer(self, x: jax.Array, start: int, call: Call | None = None) -> TowerOutput:
+  def from_layer(self, x: jax.Array, start: int, call: Call | None = None,
+                 prompts: Sequence[jax.Array] = ()) -> TowerOutput:
     """Layers start.. on `x` (the input of layer `start`), then the class token's post-LayerNorm."""
-    x, hidden_states = self.encoder(x, None, call, start)
+    x, hidden_states = self.encoder(x, None, call, start, prompts=prompts)
+    if prompts:
+      x = x[:, prompts[0].shape[1]:]
     return TowerOutput(x, self.post_layernorm(x[:, 0]), hidden_states)
 
 
@@ -302,18 +338,21 @@ class CLIP(nnx.Module):
                                   rngs=rngs)
     self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, jnp.float32), logical_axes=())
 
-  def get_image_features(self, pixel_values: jax.Array, call: Call | None = None) -> jax.Array:
+  def get_image_features(self, pixel_values: jax.Array, call: Call | None = None,
+                         prompts: Prompter | None = None) -> jax.Array:
     """pixel_values float [B, 3, H, W] (NCHW, as CLIPImageProcessor returns) -> float32 [B, projection_dim].
 
     `call` (dropout stream, hand-overs) only matters once adapters are applied; None is deterministic.
+    `prompts`: a prompting method's tokens (VisionTransformer); None is plain CLIP.
     """
-    pooled = self.vision_model(pixel_values, call).pooler_output
+    pooled = self.vision_model(pixel_values, call, prompts).pooler_output
     return self.visual_projection(pooled).astype(jnp.float32)
 
   def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                        call: Call | None = None) -> jax.Array:
-    """input_ids int [B, L], attention_mask {0,1} [B, L] -> float32 [B, projection_dim]."""
-    pooled = self.text_model(input_ids, attention_mask, call).pooler_output
+                        call: Call | None = None, prompts: Prompter | None = None) -> jax.Array:
+    """input_ids int [B, L], attention_mask {0,1} [B, L] -> float32 [B, projection_dim]; `prompts` as in
+    get_image_features (TextTransformer)."""
+    pooled = self.text_model(input_ids, attention_mask, call, prompts).pooler_output
     return self.text_projection(pooled).astype(jnp.float32)
 
   def image_features_from(self, hidden: jax.Array, start: int, call: Call | None = None) -> jax.Array:

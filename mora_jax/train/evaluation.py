@@ -150,7 +150,8 @@ def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | Non
   candidates = [step] if step is not None else ckpt.steps_best_first(job.metric, meta["loop"]["best_step"])
   step, params = restore_best_params(ckpt, job, candidates)
   ckpt.close()
-  results = {"dataset": config.dataset, "method": config.adapter.method, "metric": job.metric,
+  results = {"dataset": config.dataset, "method": config.adapter.method, "adapter": config.adapter.to_dict(),
+             "metric": job.metric,
              "checkpoint_step": step, "missing": config.missing.to_dict(),
              "merged": adapters.mergeable(adapter)}
   if test:

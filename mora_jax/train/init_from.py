@@ -106,7 +106,9 @@ def _from_run(job: Job, path: Path, source: str) -> tuple[dict, dict]:
       say(f"warning: init_from: {directory} was trained over other backbone weights ({meta['backbone']['source']}) "
           f"than this run's ({job.backbone.identity['source']})")
     head = meta.get("class_names") == list(job.class_names) and saved["head"] == current["head"]
-    target = {k: v for k, v in evaluation.abstract_params(job).items() if k == "adapter" or head and k == "head"}
+    # Every trained partition that holds parameters (adapters; a prompt method's prompts and backbone parts),
+    # and the head where it fits.
+    target = {k: v for k, v in evaluation.abstract_params(job).items() if (k != "head" or head) and jax.tree.leaves(v)}
     candidates = [step] if step is not None else ckpt.steps_best_first(metrics_lib.primary(saved["dataset"]),
                                                                        meta["loop"]["best_step"])
     try:

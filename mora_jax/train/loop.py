@@ -127,7 +127,7 @@ def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
   if len(train_ds.source) == 0:
     raise ValueError(f"{c.dataset} has no train samples in {c.data_dir}.")
   steps_per_epoch = epoch_steps(len(train_ds.source), c.batch_size)
-  schedule = step_lib.lr_schedule(c.optim.lr, steps_per_epoch * c.epochs, c.optim.warmup_fraction)
+  schedule = step_lib.lr_schedule(c.optim.lr, steps_per_epoch * c.epochs, c.optim.warmup_fraction, c.optim.decay)
   tx = optim.adamw(schedule, c.optim.weight_decay, lr_mults=c.optim.lr_mults.to_dict(),
                    wd_mults=c.optim.wd_mults.to_dict(), b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps)
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", c.checkpoint.keep, metric=job.metric)
@@ -279,8 +279,8 @@ def test(run: Run) -> dict:
   run.ckpt.close()
   if progress.corrupt_skipped:
     say(f"warning: {progress.corrupt_skipped} training samples had a corrupt image and were skipped")
-  results = {"dataset": c.dataset, "method": c.adapter.method, "metric": job.metric, "checkpoint_step": best,
-             "best_validation": progress.best_metric, "missing": c.missing.to_dict(),
+  results = {"dataset": c.dataset, "method": c.adapter.method, "adapter": c.adapter.to_dict(), "metric": job.metric,
+             "checkpoint_step": best, "best_validation": progress.best_metric, "missing": c.missing.to_dict(),
              "merged": adapters.mergeable(adapters.from_config(c.adapter.to_dict())),
              "test": evaluation.scenario_metrics(job, params, data.SCENARIOS, data.Missing(**c.missing), run.writer,
                                                  best),

@@ -23,8 +23,17 @@ PUBLISHED = {
     # pre-trained on easy-VQA train images (mora_jax/backbones/embedded.py; 4 layers per tower, 24 text positions).
     "easy_vqa": dict(adapter=dict(targets=("q_proj", "v_proj"), rank=4, start_layer=1),
                      method={"mora": dict(alpha=0.01)}, epochs=1, batch_size=64, weight_decay=0.02,
-                     path="embedded", max_length=24),
+                     path="embedded", max_length=24,
+                     # The prompt methods in the study's run settings (above), prompting all 4 layers.
+                     prompting=dict(adapter=dict(depth=4), epochs=1, batch_size=64, decay="cosine")),
 }
+# The prompt baselines (MMP, DCP; docs/prompts.md) take the DCP code's recipe, the same for its three datasets:
+# prompts of 36 tokens in the first 6 layers, AdamW (b1 0.9, b2 0.98, eps 1e-8) at lr 1e-2 with weight decay
+# 0.02, batch 256 for 20 epochs, linear warm-up over the first 10% of the steps then linear decay to 0, and the
+# all-ones dummy image after normalisation. A dataset's `prompting` entry overrides parts of it.
+PROMPT_METHODS = ("mmp", "dcp")
+PROMPTING = dict(adapter=dict(length=36, depth=6), epochs=20, batch_size=256, weight_decay=0.02, decay="linear",
+                 missing_image="ones_after_norm")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -57,8 +66,9 @@ def base() -> ml_collections.ConfigDict:
   # A fresh run's initial adapters (and head, if the classes and head match): another run's workdir or checkpoint
   # step directory, or a PEFT adapter directory. "" = the methods' own init. See mora_jax/train/init_from.py.
   c.init_from = ""
+  # decay after the warm-up: "cosine" (MoRA's recipe) or "linear" (the DCP code's).
   c.optim = ml_collections.ConfigDict(dict(
-      lr=1e-2, weight_decay=0.02, b1=0.9, b2=0.98, eps=1e-8, warmup_fraction=0.1,
+      lr=1e-2, weight_decay=0.02, b1=0.9, b2=0.98, eps=1e-8, warmup_fraction=0.1, decay="cosine",
       lr_mults={name: 1.0 for name in partition.TRAINABLE_PARTITIONS},
       wd_mults={name: 1.0 for name in partition.TRAINABLE_PARTITIONS}))
   c.epochs = 20
@@ -92,10 +102,18 @@ def get(dataset: str, method: str) -> ml_collections.ConfigDict:
   if dataset not in PUBLISHED:
     raise ValueError(f"no recipe for dataset {dataset!r}; known: {sorted(PUBLISHED)}.")
   recipe = dict(PUBLISHED[dataset])
+  prompting = {**PROMPTING, **recipe.pop("prompting", {})}
+  if method in PROMPT_METHODS:  # the adapter fields and run settings of the prompting recipe replace the rest
+    for key in ("epochs", "batch_size", "weight_decay"):
+      recipe[key] = prompting.pop(key)
+    recipe["adapter"], recipe["method"] = {}, {method: prompting.pop("adapter")}
   c = base()
   c.dataset = dataset
   c.epochs, c.batch_size = recipe.pop("epochs"), recipe.pop("batch_size")
   c.optim.weight_decay = recipe.pop("weight_decay")
+  if method in PROMPT_METHODS:
+    c.optim.decay = prompting.pop("decay")
+    c.preprocessing.missing_image = prompting.pop("missing_image")
   if "path" in recipe:
     c.backbone.path = recipe.pop("path")
     c.preprocessing.max_length = recipe.pop("max_length")

@@ -22,18 +22,28 @@ TARGET_KEYS = ("label", "valid")
 
 
 def input_keys(batch: dict) -> tuple[str, ...]:
-  """The keys of a host batch that go to the devices as model inputs: decoded records' (MODEL_INPUTS), or
-  cached activations' (classifier.PREFIX_INPUTS / FEATURE_INPUTS; mora_jax.train.prefix_cache)."""
-  for keys in (pipeline.MODEL_INPUTS, classifier.PREFIX_INPUTS, classifier.FEATURE_INPUTS):
+  """The keys of a host batch that go to the devices as model inputs: decoded records' (CLASSIFIER_INPUTS: the
+  CLIP inputs and each sample's missing code), or cached activations' (classifier.PREFIX_INPUTS /
+  FEATURE_INPUTS; mora_jax.train.prefix_cache)."""
+  for keys in (pipeline.CLASSIFIER_INPUTS, classifier.PREFIX_INPUTS, classifier.FEATURE_INPUTS):
     if keys[0] in batch:
       return keys
   raise KeyError(f"a batch with keys {sorted(batch)} holds no model inputs.")
 
 
-def lr_schedule(peak: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
-  """Linear warm-up from 0 over the first `warmup_fraction` of the steps, then cosine decay to 0."""
-  return optax.warmup_cosine_decay_schedule(0.0, peak, int(total_steps * warmup_fraction), max(total_steps, 1),
-                                            end_value=0.0)
+DECAYS = ("cosine", "linear")
+
+
+def lr_schedule(peak: float, total_steps: int, warmup_fraction: float, decay: str = "cosine") -> optax.Schedule:
+  """Linear warm-up from 0 over the first `warmup_fraction` of the steps, then `decay` to 0: "cosine" (MoRA's
+  recipe) or "linear" (the DCP code's polynomial decay of power 1)."""
+  warmup, total = int(total_steps * warmup_fraction), max(total_steps, 1)
+  if decay == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0)
+  if decay == "linear":
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
+                                 optax.linear_schedule(peak, 0.0, max(total - warmup, 1))], [warmup])
+  raise ValueError(f"config.optim.decay={decay!r}: use one of {DECAYS}.")
 
 
 def per_sample_loss(logits: jax.Array, labels: jax.Array, multi_label: bool) -> jax.Array:

@@ -1,0 +1,7 @@
+"""UPMC Food-101 with DCP: the prompting recipe in mora_jax/train/recipes.py (docs/prompts.md)."""
+
+from mora_jax.train import recipes
+
+
+def get_config():
+  return recipes.get("upmc_food101", "dcp")
