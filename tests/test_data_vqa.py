@@ -38,8 +38,7 @@ def test_layout_prompt_left_padded_answer_right_padded_keys_never_answers(tokeni
   for i, (question, answer) in enumerate([("what color is the shape?", "red"), ("is there a circle?", "yes")]):
     ids = batch["input_ids"][i]
     prompt_ids = ids[batch["prompt"][i]]
-    assert prompt_ids[0] == tokenizer.bos_token_id
-    assert tokenizer.decode(prompt_ids[1:]) == vqa.prompt(question)
+    assert tokenizer.decode(prompt_ids) == vqa.prompt(question)
     assert tokenizer.decode(ids[batch["answer"][i]]) == f" {answer}</s>"
     # Prompt tokens end exactly where the answer starts; padding on the prompt's left and the answer's right.
     assert batch["prompt"][i, p - 1] and not batch["prompt"][i, p:].any() and not batch["answer"][i, :p].any()
@@ -51,7 +50,7 @@ def test_layout_prompt_left_padded_answer_right_padded_keys_never_answers(tokeni
 def test_missing_question_keeps_the_template_and_missing_image_has_no_image(tokenizer):
   codes = [missing_lib.COMPLETE, missing_lib.TEXT_MISSING, missing_lib.IMAGE_MISSING]
   batch = vqa.Assemble(split(codes), tokenizer, vqa.Layout(), with_answers=False)(np.array([0, 1, 2, -1]))
-  assert tokenizer.decode(batch["input_ids"][1][batch["prompt"][1]][1:]) == vqa.prompt("")
+  assert tokenizer.decode(batch["input_ids"][1][batch["prompt"][1]]) == vqa.prompt("")
   np.testing.assert_array_equal(batch["image"], [0, 1, -1, 0])
   np.testing.assert_array_equal(batch["valid"], [True, True, True, False])
   assert batch["input_ids"].shape[1] == vqa.Layout().prompt_length and not batch["answer"].any()

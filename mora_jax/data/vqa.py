@@ -3,8 +3,9 @@ tables and evaluation scenarios.
 
 A split is read once into a `VQASplit`: questions, answers, question types and, per sample, the index of its
 image among the split's distinct images (their pixels are decoded once, for the frozen vision tower's feature
-cache). Batches are token arrays built from the template (`prompt`): [<s> question: {q} answer:] left-padded,
-then [ {answer}</s>] right-padded. A missing question is the empty string; a missing image has no image tokens.
+cache). Batches are token arrays built from the template (`prompt`): [question: {q} answer:] left-padded, then
+[ {answer}</s>] right-padded (the model puts <s> and the image tokens in front). A missing question is the empty
+string; a missing image has no image tokens.
 """
 
 import dataclasses
@@ -101,7 +102,7 @@ def decode_images(split: VQASplit, prep: pipeline.Preprocessing) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Static token lengths: the prompt part (left-padded) and the answer part (right-padded, </s> included)."""
-  prompt_length: int = 16  # easy-VQA's longest prompt is 15 tokens with <s> (embedded tokenizer)
+  prompt_length: int = 16  # easy-VQA's longest prompt is 14 tokens (embedded tokenizer); <s> is the model's
   answer_length: int = 4  # answers are one token, captions up to three; </s> included
 
 
@@ -114,7 +115,6 @@ def encode_texts(tokenizer, prompts: Sequence[str], answers: Sequence[str] | Non
          **{k: np.zeros((b, length), bool) for k in TEXT_KEYS[1:]}}
   prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
   for i, ids in enumerate(prompt_ids):
-    ids = [tokenizer.bos_token_id, *ids]
     if len(ids) > p:
       raise ValueError(f"prompt {prompts[i]!r} has {len(ids)} tokens, more than layout.prompt_length={p}.")
     out["input_ids"][i, p - len(ids):p] = ids

@@ -1,19 +1,20 @@
 """A LLaVA-style multimodal LLM: a frozen CLIP vision tower, a projector from its patch tokens to the LM width,
 and a frozen decoder LM (mora_jax.models.llama) whose projections carry adapters (mora_jax.adapters.lm).
 
-One sample is the sequence [image tokens; text tokens]. The text part is a left-padded prompt ("<s>question: ...
-answer:") followed by the right-padded answer ("red</s>"), so padding may sit between the image and the prompt;
-positions count valid tokens only, so it changes nothing. Per token (MOKA_NATIVE's masks, in our words):
+One sample is the sequence [<s>; image tokens; prompt ("question: ... answer:"); answer (" red</s>")], its
+padding moved to the front (`MLLM.sequence`), so that prompts end the sequence for generation, and <s> keeps
+the first position, as in the LM's pre-training. Per token (the authors' masks, in our words):
 - modality: image for the image tokens, text otherwise;
 - question keys (MokA's keys and values): valid prompt tokens, i.e. non-image tokens before the answer and after
   the image tokens, never answer tokens;
 - padding: invalid tokens, and every image token of a sample whose image is missing (it has no image tokens).
 
 The vision tower is frozen and deterministic, so training reads its features from a per-image cache
-(`image_features` once per image); `image_tokens` then only runs the projector.
+(`image_features` once per image), and a step runs the projector on cached features.
 """
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,16 @@ class Batch:
 jax.tree_util.register_dataclass(Batch, data_fields=[f.name for f in dataclasses.fields(Batch)], meta_fields=[])
 
 
+class Sequence(NamedTuple):
+  """One batch as the decoder reads it: embeddings [B, S, D], valid rows, the pass's TokenCall, and per row the
+  token id (0 for image rows) and whether it is an answer token (a loss target)."""
+  embeds: jax.Array
+  valid: jax.Array
+  call: llama.TokenCall
+  ids: jax.Array
+  answer: jax.Array
+
+
 class MLLM(nnx.Module):
 
   def __init__(self, vision: VisionTransformer, lm: llama.LlamaForCausalLM, projector: str, *, rngs: nnx.Rngs):
@@ -81,35 +92,45 @@ class MLLM(nnx.Module):
     """The frozen vision tower's patch tokens of the penultimate layer (LLaVA's choice), [B, P, Dv]."""
     return self.vision(pixel_values).hidden_states[-2][:, 1:]
 
-  def sequence(self, batch: Batch, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array, llama.TokenCall]:
-    """(embeddings [B, P + T, D], attention mask, the pass's TokenCall) of [image tokens; text tokens]."""
+  def sequence(self, batch: Batch, rngs: nnx.Rngs | None = None) -> Sequence:
+    """[<s>; image tokens; text tokens] with every invalid row moved to the front (a stable sort on validity), so
+    that the valid rows are contiguous and end the sequence: the row before a token is the one that predicts
+    it, and generation continues after the last row."""
     image = self.projector(batch.features).astype(jnp.float32)
     text = self.lm.embed(batch.input_ids).astype(jnp.float32)
     b, p = image.shape[:2]
-    image_valid = jnp.broadcast_to(batch.image_present[:, None], (b, p))
-    valid = jnp.concatenate([image_valid, batch.text_valid], 1)
-    modality = jnp.concatenate([jnp.full((b, p), lm_adapters.IMAGE, jnp.int32),
-                                jnp.full(batch.input_ids.shape, lm_adapters.TEXT, jnp.int32)], 1)
-    keys = jnp.concatenate([jnp.zeros((b, p), bool), batch.prompt & batch.text_valid], 1)
+    t = batch.input_ids.shape[1]
+    bos = jnp.full((b, 1), self.lm.config.bos_token_id, jnp.int32)
+    embeds = jnp.concatenate([self.lm.embed(bos).astype(jnp.float32), image, text], 1)
+    rows = lambda first, image_rows, text_rows: jnp.concatenate([first, image_rows, text_rows], 1)  # noqa: E731
+    valid = rows(jnp.ones((b, 1), bool), jnp.broadcast_to(batch.image_present[:, None], (b, p)), batch.text_valid)
+    modality = rows(jnp.full((b, 1), lm_adapters.TEXT), jnp.full((b, p), lm_adapters.IMAGE),
+                    jnp.full((b, t), lm_adapters.TEXT)).astype(jnp.int32)
+    # The keys: prompt tokens, which all come after the image tokens (<s> comes before them: never a key).
+    keys = rows(jnp.zeros((b, 1), bool), jnp.zeros((b, p), bool), batch.prompt & batch.text_valid)
+    ids = rows(bos, jnp.zeros((b, p), jnp.int32), batch.input_ids.astype(jnp.int32))
+    answer = rows(jnp.zeros((b, 1), bool), jnp.zeros((b, p), bool), batch.answer)
+    order = jnp.argsort(valid, axis=1, stable=True)
+    take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+    valid, modality, keys, ids, answer = (take(x) for x in (valid, modality, keys, ids, answer))
     call = llama.TokenCall(rngs=rngs, modality=modality, key_mask=keys, padding=~valid)
-    return jnp.concatenate([image, text], 1), valid, call
+    return Sequence(take(embeds), valid, call, ids, answer)
 
-  def __call__(self, batch: Batch, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Logits of the text part, float32 [B, T, vocab]: logits[:, t] predicts input_ids[:, t + 1]."""
-    embeds, valid, call = self.sequence(batch, rngs)
-    logits, _ = self.lm(attention_mask=valid, inputs_embeds=embeds, call=call)
-    return logits[:, batch.features.shape[1]:]
+  def __call__(self, batch: Batch, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, Sequence]:
+    """(logits float32 [B, S, vocab], the sequence): logits[:, s] predicts the token of row s + 1."""
+    seq = self.sequence(batch, rngs)
+    logits, _ = self.lm(attention_mask=seq.valid, inputs_embeds=seq.embeds, call=seq.call)
+    return logits, seq
 
   def generate(self, batch: Batch, max_new_tokens: int, *, eos_token_id: int, pad_token_id: int) -> jax.Array:
     """Greedy answers to the prompts (the batch's text part must hold no answer tokens): int [B, new]."""
-    embeds, valid, call = self.sequence(batch)
-    return lm_adapters.generate(self.lm, embeds, valid, call, max_new_tokens=max_new_tokens,
+    seq = self.sequence(batch)
+    return lm_adapters.generate(self.lm, seq.embeds, seq.valid, seq.call, max_new_tokens=max_new_tokens,
                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
-def answer_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """(mean cross-entropy over answer tokens, their count): the token at t is predicted by the logits at t - 1."""
-  weights = batch.answer[:, 1:].astype(jnp.float32)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch.input_ids[:, 1:])
+def answer_loss(logits: jax.Array, seq: Sequence) -> tuple[jax.Array, jax.Array]:
+  """(mean cross-entropy over answer tokens, their count): row s's token is predicted by row s - 1's logits."""
+  weights = seq.answer[:, 1:].astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], seq.ids[:, 1:])
   return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0), weights.sum()
-

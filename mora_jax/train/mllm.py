@@ -65,7 +65,7 @@ def recipe(method: str) -> ml_collections.ConfigDict:
   c.adapter = ml_collections.ConfigDict(dataclasses.asdict(lm_adapters.LMAdapterConfig(**methods[method])))
   c.layout = ml_collections.ConfigDict(dataclasses.asdict(vqa.Layout()))
   c.stage1 = ml_collections.ConfigDict(dict(steps=150, batch_size=64, lr=2e-3))
-  c.stage2 = ml_collections.ConfigDict(dict(train_projector=False, lr=2e-3, weight_decay=0.0, warmup_fraction=0.03))
+  c.stage2 = ml_collections.ConfigDict(dict(train_projector=True, lr=2e-3, weight_decay=0.0, warmup_fraction=0.03))
   c.epochs = 1
   c.batch_size = 64
   c.max_steps = 0
@@ -161,8 +161,8 @@ def make_train_step(graphdef, tx, mesh):
     key = jax.random.fold_in(state["rng"], state["step"])
 
     def loss_fn(params):
-      logits = nnx.merge(graphdef, params, frozen)(batch, rngs=nnx.Rngs(dropout=key))
-      return mllm_lib.answer_loss(logits, batch)
+      logits, seq = nnx.merge(graphdef, params, frozen)(batch, rngs=nnx.Rngs(dropout=key))
+      return mllm_lib.answer_loss(logits, seq)
 
     (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
