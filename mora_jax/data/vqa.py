@@ -1,4 +1,4 @@
-"""easy-VQA as prompts and answers for the multimodal LLM (mora_jax.models.mllm), with docs/protocol.md's missing
+"""easy-VQA as prompts and answers for the multimodal LLM (mora_jax.adapters.mllm), with docs/protocol.md's missing
 tables and evaluation scenarios.
 
 A split is read once into a `VQASplit`: questions, answers, question types and, per sample, the index of its

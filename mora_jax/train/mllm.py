@@ -1,4 +1,4 @@
-"""Training and testing the multimodal LLM (mora_jax.models.mllm) on easy-VQA: MokA in its native setting.
+"""Training and testing the multimodal LLM (mora_jax.adapters.mllm) on easy-VQA: MokA in its native setting.
 
     results = mllm.train(config, workdir)   # config: `recipe(method)`; eval.json, metrics.jsonl, config.json
     results = mllm.evaluate_run(workdir)    # eval.py on such a workdir
@@ -28,11 +28,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mora_jax import data, progress, sharding
 from mora_jax.adapters import lm as lm_adapters
+from mora_jax.adapters import mllm as mllm_lib
 from mora_jax.backbones import backbone as backbone_lib
 from mora_jax.backbones import embedded_lm
 from mora_jax.data import vqa
 from mora_jax.models import hf, llama_hf
-from mora_jax.models import mllm as mllm_lib
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
 from mora_jax.train.job import CONFIG_FILE, EVAL_FILE, check_writable, say
