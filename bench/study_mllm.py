@@ -35,8 +35,8 @@ def run(name: str, seed: int, args) -> dict:
     config = mllm.recipe(name)
     values = {"seed": seed, "data_dir": args.data_dir, "lm.cache_dir": args.cache_dir,
               "backbone.cache_dir": args.cache_dir}
-    if args.max_steps:
-      values["max_steps"] = args.max_steps
+    if args.smoke:
+      values.update({"max_steps": 2, "stage1.steps": 2, "eval.validation_samples": 32, "eval.test_samples": 32})
     config_lib.apply_overrides(config, [(k, str(v)) for k, v in values.items()])
     print(f"--- {RUNS[name]}, seed {seed}: {workdir}", flush=True)
     start = time.perf_counter()
@@ -119,7 +119,7 @@ def main():
   parser.add_argument("--workdir", default="runs/study_mllm")
   parser.add_argument("--data_dir", default="data")
   parser.add_argument("--cache_dir", default="~/.cache/mora_jax")
-  parser.add_argument("--max_steps", type=int, default=0, help="> 0: shorter runs (smoke test of the script)")
+  parser.add_argument("--smoke", action="store_true", help="2 steps per stage, 32 test samples: checks the script")
   parser.add_argument("--out", default=str(ROOT / "docs"))
   args = parser.parse_args()
   records = [run(name, seed, args) for seed in args.seeds for name in args.runs]

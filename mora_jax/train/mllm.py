@@ -377,15 +377,17 @@ def evaluate_run(workdir: str | Path, checkpoint: str | Path | None = None, miss
       config_lib.override(c.missing, key, value)
   setup = build(c)
   test_split = vqa.load("test", c.data_dir, data.Missing(**c.missing), log=say)
-  graphdef, params, frozen = nnx.split(setup.model, trainable_filter(2, c.stage2.train_projector), ...)
-  stage1 = checkpoint_lib.Checkpointer(workdir / "stage1", read_only=True)
   replicated = NamedSharding(setup.mesh, PartitionSpec())
-  p_graph, projector, _ = nnx.split(setup.model, mllm_lib.ProjectorParam, ...)
-  del p_graph
-  nnx.update(setup.model, stage1.restore_params(stage1.latest_step(), sharding.abstract(projector, replicated)))
-  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", read_only=True)
-  step = int(Path(checkpoint).name) if checkpoint else ckpt.steps_best_first(METRIC, None)[0]
-  nnx.update(setup.model, ckpt.restore_params(step, sharding.abstract(params, replicated)))
+  # The stage-1 projector, then the stage-2 parameters (the adapters, and the projector if stage 2 trained it).
+  for directory, stage in ((workdir / "stage1", 1), (workdir / "checkpoints", 2)):
+    ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
+    if stage == 1:
+      step = ckpt.latest_step()
+    else:
+      step = int(Path(checkpoint).name) if checkpoint else ckpt.steps_best_first(METRIC, None)[0]
+    _, params, _ = nnx.split(setup.model, trainable_filter(stage, c.stage2.train_projector), ...)
+    nnx.update(setup.model, ckpt.restore_params(step, sharding.abstract(params, replicated)))
+    ckpt.close()
   graphdef, params, frozen = nnx.split(setup.model, trainable_filter(2, c.stage2.train_projector), ...)
   results = {"task": TASK, "method": method_name(c), "metric": METRIC, "checkpoint_step": step,
              "missing": c.missing.to_dict(),
