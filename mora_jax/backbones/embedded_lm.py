@@ -166,7 +166,8 @@ def build(directory: str | Path, data_dir: str | Path, seed: int = 0, recipe: di
   return directory
 
 
-def load(directory: str | Path, dtype=jnp.float32) -> tuple[llama.LlamaForCausalLM, transformers.PreTrainedTokenizerFast]:
+def load(directory: str | Path, dtype=jnp.float32
+         ) -> tuple[llama.LlamaForCausalLM, transformers.PreTrainedTokenizerFast]:
   """The LM and its tokenizer from a directory `build` wrote (or any Llama checkpoint with a fast tokenizer)."""
   directory = Path(directory)
   try:

@@ -54,8 +54,9 @@ def to_hf_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
   if type(model) is not LlamaForCausalLM:  # pylint: disable=unidiomatic-typecheck
     raise TypeError(f"save_pretrained takes a plain mora_jax LlamaForCausalLM, got {type(model).__name__}.")
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  tensors = {hf.hf_key(path): np.array(hf._to_hf_layout(str(path[-1]), sharding.host_numpy(v.get_value())),  # pylint: disable=protected-access
-                                       order="C") for path, v in flat}
+  to_hf_layout = hf._to_hf_layout  # pylint: disable=protected-access  (the one layout rule, shared with CLIP)
+  tensors = {hf.hf_key(path): np.array(to_hf_layout(str(path[-1]), sharding.host_numpy(v.get_value())), order="C")
+             for path, v in flat}
   # Linear kernels were found by leaf name; an adapted (wrapped) projection would have a longer path.
   unexpected = [k for k in tensors if ".base." in k]
   if unexpected:

@@ -281,7 +281,8 @@ def run_stage(setup: Setup, stage: int, split: vqa.VQASplit, directory: Path, *,
     window.append(metrics["loss"])
     if step % c.log_every_steps == 0 or step == steps:
       loss = float(np.mean(jax.device_get(window)))
-      writer.write(step, f"stage{stage}/train", {"loss": loss, "steps_per_s": len(window) / (time.perf_counter() - started)})
+      rate = len(window) / (time.perf_counter() - started)
+      writer.write(step, f"stage{stage}/train", {"loss": loss, "steps_per_s": rate})
       bar.set_postfix(loss=f"{loss:.4f}")
       window, started = [], time.perf_counter()
     epoch_end = steps_per_epoch is not None and step % steps_per_epoch == 0
