@@ -11,8 +11,9 @@ step in turn, so that all three see the same machine load, each epoch's time the
 includes compilation; building the cached run's train and validation caches (done in its `loop.start`,
 compilation included) is reported on its own. The peer is transformers' CLIPModel with MoRA layers written
 from docs/method.md (bench/adapters.py), eager PyTorch, the same threads, one step per batch of the epoch on a
-fixed batch: it reads no data, so the ratio against it leaves our input pipeline in our time. ViT-B/16 has random weights (no download) and a byte-level
-tokenizer; the embedded CLIP is the project's pre-trained one (built on first use).
+fixed batch: it reads no data, so the ratio against it leaves our input pipeline in our time. ViT-B/16 has
+random weights (no download) and a byte-level tokenizer; the embedded CLIP is the project's pre-trained one
+(built on first use).
 
 The test: the library's test (`evaluation.scenario_metrics`: merged model, one pass per tower over the present
 inputs plus the dummy, every scenario assembled) against the same merged model evaluated scenario by scenario

@@ -7,7 +7,7 @@ one `WeightsError` that names the file and the keys.
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -160,9 +160,16 @@ def read_weights(directory: Path) -> tuple[dict[str, np.ndarray], Path]:
   raise FileNotFoundError(f"{directory} holds no weights: expected one of {', '.join(_WEIGHT_FILES)}.")
 
 
-def load_state_into(abstract: CLIP, tensors: dict[str, np.ndarray], source: Path, *, mesh: Mesh | None = None,
-                    rules=sharding.FSDP_RULES) -> CLIP:
-  """Fills the abstract (eval_shape) `abstract` model with `tensors`; strict about keys and shapes."""
+def _old_buffer(key: str) -> bool:
+  return key.endswith("position_ids")
+
+
+def load_state_into(abstract: nnx.Module, tensors: dict[str, np.ndarray], source: Path, *, mesh: Mesh | None = None,
+                    rules=sharding.FSDP_RULES, ignore: Callable[[str], bool] = _old_buffer,
+                    architecture: str = "CLIP") -> nnx.Module:
+  """Fills the abstract (eval_shape) `abstract` model with `tensors`; strict about keys and shapes. Checkpoint
+  keys for which `ignore` is true may be left unused (buffers, weights tied to others); `architecture` names the
+  model in errors."""
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
   missing, mismatched, used = [], [], set()
@@ -181,16 +188,16 @@ def load_state_into(abstract: CLIP, tensors: dict[str, np.ndarray], source: Path
     target = None if mesh is None else sharding.variable_sharding(variable, mesh, rules)
     array = array.astype(expected.dtype)
     variable.set_value(jnp.asarray(array) if target is None else sharding.place(array, target))
-  unused = [k for k in tensors if k not in used and not k.endswith("position_ids")]
+  unused = [k for k in tensors if k not in used and not ignore(k)]
   problems = []
   if missing:
     problems.append(f"missing keys: {_limited(missing)}")
   if unused:
-    problems.append(f"unused keys (not part of this CLIP config): {_limited(unused)}")
+    problems.append(f"unused keys (not part of this {architecture} config): {_limited(unused)}")
   if mismatched:
     problems.append(f"shape mismatches: {_limited(mismatched)}")
   if problems:
-    raise WeightsError(f"{source} does not match the CLIP config in {source.parent / CONFIG_FILE}: "
+    raise WeightsError(f"{source} does not match the {architecture} config in {source.parent / CONFIG_FILE}: "
                           + "; ".join(problems) + ".")
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 

@@ -1,0 +1,175 @@
+"""easy-VQA as prompts and answers for the multimodal LLM (mora_jax.adapters.mllm), with docs/protocol.md's missing
+tables and evaluation scenarios.
+
+A split is read once into a `VQASplit`: questions, answers, question types and, per sample, the index of its
+image among the split's distinct images (their pixels are decoded once, for the frozen vision tower's feature
+cache). Batches are token arrays built from the template (`prompt`): [question: {q} answer:] left-padded, then
+[ {answer}</s>] right-padded (the model puts <s> and the image tokens in front). A missing question is the empty
+string; a missing image has no image tokens.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mora_jax.data import datasets, missing as missing_lib, pipeline
+from mora_jax.data.builders import easy_vqa
+
+TEXT_KEYS = ("input_ids", "text_valid", "prompt", "answer")
+
+
+def prompt(question: str) -> str:
+  """The text before the answer (also the embedded LM's pre-training format)."""
+  return f"question: {question} answer:"
+
+
+@dataclasses.dataclass(frozen=True)
+class VQASplit:
+  """One split: per sample its question, answer (label id into `answer_names`), question type id and image index;
+  the distinct images' encoded bytes; the missing table (a code per sample). `has_prompt` False: the samples
+  are captions, whose text part is "<s>" then the caption."""
+  name: str
+  questions: tuple[str, ...]
+  labels: np.ndarray
+  question_type: np.ndarray
+  image_index: np.ndarray
+  images: tuple[bytes, ...]
+  table: np.ndarray
+  answer_names: tuple[str, ...]
+  type_names: tuple[str, ...]
+  has_prompt: bool = True
+  image_set: str = ""  # names `images`: splits derived from one another (scenarios, captions) share it
+  targets: tuple[str, ...] = ()  # the caption per sample when has_prompt is False
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def answer(self, i: int) -> str:
+    return self.answer_names[int(self.labels[i])] if self.has_prompt else self.targets[i]
+
+  def scenario(self, kind: str) -> "VQASplit":
+    """docs/protocol.md's test views: complete, text_missing (no question), image_missing, or the mix."""
+    codes = {"complete": missing_lib.COMPLETE, "text_missing": missing_lib.TEXT_MISSING,
+             "image_missing": missing_lib.IMAGE_MISSING}
+    if kind == "mix":
+      return self
+    if kind not in codes:
+      raise ValueError(f"scenario {kind!r}: use one of {datasets.SCENARIOS}.")
+    return dataclasses.replace(self, table=np.full_like(self.table, codes[kind]))
+
+  def captions(self) -> "VQASplit":
+    """One complete sample per image that the split's question/answer pairs describe ("a red circle", the
+    embedded CLIP's captions): the projector-alignment data of stage 1."""
+    records = [{"text": q, "label": label, "image_id": int(m), "image": int(m)}
+               for q, label, m in zip(self.questions, self.labels, self.image_index)]
+    pairs = easy_vqa.image_captions(records, list(self.answer_names))
+    n = len(pairs)
+    return dataclasses.replace(self, name=f"{self.name} captions", questions=("",) * n, labels=np.zeros(n, np.int64),
+                               question_type=np.zeros(n, np.int64),
+                               image_index=np.array([p["image"] for p in pairs], np.int64),
+                               table=np.zeros(n, np.int8), has_prompt=False, targets=tuple(p["text"] for p in pairs))
+
+
+def load(split: str, data_dir: str | Path, missing: missing_lib.Missing, log=print) -> VQASplit:
+  """easy-VQA's `split` with its missing table (the same tables as the CLIP runs). Images are not decoded here."""
+  builder = datasets.prepare("easy_vqa", data_dir, log=log)
+  source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+  records = source.__getitems__(range(len(source)))
+  names = builder.info.features["label"].names
+  type_names = tuple(builder.info.features["question_type"].names)
+  image_ids = np.array([int(r["image_id"]) for r in records])
+  distinct, first, image_index = np.unique(image_ids, return_index=True, return_inverse=True)
+  del distinct
+  table = missing_lib.load_or_build(Path(data_dir) / "missing_tables", "easy_vqa", split, len(records), missing)
+  log(f"easy_vqa/{split}: missing {missing.type} {missing.rate}: {table.describe()}")
+  return VQASplit(name=f"easy_vqa/{split}", questions=tuple(r["text"].decode() for r in records),
+                  labels=np.array([int(r["label"]) for r in records]), answer_names=tuple(names),
+                  question_type=np.array([int(r["question_type"]) for r in records]),
+                  image_index=image_index.astype(np.int64), images=tuple(records[i]["image"] for i in first),
+                  table=table.codes, type_names=type_names, image_set=f"easy_vqa/{split}")
+
+
+def decode_images(split: VQASplit, prep: pipeline.Preprocessing) -> np.ndarray:
+  """The split's distinct images as model inputs, float32 [N_images, 3, H, W]."""
+  return np.stack([prep.pixels(pipeline.record_image({"image": b, "id": f"image {i}"}, split.name))
+                   for i, b in enumerate(split.images)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Static token lengths: the prompt part (left-padded) and the answer part (right-padded, </s> included)."""
+  prompt_length: int = 16  # easy-VQA's longest prompt is 14 tokens (embedded tokenizer); <s> is the model's
+  answer_length: int = 4  # answers are one token, captions up to three; </s> included
+
+
+def encode_texts(tokenizer, prompts: Sequence[str], answers: Sequence[str] | None, layout: Layout
+                 ) -> dict[str, np.ndarray]:
+  """Token arrays [B, T] of TEXT_KEYS; T = prompt_length (+ answer_length when `answers` is given)."""
+  b, p = len(prompts), layout.prompt_length
+  length = p + (0 if answers is None else layout.answer_length)
+  out = {"input_ids": np.full((b, length), tokenizer.pad_token_id, np.int32),
+         **{k: np.zeros((b, length), bool) for k in TEXT_KEYS[1:]}}
+  prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+  for i, ids in enumerate(prompt_ids):
+    if len(ids) > p:
+      raise ValueError(f"prompt {prompts[i]!r} has {len(ids)} tokens, more than layout.prompt_length={p}.")
+    out["input_ids"][i, p - len(ids):p] = ids
+    out["text_valid"][i, p - len(ids):p] = out["prompt"][i, p - len(ids):p] = True
+  if answers is not None:
+    # A space joins answer and prompt, as in the pre-training text; a caption after "<s>" alone has none.
+    texts = [(" " if q else "") + a for q, a in zip(prompts, answers)]
+    for i, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+      ids = [*ids, tokenizer.eos_token_id]
+      if len(ids) > layout.answer_length:
+        raise ValueError(f"answer {texts[i]!r} has {len(ids)} tokens with </s>, more than "
+                         f"layout.answer_length={layout.answer_length}.")
+      out["input_ids"][i, p:p + len(ids)] = ids
+      out["text_valid"][i, p:p + len(ids)] = out["answer"][i, p:p + len(ids)] = True
+  return out
+
+
+class Assemble:
+  """Sample indices (-1: padding) -> one batch: TEXT_KEYS, `image` (index of the image's features; -1 none),
+  `valid` (not padding), question type and, for evaluation, no answer tokens."""
+
+  def __init__(self, split: VQASplit, tokenizer, layout: Layout, with_answers: bool):
+    self.split, self.tokenizer, self.layout, self.with_answers = split, tokenizer, layout, with_answers
+
+  def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    split = self.split
+    rows = np.asarray(rows)
+    safe = np.where(rows >= 0, rows, 0)
+    codes = split.table[safe]
+    if split.has_prompt:
+      prompts = [prompt("" if c == missing_lib.TEXT_MISSING else split.questions[i]) for i, c in zip(safe, codes)]
+    else:
+      prompts = [""] * len(rows)
+    answers = [split.answer(i) for i in safe] if self.with_answers else None
+    batch = encode_texts(self.tokenizer, prompts, answers, self.layout)
+    batch["image"] = np.where(codes == missing_lib.IMAGE_MISSING, -1, split.image_index[safe]).astype(np.int32)
+    batch["valid"] = rows >= 0
+    batch["row"] = rows.astype(np.int64)
+    batch["question_type"] = split.question_type[safe]
+    batch["code"] = codes.astype(np.int8)
+    return batch
+
+
+def train_batches(split: VQASplit, tokenizer, layout: Layout, batch_size: int, seed: int) -> grain.DatasetIterator:
+  """Endless shuffled training batches (a new order each epoch, the last batch of an epoch padded); the
+  iterator's get_state / set_state resume it."""
+  indices = pipeline.train_indices(len(split), batch_size, seed).batch(batch_size)
+  return indices.map(Assemble(split, tokenizer, layout, with_answers=True)).to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+
+
+def eval_batches(split: VQASplit, tokenizer, layout: Layout, batch_size: int, limit: int = 0):
+  """One pass in order (the first `limit` samples when > 0), prompts only, the last batch padded."""
+  n = min(len(split), limit) if limit else len(split)
+  rows = pipeline.eval_indices(n, batch_size, 0, 1)
+  assemble = Assemble(split, tokenizer, layout, with_answers=False)
+  for start in range(0, len(rows), batch_size):
+    yield assemble(rows[start:start + batch_size])

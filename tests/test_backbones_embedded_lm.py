@@ -1,0 +1,50 @@
+"""The embedded LM: a (shortened) build from easy-VQA train text, its Hugging Face directory (transformers loads
+it with our logits, <= 1e-4 in float32, the parity bound of tests/test_models_llama.py), and reuse of the cache."""
+
+import json
+
+import numpy as np
+import pytest
+import transformers
+
+from mora_jax.backbones import embedded_lm
+from mora_jax.data import missing as missing_lib
+from mora_jax.data import vqa
+
+STEPS = 40  # of the shipped 300: enough for the loss to fall by more than half
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  root = tmp_path_factory.mktemp("embedded_lm")
+  data_dir = root / "data"
+  directory = embedded_lm.build(root / "cache" / embedded_lm.directory_name(0), data_dir, recipe=dict(steps=STEPS))
+  return root, data_dir, directory
+
+
+def test_build_writes_a_hugging_face_directory_and_ensure_reuses_it(built):
+  root, data_dir, directory = built
+  assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "pretraining.json"} <= {
+      p.name for p in directory.iterdir()}
+  assert not list(directory.parent.glob("*.partial-*"))
+  report = json.loads((directory / "pretraining.json").read_text())
+  assert report["losses"][-1] < 0.5 * report["losses"][0]
+  logged = []
+  assert embedded_lm.ensure(root / "cache", data_dir, seed=0, log=logged.append) == directory and not logged
+
+
+def test_transformers_loads_it_with_our_logits_and_tokens(built):
+  torch = pytest.importorskip("torch")
+  _, data_dir, directory = built
+  ours, tokenizer = embedded_lm.load(directory)
+  theirs = transformers.LlamaForCausalLM.from_pretrained(str(directory), attn_implementation="eager").eval()
+  assert type(transformers.AutoTokenizer.from_pretrained(str(directory))) is type(tokenizer)
+  test = vqa.load("test", data_dir, missing_lib.Missing(rate=0.0))
+  texts = embedded_lm.pretraining_texts(test)[:8]
+  assert [tokenizer.decode(tokenizer.encode(t, add_special_tokens=False)) for t in texts] == texts
+  ids, mask = embedded_lm.encode(tokenizer, texts, embedded_lm.MAX_LENGTH)
+  with torch.no_grad():
+    expected = theirs(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)).logits
+  got = np.asarray(ours(ids, mask)[0])
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(got[valid], expected.numpy()[valid], atol=1e-4, rtol=0)
