@@ -1,11 +1,14 @@
 """Orbax checkpoints: what they hold, which they keep, and which they refuse to restore."""
 
+import json
+
 import grain
 import jax
 import numpy as np
 import pytest
 
-from mora_jax.train import checkpoint
+from mora_jax.train import checkpoint, recipes
+from mora_jax.train import config as config_lib
 from tests.helpers import CONFIG, ROOT, assert_one_line_error, memes_overrides, run_script
 
 
@@ -58,6 +61,19 @@ def test_checkpointer_keeps_the_latest_and_the_best(tmp_path):
   np.testing.assert_array_equal(
       again.restore_state(6, {"w": jax.ShapeDtypeStruct((2,), np.float32)})["w"], np.zeros(2, np.float32))
   again.close()
+
+
+def test_a_checkpoint_saved_before_a_key_was_added_resumes_with_its_default():
+  """Keys the library added later (prefix_cache_dtype, optim.decay) take their defaults in an older checkpoint's
+  config; a changed value is still refused."""
+  config = recipes.get("hateful_memes", "mora")
+  old = json.loads(config_lib.to_json(config))
+  del old["prefix_cache_dtype"], old["optim"]["decay"]
+  checkpoint.check_config({"config": old}, config, "runs/x")
+  assert checkpoint.saved_config({"config": old})["optim"]["decay"] == config.optim.decay
+  config_lib.override(config, "prefix_cache_dtype", "bfloat16")
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match="prefix_cache_dtype: 'auto' -> 'bfloat16'"):
+    checkpoint.check_config({"config": old}, config, "runs/x")
 
 
 def test_a_checkpoint_over_other_backbone_weights_is_refused():

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from mora_jax.train import config as config_lib
+from mora_jax.train import recipes
 
 # Keys a resumed or re-evaluated run may change: where data lives, how it is spread over devices, how
 # often it logs and saves, evaluation batch sizes, init_from (which a resumed run does not re-apply) and whether
@@ -206,9 +207,16 @@ def _drop_failed_restore_reports() -> None:
   sys.unraisablehook = drop_closed_event_loop
 
 
+def saved_config(meta: dict) -> dict:
+  """The config a checkpoint was saved with (JSON form), the keys added to the library since then given their
+  defaults, so that a run of an earlier version resumes and re-tests as it ran. (Adapter keys are the method's
+  own and are never filled in.)"""
+  return config_lib.fill_absent(meta["config"], json.loads(config_lib.to_json(recipes.base())), skip=("adapter",))
+
+
 def check_config(meta: dict, config, where: str) -> None:
   """Refuses a checkpoint written by another config, saying what differs and what to do."""
-  saved = {k: v for k, v in meta["config"].items() if k not in CHANGEABLE}
+  saved = {k: v for k, v in saved_config(meta).items() if k not in CHANGEABLE}
   current = {k: v for k, v in json.loads(config_lib.to_json(config)).items() if k not in CHANGEABLE}
   problems = config_lib.differences(saved, current)
   if problems:

@@ -119,6 +119,17 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   return config
 
 
+def fill_absent(saved: dict, defaults: dict, skip=()) -> dict:
+  """`saved` with every key of `defaults` it lacks added, recursively (sections named in `skip` kept as saved)."""
+  out = dict(saved)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict) and key not in skip:
+      out[key] = fill_absent(out[key], value)
+  return out
+
+
 def differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
   """'key: saved -> current' for every leaf that differs between two config dicts."""
   lines = []

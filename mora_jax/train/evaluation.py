@@ -130,7 +130,7 @@ def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | Non
   if not steps:
     raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
   _, meta, _ = ckpt.first_intact(steps[::-1], ckpt.meta)  # config and backbone: the same in every checkpoint
-  config = config_lib.from_json(json.dumps(meta["config"]))
+  config = config_lib.from_json(json.dumps(checkpoint_lib.saved_config(meta)))
   config_lib.apply_overrides(config, config_overrides)
   adapter = adapters.from_config(config.adapter.to_dict())
   if export_peft is not None:  # before the evaluation that would precede the refusal

@@ -100,7 +100,8 @@ def _from_run(job: Job, path: Path, source: str) -> tuple[dict, dict]:
       raise FileNotFoundError(f"config.init_from={source!r}: {directory} holds no finished checkpoint"
                               + (f" of step {step}" if step is not None else "") + ".")
     _, meta, _ = ckpt.first_intact(steps[::-1], ckpt.meta)
-    saved, current = meta["config"], json.loads(config_lib.to_json(job.config))  # both as JSON (lists, not tuples)
+    # Both as JSON (lists, not tuples).
+    saved, current = checkpoint_lib.saved_config(meta), json.loads(config_lib.to_json(job.config))
     _check_adapter(saved["adapter"], current["adapter"], directory)
     if meta["backbone"]["sha256"] != job.backbone.identity["sha256"]:
       say(f"warning: init_from: {directory} was trained over other backbone weights ({meta['backbone']['source']}) "
