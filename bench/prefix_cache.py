@@ -127,7 +127,7 @@ def bench(name: str, manifest: Path, workdir: Path, data_dir: Path, epochs: int,
   cached = run_config(name, manifest, workdir, data_dir, epochs, "on")
   job = cached.job
   build = sum(cache.build_seconds for cache in cached.caches.values())
-  peer = peer_step(name, uncached)
+  peer = peer_step(name, uncached) if epochs else None
   rows = []
   for epoch in range(epochs):
     seconds = {"uncached": 0.0, "cached": 0.0, "peer": 0.0}
@@ -158,12 +158,20 @@ def bench(name: str, manifest: Path, workdir: Path, data_dir: Path, epochs: int,
 def report(r: dict) -> None:
   print(f"\n### {r['name']}: start layer {r['layer']}, batch {r['batch']}, {r['samples']} train samples, "
         f"cache {r['bytes_per_sample'] / 2**10:.1f} KiB per sample (float32)\n")
+  print(f"cache build (train + validation splits, compilation included): {r['build']:.1f} s\n")
+  if r["epochs"]:
+    report_epochs(r)
+  print(f"\ntest, four scenarios of {r['test_samples']} samples (compilation included): per scenario "
+        f"{r['test_before']:.1f} s, shared tower passes {r['test_after']:.1f} s: "
+        f"{r['test_before'] / r['test_after']:.2f}x; metrics identical: {r['identical']}")
+
+
+def report_epochs(r: dict) -> None:
   print("| epoch | uncached (s) | cached (s) | PyTorch peer (s) | uncached / cached | peer / cached |")
   print("|---|---|---|---|---|---|")
   for e in r["epochs"]:
     print(f"| {e['epoch']} | {e['uncached']:.1f} | {e['cached']:.1f} | {e['peer']:.1f} | "
           f"{e['uncached'] / e['cached']:.2f}x | {e['peer'] / e['cached']:.2f}x |")
-  print(f"\ncache build (train + validation splits, compilation included): {r['build']:.1f} s")
   later = r["epochs"][1:] or r["epochs"]
   uncached, cached = np.median([e["uncached"] for e in later]), np.median([e["cached"] for e in later])
   build_per_epoch = r["build"] / cached  # in units of one cached epoch
@@ -173,15 +181,12 @@ def report(r: dict) -> None:
         f"{100 * (1 - 1 / ratio_20):.0f}% of the training time saved; on Food-101's {FOOD101_TRAIN:,} samples: "
         f"{20 * uncached * FOOD101_TRAIN / r['samples'] / 3600:.1f} h -> "
         f"{(20 * cached + r['build']) * FOOD101_TRAIN / r['samples'] / 3600:.1f} h on this machine")
-  print(f"\ntest, four scenarios of {r['test_samples']} samples (compilation included): per scenario "
-        f"{r['test_before']:.1f} s, shared tower passes {r['test_after']:.1f} s: "
-        f"{r['test_before'] / r['test_after']:.2f}x; metrics identical: {r['identical']}")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--configs", nargs="+", default=["ViT-B/16", "embedded"], choices=sorted(CONFIGS))
-  parser.add_argument("--epochs", type=int, default=3)
+  parser.add_argument("--epochs", type=int, default=3, help="0: only the cache build and the test")
   parser.add_argument("--samples", type=int, default=256, help="training samples")
   parser.add_argument("--test_samples", type=int, default=128)
   parser.add_argument("--test_repeats", type=int, default=2, help="best of this many timings of each test")

@@ -396,7 +396,8 @@ def _fill(job, ds, params, fill_step, arrays, files, cache_key, done, desc) -> N
     return {k: sharding.process_rows(out[k]) for k in activations}
 
   dummy = pipeline.missing_inputs(job.backbone.tokenizer, job.prep)
-  dummy_rows = run({k: np.repeat(v, jax.local_device_count(), axis=0) for k, v in dummy.items()})
+  # A whole batch of it: the shape of every other batch, so the towers compile once.
+  dummy_rows = run({k: np.repeat(v, batch_size // jax.process_count(), axis=0) for k, v in dummy.items()})
   for k in activations:
     arrays[k][n] = dummy_rows[k][0]
   # Every image is decoded and a corrupt one recorded (its rows are masked where used), whatever the table says.
