@@ -108,14 +108,19 @@ def _download(repo_id: str) -> Path:
 
 
 def read_config(directory: Path) -> CLIPConfig:
+  return read_model_config(directory, CLIPConfig.from_hf_dict, "CLIP")
+
+
+def read_model_config(directory: Path, from_hf_dict, family: str):
+  """`from_hf_dict` of the checkpoint's config.json; errors name the file and the model family."""
   path = directory / CONFIG_FILE
   if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: a CLIP checkpoint directory needs the {CONFIG_FILE} that "
+    raise FileNotFoundError(f"{path} not found: a {family} checkpoint directory needs the {CONFIG_FILE} that "
                             "transformers' save_pretrained writes.")
   try:
-    return CLIPConfig.from_hf_dict(json.loads(path.read_text()))
+    return from_hf_dict(json.loads(path.read_text()))
   except (json.JSONDecodeError, ValueError, TypeError) as e:
-    raise WeightsError(f"{path}: not a valid CLIP config ({e}).") from e
+    raise WeightsError(f"{path}: not a {family} config this library implements ({e}).") from e
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:

@@ -24,14 +24,7 @@ TIED_HEAD = "lm_head.weight"
 
 
 def read_config(directory: Path) -> LlamaConfig:
-  path = directory / hf.CONFIG_FILE
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: a Llama/Qwen2 checkpoint directory needs the {hf.CONFIG_FILE} "
-                            "that transformers' save_pretrained writes.")
-  try:
-    return LlamaConfig.from_hf_dict(json.loads(path.read_text()))
-  except (json.JSONDecodeError, ValueError, TypeError) as e:
-    raise hf.WeightsError(f"{path}: not a Llama/Qwen2 config this decoder implements ({e}).") from e
+  return hf.read_model_config(directory, LlamaConfig.from_hf_dict, "Llama/Qwen2")
 
 
 def from_pretrained(name_or_path: str | os.PathLike, dtype=jnp.float32, *, mesh: Mesh | None = None,
