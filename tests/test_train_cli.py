@@ -56,7 +56,7 @@ def test_switching_the_adapter_method_keeps_the_shared_fields_and_drops_the_othe
 # Each is caught by job.validate before the backbone (the embedded one is pre-trained on first use, minutes).
 BAD_CONFIGS = {
     "adapter.rank=0": "rank=0 must be >= 1",
-    "adapter.method=vera": "use one of ['mora', 'lora', 'dora', 'moka', 'linear']",
+    "adapter.method=vera": "use one of ['mora', 'lora', 'dora', 'moka', 'mmp', 'dcp', 'linear']",
     "dataset=imagenet": "config.dataset='imagenet'",
     "mesh.fsdp=3": "does not cover the 1 devices",
     "accum_steps=3": "batch_size=64 must split into accum_steps=3",

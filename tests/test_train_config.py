@@ -9,11 +9,17 @@ from tests.helpers import ROOT
 
 def test_every_shipped_config_loads_and_names_its_adapter():
   files = sorted((ROOT / "configs").glob("*.py"))
-  assert len(files) == 20  # 4 datasets x {mora, lora, dora, moka, linear}
-  for path in files:
+  mllm = [path for path in files if "_mllm_" in path.stem]
+  classifiers = [path for path in files if path not in mllm]
+  # 4 datasets x {mora, lora, dora, moka, linear, mmp, dcp}; the multimodal LLM's moka, lora and moka_lambda0
+  assert len(classifiers) == 28 and len(mllm) == 3
+  for path in classifiers:
     config = config_lib.load(path)
     adapter = adapters.from_config(config.adapter.to_dict())
     assert path.stem.endswith(config.adapter.method) and adapters.to_config(adapter) == config.adapter.to_dict()
+  for path in mllm:
+    config = config_lib.load(path)
+    assert config.task == "mllm" and path.stem.split("_mllm_")[1].startswith(config.adapter.method)
 
 
 def test_published_recipes():

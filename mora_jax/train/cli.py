@@ -23,8 +23,9 @@ most used keys:
   manual_dir, data_dir    the raw download (mm_imdb, upmc_food101, hateful_memes); the prepared files
   manifest.path           dataset=manifest: your .jsonl or .csv (docs/own_data.md)
   init_from               start from another run's workdir or a PEFT adapter directory (docs/peft.md)
-  adapter.method          mora | lora | dora | moka | linear (switching keeps targets, rank, start_layer,
-                          dropout and towers; the other method's options take the new one's defaults)
+  adapter.method          mora | lora | dora | moka | mmp | dcp | linear (switching keeps targets, rank,
+                          start_layer, dropout and towers; the other method's options take the new one's
+                          defaults)
   adapter.rank, adapter.alpha, adapter.targets, adapter.start_layer
   optim.lr, epochs, batch_size, accum_steps, max_steps, head.type (linear | mlp)
   missing.type, missing.rate   text | image | both, 0..1
