@@ -208,9 +208,12 @@ def _drop_failed_restore_reports() -> None:
 
 
 def saved_config(meta: dict) -> dict:
-  """The config a checkpoint was saved with (JSON form), the keys added to the library since then given their
-  defaults, so that a run of an earlier version resumes and re-tests as it ran. (Adapter keys are the method's
-  own and are never filled in.)"""
+  """The config a checkpoint was saved with (JSON form), the keys added to the classifier's config
+  (recipes.base) since then given their defaults, so that a run of an earlier version resumes and re-tests as it
+  ran. Adapter keys are the method's own, and a multimodal-LLM run's config (it has a `task`) has other keys:
+  neither is filled in."""
+  if "task" in meta["config"]:
+    return meta["config"]
   return config_lib.fill_absent(meta["config"], json.loads(config_lib.to_json(recipes.base())), skip=("adapter",))
 
 
