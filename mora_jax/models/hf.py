@@ -244,12 +244,17 @@ def save_pretrained(model: CLIP, out_dir: str | os.PathLike, dtype: str | None =
 
   Every process must call it (arrays sharded across hosts are gathered); only process 0 writes.
   """
-  tensors = to_hf_tensors(model)
+  return write_checkpoint(to_hf_tensors(model), model.config.to_hf_dict(), out_dir, dtype)
+
+
+def write_checkpoint(tensors: dict[str, np.ndarray], config: dict, out_dir: str | os.PathLike,
+                     dtype: str | None = None) -> Path:
+  """config.json and model.safetensors (`tensors` cast to `dtype` if given), written by process 0."""
   if dtype is not None:
     tensors = {k: v.astype(dtype) for k, v in tensors.items()}
   out = Path(out_dir)
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     safetensors.numpy.save_file(tensors, out / SAFETENSORS_FILE, metadata={"format": "pt"})
   return out

@@ -5,14 +5,11 @@ comes from exactly one tensor of the right shape and every tensor is used, excep
 with tied embeddings (some checkpoints store the tied copy).
 """
 
-import json
 import os
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -60,12 +57,4 @@ def to_hf_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
 def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike, dtype: str | None = None) -> Path:
   """Writes config.json + model.safetensors that transformers' LlamaForCausalLM / Qwen2ForCausalLM loads.
   Every process must call it (sharded arrays are gathered); only process 0 writes."""
-  tensors = to_hf_tensors(model)
-  if dtype is not None:
-    tensors = {k: v.astype(dtype) for k, v in tensors.items()}
-  out = Path(out_dir)
-  if jax.process_index() == 0:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / hf.CONFIG_FILE).write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
-    safetensors.numpy.save_file(tensors, out / hf.SAFETENSORS_FILE, metadata={"format": "pt"})
-  return out
+  return hf.write_checkpoint(to_hf_tensors(model), model.config.to_hf_dict(), out_dir, dtype)
