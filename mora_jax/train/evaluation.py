@@ -57,10 +57,10 @@ def scenario_metrics(job: Job, trainable, scenarios, missing: data.Missing, writ
   """Test metrics per scenario of the merged model (adapters folded into the backbone), or of the unmerged
   one for a method that cannot be merged (MokA).
 
-  Where each tower's features depend on its own input only (every method but MokA), each tower runs once over
-  the present inputs and once over the dummy, and every scenario's samples are assembled from those features
-  (prefix_cache's final-features cache, in memory); MokA runs each scenario, from the test split's prefix cache
-  when the config's cache is on for rows read once per scenario."""
+  Where each tower's features depend on its own input only (every method but MokA, MMP and DCP), each tower
+  runs once over the present inputs and once over the dummy, and every scenario's samples are assembled from
+  those features (prefix_cache's final-features cache, in memory). The others run each scenario; MokA enters
+  from the test split's prefix cache unless prefix_cache is off (the prompt methods have no frozen prefix)."""
   clf = adapters.join(job.graphdef, {"backbone": job.params["backbone"], **trainable})
   adapter = clf.adapter
   if adapters.mergeable(adapter):
