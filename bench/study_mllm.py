@@ -19,12 +19,10 @@ from pathlib import Path
 from mora_jax import data
 from mora_jax.train import config as config_lib
 from mora_jax.train import job, mllm
+from study_easyvqa import QUESTION_TYPES, SCENARIO_NAMES, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"moka": "MokA", "lora": "LoRA", "moka_lambda0": "MokA, lambda 0"}
-SCENARIO_NAMES = {"complete": "complete", "text_missing": "text missing", "image_missing": "image missing",
-                  "mix": "mix (70% both)"}
-QUESTION_TYPES = ("yes/no", "color", "shape")
 # Yes/no exact match of every two-tower method, with or without the image (docs/study_easyvqa.md): late fusion's
 # ceiling, drawn in the plot.
 LATE_FUSION_YES_NO_CEILING = 0.825
@@ -48,11 +46,6 @@ def run(name: str, seed: int, args) -> dict:
           "train_seconds": results["train_seconds"],
           "wall_seconds": float((workdir / "wall_seconds.txt").read_text())
           if (workdir / "wall_seconds.txt").is_file() else None}
-
-
-def mean_std(values: list[float]) -> str:
-  mean = 100 * statistics.fmean(values)
-  return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
 def summarise(records: list[dict]) -> dict[str, dict]:
