@@ -7,7 +7,6 @@ import time
 
 import jax
 import numpy as np
-import torch
 import transformers
 
 from mora_jax import clip
@@ -21,9 +20,17 @@ def parse_args(doc: str, default_batch: dict[str, int], repeats: int) -> argpars
                       help="default: " + ", ".join(f"{b} {name}" for name, b in default_batch.items()))
   parser.add_argument("--repeats", type=int, default=repeats)
   args = parser.parse_args()
-  print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), best of {args.repeats}; {host_peak()}")
+  print(f"jax {jax.__version__} ({jax.devices()[0].platform}), {torch_line()}, best of {args.repeats}; {host_peak()}")
   return args
+
+
+def torch_line() -> str:
+  """The PyTorch peer's version and threads; the scripts without a peer also run where torch is absent."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ModuleNotFoundError:
+    return "torch absent"
+  return f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:

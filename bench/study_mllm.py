@@ -2,7 +2,7 @@
 one decoder), on easy-VQA, over seeds.
 
     python bench/study_mllm.py                                    # every run, then the table and the plot
-    python bench/study_mllm.py --seeds 0 --runs moka lora         # a subset (the table covers what exists)
+    python bench/study_mllm.py --seeds 42 --runs moka lora        # a subset (the table covers what exists)
 
 Every run is `mora_jax.train.mllm.train` with configs/easy_vqa_mllm_<run>.py (the embedded CLIP vision tower and
 the embedded LM, both frozen; 70% missing of type both in training; exact match per scenario and question
@@ -109,7 +109,8 @@ def plot(summary: dict[str, dict], path: Path) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), metavar="RUN")
-  parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+  parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44],
+                      help="42 is the configs' own seed, so `train.py --config configs/easy_vqa_mllm_<run>.py` is one of the runs")
   parser.add_argument("--workdir", default="runs/study_mllm")
   parser.add_argument("--data_dir", default="data")
   parser.add_argument("--cache_dir", default="~/.cache/mora_jax")

@@ -2,7 +2,11 @@
 
 References are built independently from `lora.LoRALinear` (the PEFT-exact LoRA), one per modality. Every B is
 random (not the zero init), so each adapter changes the logits by > 1e-2 and the comparisons can fail; they
-allow 1e-5 (float32; the same matmuls in a different grouping differ by ~1e-7).
+allow 1e-5 (float32; the same matmuls in a different grouping differ by ~1e-7). Cached decoding against a full
+recomputation allows 2e-5 of the logits' scale instead: there every matmul has another shape (one row against the
+whole sequence) and the attention reduces over other lengths, so XLA picks other kernels, and which ones changes
+with its version; measured: up to 3e-6 absolute with jax 0.10, 2.7e-5 (8e-6 of the scale, |logit| <= 3.4) with
+jax 0.12.
 """
 
 import dataclasses
@@ -18,6 +22,7 @@ from mora_jax.adapters.lora import LoRAConfig, LoRALinear
 from mora_jax.models import llama
 
 TOLERANCE = 1e-5
+GENERATION_RELATIVE_TOLERANCE = 2e-5
 CONFIG = llama.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, eos_token_id=None)
 IMAGE_ROWS, QUESTION_ROWS = 4, 5
@@ -128,7 +133,8 @@ def test_sample_without_image_tokens_equals_lora_with_a_text():
 
 def test_cached_generation_equals_full_recomputation():
   """Prefill [image; question] with the full MokA path, decode 5 tokens (text rows, no keys); then recompute the
-  whole sequence in one uncached pass: the same argmax at every generated position, logits within 1e-5."""
+  whole sequence in one uncached pass: the same argmax at every generated position, logits within 2e-5 of their
+  scale (the module docstring says why not 1e-5)."""
   model = adapted_lm(lam=1.0)
   embeds, call = inputs()
   mask = jnp.ones(call.modality.shape, jnp.int32)
@@ -149,7 +155,9 @@ def test_cached_generation_equals_full_recomputation():
     ids = new[:, t:t + 1]
     out, cache = model(ids, jnp.ones_like(ids), call=lm_adapters.text_call(ids), cache=cache)
     steps.append(out)
-  np.testing.assert_allclose(np.concatenate(steps, 1), full[:, prompt - 1:-1], atol=TOLERANCE, rtol=0)
+  expected = full[:, prompt - 1:-1]
+  np.testing.assert_allclose(np.concatenate(steps, 1), expected,
+                             atol=GENERATION_RELATIVE_TOLERANCE * np.abs(expected).max(), rtol=0)
 
 
 def test_init_is_the_frozen_lm_and_only_targets_from_start_layer_are_adapted():
