@@ -73,6 +73,14 @@ def tables(summary: dict[str, dict]) -> str:
     cells = [mean_std(s["by_question_type"][scenario][q]) for q in QUESTION_TYPES
              for scenario in ("complete", "image_missing", "mix")]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  most_seeds = max(len(s["seeds"]) for s in summary.values())
+  lines += ["", "Per seed, complete scenario (exact match / colour questions), where the spread comes from:", "",
+            "| method | " + " | ".join(f"run {k + 1}" for k in range(most_seeds)) + " |",
+            "|---|" + "---:|" * most_seeds]
+  for name, s in summary.items():
+    cells = [f"seed {seed}: {100 * em:.1f} / {100 * colour:.1f}" for seed, em, colour in
+             zip(s["seeds"], s["exact_match"]["complete"], s["by_question_type"]["complete"]["color"])]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -92,8 +100,11 @@ def plot(summary: dict[str, dict], path: Path) -> None:
       values = [values_of(summary[name], k) for k in keys]
       means = [100 * statistics.fmean(v) for v in values]
       errors = [100 * statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-      ax.bar([k + (i - (len(names) - 1) / 2) * width for k in range(len(keys))], means, width, yerr=errors,
-             capsize=2, label=name)
+      positions = [k + (i - (len(names) - 1) / 2) * width for k in range(len(keys))]
+      ax.bar(positions, means, width, yerr=errors, capsize=2, label=name)
+      # The seeds themselves: with three of them a mean ± std hides a bimodal spread.
+      ax.scatter([x for x, v in zip(positions, values) for _ in v], [100 * u for v in values for u in v], s=8,
+                 color="black", zorder=3)
     ax.set_xticks(range(len(keys)), labels)
     ax.set_ylim(0, 100)
     ax.set_ylabel("exact match (%)")
@@ -101,7 +112,8 @@ def plot(summary: dict[str, dict], path: Path) -> None:
   axes[1].axhline(100 * LATE_FUSION_YES_NO_CEILING, color="gray", linestyle="--", linewidth=1,
                   label="two-tower yes/no ceiling (82.5%)")
   axes[1].legend(fontsize=8)
-  fig.suptitle("easy-VQA, embedded CLIP vision tower + embedded LM (frozen), 70% missing (both); mean ± std")
+  fig.suptitle("easy-VQA, embedded CLIP vision tower + embedded LM (frozen), 70% missing (both); "
+               "mean ± std, dots: seeds")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
@@ -110,13 +122,16 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), metavar="RUN")
   parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44],
-                      help="42 is the configs' own seed, so `train.py --config configs/easy_vqa_mllm_<run>.py` is one of the runs")
-  parser.add_argument("--workdir", default="runs/study_mllm")
+                      help="42 is the configs' own seed: `train.py --config configs/easy_vqa_mllm_<run>.py` is a run")
+  parser.add_argument("--workdir", default=None, help="default: runs/study_mllm (runs/study_mllm_smoke with --smoke)")
   parser.add_argument("--data_dir", default="data")
   parser.add_argument("--cache_dir", default="~/.cache/mora_jax")
   parser.add_argument("--smoke", action="store_true", help="2 steps per stage, 32 test samples: checks the script")
-  parser.add_argument("--out", default=str(ROOT / "docs"))
+  parser.add_argument("--out", default=None, help="default: docs/ (the workdir with --smoke, so docs/ keeps the study)")
   args = parser.parse_args()
+  # A smoke run neither reuses the study's runs nor overwrites its tables.
+  args.workdir = args.workdir or ("runs/study_mllm_smoke" if args.smoke else "runs/study_mllm")
+  args.out = args.out or (args.workdir if args.smoke else str(ROOT / "docs"))
   records = [run(name, seed, args) for seed in args.seeds for name in args.runs]
   summary = summarise(records)
   out = Path(args.out)
