@@ -363,7 +363,8 @@ def count_parameters(model: mllm_lib.MLLM) -> dict:
 def _describe(setup: Setup) -> str:
   n = count_parameters(setup.model)
   a = setup.config.adapter
-  return (f"{method_name(setup.config)} (rank {a.rank}, alpha {a.alpha}, lambda {a.lam}) on {a.targets} from LM layer "
+  cross_attention = f", lambda {a.lam}" if a.method == "moka" else ""  # LoRA has no cross term to weigh
+  return (f"{method_name(setup.config)} (rank {a.rank}, alpha {a.alpha}{cross_attention}) on {a.targets} from LM layer "
           f"{a.start_layer}; parameters: frozen {n['frozen']}, adapter {n['adapter']}, projector {n['projector']}")
 
 
