@@ -6,9 +6,11 @@ allow 1e-5 (float32; the same matmuls in a different grouping differ by ~1e-7). 
 recomputation allows 2e-5 of the logits' scale instead: there every matmul has another shape (one row against the
 whole sequence) and the attention reduces over other lengths, so XLA picks other kernels, and which ones changes
 with its version; measured: up to 3e-6 absolute with jax 0.10, 2.7e-5 (8e-6 of the scale, |logit| <= 3.4) with
-jax 0.12. MokA with lambda 0 against per-modality LoRA takes the same relative bound: with jax 0.10 the two are
-bitwise equal, with jax 0.12.0.1 they differ by up to 2.6e-5 (7.6e-6 of the scale; its CPU kernels round the
-masked per-modality products differently), while any wrong term moves the logits by > 1e-2.
+jax 0.12. MokA with lambda 0 against per-modality LoRA allows 1e-4 of the logits' scale: with jax 0.10 the two
+are bitwise equal; with jax 0.12.0.1 they differ by up to 2.6e-5 (7.6e-6 of the scale, |logit| <= 3.4) with
+XLA's optimizations on and by 1.2e-4 (3.6e-5 of the scale) with most of them off, as the test suite compiles
+(docs/testing.md): its CPU kernels round the per-modality products differently. A wrong term moves the logits
+by > 1e-2, 30x the bound.
 """
 
 import dataclasses
@@ -25,6 +27,7 @@ from mora_jax.models import llama
 
 TOLERANCE = 1e-5
 RELATIVE_TOLERANCE = 2e-5
+LAMBDA_ZERO_RELATIVE_TOLERANCE = 1e-4
 CONFIG = llama.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, eos_token_id=None)
 IMAGE_ROWS, QUESTION_ROWS = 4, 5
@@ -91,7 +94,7 @@ def test_lambda_zero_equals_per_modality_lora():
   reference = replace_projections(
       model, lambda p: PerModalityLoRA(p, (lm_adapters.TEXT, lm_adapters.IMAGE)))
   expected = logits(reference, embeds, call)
-  np.testing.assert_allclose(got, expected, atol=RELATIVE_TOLERANCE * np.abs(expected).max(), rtol=0)
+  np.testing.assert_allclose(got, expected, atol=LAMBDA_ZERO_RELATIVE_TOLERANCE * np.abs(expected).max(), rtol=0)
   assert np.abs(got - logits(adapted_lm(lam=1.0), embeds, call)).max() > 1e-2, "lambda has no effect"
 
 
