@@ -1,6 +1,7 @@
 """Shared test utilities: random Hugging Face CLIP checkpoints, jitted feature functions, small raw datasets,
 and runs of train.py / eval.py on them."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,6 +20,18 @@ from mora_jax.train import checkpoint, config as config_lib, writers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "hateful_memes_mora.py")
+
+
+@contextlib.contextmanager
+def xla_optimized():
+  """XLA's optimization passes on (tests/conftest.py turns most of them off), for work that computes more than
+  it compiles (docs/testing.md has the measured difference)."""
+  disabled = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", disabled)
 
 
 def tiny_config(**text_overrides) -> clip.CLIPConfig:

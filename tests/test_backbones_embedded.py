@@ -23,11 +23,12 @@ FINETUNE_STEPS = 150
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, easy_vqa_data):
   root = tmp_path_factory.mktemp("embedded")
-  data_dir = root / "data"
-  directory = embedded.build(root / "cache" / embedded.directory_name(0), data_dir,
-                             recipe=dict(epochs=PRETRAIN_EPOCHS))
+  data_dir = easy_vqa_data
+  with helpers.xla_optimized():
+    directory = embedded.build(root / "cache" / embedded.directory_name(0), data_dir,
+                               recipe=dict(epochs=PRETRAIN_EPOCHS))
   return root, data_dir, directory
 
 
@@ -77,7 +78,8 @@ def test_default_pipeline_reaches_its_accuracy_thresholds(built, tmp_path):
   config = recipes.get("easy_vqa", "mora")
   config_lib.apply_overrides(config, [("backbone.cache_dir", str(root / "cache")), ("data_dir", str(data_dir)),
                                       ("max_steps", str(FINETUNE_STEPS))])
-  results = loop.train(config, tmp_path / "run")["test"]
+  with helpers.xla_optimized():
+    results = loop.train(config, tmp_path / "run")["test"]
   complete, text_missing, image_missing = (results[k] for k in ("complete", "text_missing", "image_missing"))
   # Measured with these settings (8 simulated devices): complete 74.4 (colour questions 97.8), text missing 37.3,
   # image missing 66.8. What broken models reach on easy-VQA test: the majority answer 37.3%, the question

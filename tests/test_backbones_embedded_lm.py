@@ -15,9 +15,9 @@ STEPS = 40  # of the shipped 300: enough for the loss to fall by more than half
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, easy_vqa_data):
   root = tmp_path_factory.mktemp("embedded_lm")
-  data_dir = root / "data"
+  data_dir = easy_vqa_data
   directory = embedded_lm.build(root / "cache" / embedded_lm.directory_name(0), data_dir, recipe=dict(steps=STEPS))
   return root, data_dir, directory
 

@@ -41,9 +41,9 @@ def test_pretraining_lowers_the_loss_of_matching_pairs(tmp_path):
   assert recall >= 0.75, recall  # measured 1.0; chance is 1/16
 
 
-def test_easy_vqa_captions_agree_with_every_question_about_the_image(tmp_path):
+def test_easy_vqa_captions_agree_with_every_question_about_the_image(easy_vqa_data):
   """Each derived caption answers every question of its image as the dataset does (negations included)."""
-  ds = data.load("easy_vqa", "validation", tmp_path / "data", missing=data.Missing(rate=0.0))
+  ds = data.load("easy_vqa", "validation", easy_vqa_data, missing=data.Missing(rate=0.0))
   source, names = ds.source.source, ds.class_names
   captions = {int(p["id"]): p["text"].split()[1:] for p in easy_vqa.image_captions(source, names)}
   assert len(captions) >= 0.95 * len({int(source[i]["image_id"]) for i in range(len(source))})

@@ -41,8 +41,8 @@ def test_prefix_cache_bench_runs():
   assert "metrics identical: True" in out and "cache build" in out, out
 
 
-def test_data_bench_runs(tmp_path):
-  out = subprocess.run([sys.executable, "bench/data.py", "--data_dir", str(tmp_path), "--threads", "1",
+def test_data_bench_runs(easy_vqa_data):
+  out = subprocess.run([sys.executable, "bench/data.py", "--data_dir", str(easy_vqa_data), "--threads", "1",
                         "--batch", "4", "--batches", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        check=True).stdout
   assert any(line.startswith("| 1 | 4 | ") for line in out.splitlines()), out
@@ -57,8 +57,8 @@ def test_mora_init_bench_runs():
   assert all(float(row[4]) > 0 and 0 < float(row[7]) <= 1 for row in rows), out
 
 
-def test_easyvqa_priors_bench_runs(tmp_path):
-  out = subprocess.run([sys.executable, "bench/easyvqa_priors.py", "--data_dir", str(tmp_path)], cwd=ROOT, env=ENV,
+def test_easyvqa_priors_bench_runs(easy_vqa_data):
+  out = subprocess.run([sys.executable, "bench/easyvqa_priors.py", "--data_dir", str(easy_vqa_data)], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, check=True).stdout
   lines = out.splitlines()  # after TFDS's own preparation messages
   for start in ("question types in test: ", "majority answer (from train): ", "question words alone "):

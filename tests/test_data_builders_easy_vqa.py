@@ -10,9 +10,9 @@ from mora_jax.data.builders import easy_vqa
 
 
 @pytest.fixture(name="builder", scope="module")
-def fixture_builder(tmp_path_factory):
-  builder = easy_vqa.EasyVqa(data_dir=str(tmp_path_factory.mktemp("tfds")))
-  builder.download_and_prepare(file_format="array_record")
+def fixture_builder(easy_vqa_data):
+  builder = easy_vqa.EasyVqa(data_dir=str(easy_vqa_data))
+  builder.download_and_prepare(file_format="array_record")  # prepared by the fixture: reused
   return builder
 
 

@@ -13,9 +13,9 @@ from mora_jax.train import cli
 
 
 @pytest.fixture(scope="module")
-def setup_dirs(tmp_path_factory):
+def setup_dirs(tmp_path_factory, easy_vqa_data):
   root = tmp_path_factory.mktemp("mllm")
-  data_dir = root / "data"
+  data_dir = easy_vqa_data
   train = vqa.load("train", data_dir, missing_lib.Missing(rate=0.0))
   lm_dir = root / "lm"
   tokenizer = embedded_lm.train_tokenizer(embedded_lm.pretraining_texts(train), lm_dir, 384)
