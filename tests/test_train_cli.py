@@ -54,22 +54,23 @@ def test_switching_the_adapter_method_keeps_the_shared_fields_and_drops_the_othe
 
 
 # Each is caught by job.validate before the backbone (the embedded one is pre-trained on first use, minutes).
+# train.py's own wiring of errors is tested above; these run its main in this process (8 simulated devices).
 BAD_CONFIGS = {
     "adapter.rank=0": "rank=0 must be >= 1",
     "adapter.method=vera": "use one of ['mora', 'lora', 'dora', 'moka', 'mmp', 'dcp', 'linear']",
     "dataset=imagenet": "config.dataset='imagenet'",
-    "mesh.fsdp=3": "does not cover the 1 devices",
+    "mesh.fsdp=3": "does not cover the 8 devices",
     "accum_steps=3": "batch_size=64 must split into accum_steps=3",
     "missing.type=audio": "missing type 'audio'",
 }
 
 
 @pytest.mark.parametrize("override", list(BAD_CONFIGS))
-def test_a_bad_config_is_reported_before_any_backbone_is_built(tmp_path, override):
+def test_a_bad_config_is_reported_before_any_backbone_is_built(tmp_path, override, capsys):
   cache = tmp_path / "cache"
-  proc = run_script("train.py", ["--workdir", tmp_path / "w", f"--config.backbone.cache_dir={cache}",
-                                 f"--config.data_dir={tmp_path / 'data'}", f"--config.{override}"], check=False)
-  assert_one_line_error(proc.stderr, proc.returncode, BAD_CONFIGS[override])
+  code = cli.train_main(["--workdir", str(tmp_path / "w"), f"--config.backbone.cache_dir={cache}",
+                         f"--config.data_dir={tmp_path / 'data'}", f"--config.{override}"])
+  assert_one_line_error(capsys.readouterr().err, code, BAD_CONFIGS[override])
   assert not cache.exists() and not (tmp_path / "data").exists() and not (tmp_path / "w").exists()
 
 

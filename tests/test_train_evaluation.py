@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from mora_jax import adapters, data
-from mora_jax.train import checkpoint, config as config_lib, evaluation, export as export_lib, job as job_lib, loop
+from mora_jax.train import checkpoint, cli, config as config_lib, evaluation, export as export_lib
+from mora_jax.train import job as job_lib, loop
 from tests.helpers import ROOT, memes_config, memes_overrides, run_script, saved_test_results, train_losses
 
 EXPORT_FILES = {"config.json", "model.safetensors", "head.safetensors", "head.json", "README.md",
@@ -55,7 +56,7 @@ def test_eval_reproduces_the_test_numbers_and_exports_for_transformers(one_devic
 
 
 @pytest.mark.parametrize("head", ["linear", "mlp"])
-def test_export_without_test_classifies_in_pytorch_as_we_do(memes, one_device_run, head):
+def test_export_without_test_classifies_in_pytorch_as_we_do(memes, one_device_run, head, capsys):
   pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   if head == "linear":
@@ -65,9 +66,11 @@ def test_export_without_test_classifies_in_pytorch_as_we_do(memes, one_device_ru
     loop.train(memes_config(memes, {"max_steps": 2, "head.type": "mlp"}), workdir)
   step = checkpoint.Checkpointer(workdir / "checkpoints", read_only=True).latest_step()
   export = workdir / f"hf_{head}"
-  proc = run_script("eval.py", ["--checkpoint", workdir / "checkpoints" / str(step), "--export_hf", export,
-                                "--no_test"])
-  assert "evaluating" not in proc.stdout + proc.stderr and not list(workdir.glob("eval-*.json"))
+  capsys.readouterr()
+  assert cli.eval_main(["--checkpoint", str(workdir / "checkpoints" / str(step)), "--export_hf", str(export),
+                        "--no_test"]) == 0
+  printed = capsys.readouterr()
+  assert "evaluating" not in printed.out + printed.err and not list(workdir.glob("eval-*.json"))
   assert EXPORT_FILES <= {p.name for p in export.iterdir()}
   assert "Not tested" in (export / export_lib.CARD_FILE).read_text()
   info = json.loads((export / export_lib.HEAD_INFO_FILE).read_text())
