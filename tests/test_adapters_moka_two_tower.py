@@ -77,7 +77,7 @@ def test_gradients_reach_the_text_towers_a_through_the_vision_cross_term(lam):
                                                                      "text": text_specific}}}
     return jnp.sum(adapters.join(graphdef, tree).features(pixels, ids, mask)[:, :half] ** 2)
 
-  grads = jax.grad(image_only)(params["adapter"]["specific"]["text"])
+  grads = jax.jit(jax.grad(image_only))(params["adapter"]["specific"]["text"])
   text_a = [np.asarray(v) for path, v in nnx.to_flat_state(grads) if path[-1] == "lora_A"]
   assert all(np.isfinite(g).all() for g in text_a)
   norm = sum(float(np.abs(g).sum()) for g in text_a)

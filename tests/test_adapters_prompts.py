@@ -46,7 +46,7 @@ def ours_logits_and_grads(clf, pixels, ids, mask, missing, probe):
     logits = nnx.merge(graphdef, trainable, rest)(pixels, ids, mask, missing=jnp.asarray(missing))
     return jnp.sum(logits * probe), logits
 
-  (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(trainable)
   return np.asarray(logits), flat(grads)
 
 
