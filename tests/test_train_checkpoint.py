@@ -61,6 +61,13 @@ def test_checkpointer_keeps_the_latest_and_the_best(tmp_path):
   assert again.all_steps() == [2, 6] and again.steps_best_first("accuracy", best_step=6) == [6, 2]
   np.testing.assert_array_equal(
       again.restore_state(6, {"w": jax.ShapeDtypeStruct((2,), np.float32)})["w"], np.zeros(2, np.float32))
+  # The iterator's position restores in a run of the same process count; one saved by 2 processes does not (the
+  # loop then repositions from the step).
+  resumed = iter(grain.MapDataset.range(8).batch(2).to_iter_dataset())
+  assert again.restore_data(6, resumed)
+  saved = tmp_path / "6" / "data" / "process_0-of-1.json"
+  saved.rename(saved.with_name("process_0-of-2.json"))
+  assert not again.restore_data(6, resumed)
   again.close()
 
 
