@@ -19,8 +19,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 # Most tests spend their time compiling tiny programs, not running them: XLA's expensive optimization passes
-# are off (floats are computed as with them: no fast-math either way); `helpers.xla_optimized()` turns them
-# back on where a test computes more than it compiles. 0 runs the whole suite optimized.
+# are off (no fast-math either way; other kernels may round the last bits differently, which the tolerances
+# cover); `helpers.xla_optimized()` turns them back on where a test computes more than it compiles. 0 runs the
+# whole suite optimized.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # PyTorch (the parity references) on one thread: its OpenMP threads spin, and two test workers share the cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
