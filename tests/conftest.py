@@ -64,11 +64,13 @@ def _cpu_seconds() -> float:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):  # pylint: disable=unused-argument
   """With MORA_JAX_TEST_CPU_PROFILE=FILE, appends "CPU s<TAB>wall s<TAB>test" per test to FILE (docs/testing.md)."""
+  if not CPU_PROFILE:
+    yield
+    return
   cpu, wall = _cpu_seconds(), time.perf_counter()
   yield
-  if CPU_PROFILE:
-    with open(CPU_PROFILE, "a", encoding="utf-8") as f:
-      f.write(f"{_cpu_seconds() - cpu:.2f}\t{time.perf_counter() - wall:.2f}\t{item.nodeid}\n")
+  with open(CPU_PROFILE, "a", encoding="utf-8") as f:
+    f.write(f"{_cpu_seconds() - cpu:.2f}\t{time.perf_counter() - wall:.2f}\t{item.nodeid}\n")
 
 
 @pytest.fixture(scope="session")
