@@ -7,9 +7,9 @@ Per backbone, on the same device and batch (images, 77-token texts or the embedd
 three missing cases): merged MoRA (the backbone's recipe, folded into the weights: plain CLIP's computation),
 DCP and MMP with their recipes (36 prompt tokens; depth 6 on ViT-B/16, 4 on the 4-layer embedded CLIP). Printed
 per method: the extra tokens per layer, analytic multiply-accumulates (MACs) per sample of the linear layers,
-attention matmuls and prompt modules (a FLOP is 2 MACs), XLA's own FLOP count of the compiled forward, the
-trained parameters, and the best-of-N time per batch of the jitted forward, all methods timed in turn in
-every round. The trained parameters per part follow in a second table.
+attention matmuls and prompt modules (bench/flops.py; a FLOP is 2 MACs), XLA's own FLOP count of the compiled
+forward, the trained parameters, and the best-of-N time per batch of the jitted forward, all methods timed in
+turn in every round. The trained parameters per part follow in a second table.
 """
 
 from pathlib import Path
@@ -22,6 +22,7 @@ from mora_jax import adapters, clip
 from mora_jax.adapters import prompts
 from mora_jax.backbones import embedded
 from mora_jax.train import recipes
+from flops import forward_macs
 from harness import interleaved_best_seconds, parse_args, random_batch
 
 DEFAULT_BATCH = {"ViT-B/16": 8, "embedded": 64}
@@ -52,36 +53,6 @@ def method_config(method: str, config: str, model: clip.CLIPConfig):
   return adapters.from_config(values)
 
 
-def tower_macs(layers: int, tokens: int, width: int, mlp: int) -> int:
-  """A pre-LN transformer's MACs per sample: q, k, v, out and MLP projections, and the two attention matmuls."""
-  return layers * (tokens * (4 * width * width + 2 * width * mlp) + 2 * tokens * tokens * width)
-
-
-def dcp_prompt_macs(cfg: adapters.DCPConfig, model: clip.CLIPConfig, text_tokens: int, batch: int) -> float:
-  """Per sample: the dynamic prompts' attention of each tower, plus the correlated chain and modal-common maps,
-  computed once per missing case per batch, shared over its samples."""
-  g, dv, dt = cfg.group, model.vision.hidden_size, model.text.hidden_size
-  per_sample = 0
-  for width, tokens in ((dv, model.vision.num_patches + 1), (dt, text_tokens)):
-    per_sample += 2 * g * width * width + 2 * tokens * width * width + 2 * g * tokens * width
-  hidden, common = (dv + dt) // cfg.reduction, dt // cfg.reduction
-  chain = cfg.depth * g * (2 * (dv + dt) * hidden + hidden * (dv + dt))
-  common_maps = g * (2 * dt * common + common * (dv + dt))
-  return per_sample + prompts.CASES * (chain + common_maps) / batch
-
-
-def analytic_macs(method: str, adapter, model: clip.CLIPConfig, text_tokens: int, batch: int) -> float:
-  v, t = model.vision, model.text
-  extra = 0 if method == "mora" else adapter.length
-  macs = v.num_patches * v.patch_size**2 * v.num_channels * v.hidden_size  # patch embedding
-  macs += tower_macs(v.num_hidden_layers, v.num_patches + 1 + extra, v.hidden_size, v.intermediate_size)
-  macs += tower_macs(t.num_hidden_layers, text_tokens + extra, t.hidden_size, t.intermediate_size)
-  macs += (v.hidden_size + t.hidden_size) * model.projection_dim + 2 * model.projection_dim * NUM_CLASSES
-  if method == "dcp":
-    macs += dcp_prompt_macs(adapter, model, text_tokens, batch)
-  return macs
-
-
 def forward(clf: adapters.Classifier, data):
   """(a no-argument call computing one batch's logits, XLA's FLOPs of the compiled forward)."""
   graphdef, state = nnx.split(clf)
@@ -110,10 +81,11 @@ def bench_config(name: str, batch: int, repeats: int) -> list[dict]:
       parts = prompts.parameter_parts(clf)
     call, flops = forward(clf, data)
     calls.append(call)
-    extra = 0 if method == "mora" else adapter.length
+    prompt = None if method == "mora" else adapter
+    extra = prompt.length if prompt else 0
     rows.append(dict(config=name, batch=batch, method=method, extra=extra, layers=model.vision.num_hidden_layers,
                      tokens=(model.vision.num_patches + 1 + extra, ids.shape[1] + extra),
-                     macs=analytic_macs(method, adapter, model, ids.shape[1], batch), xla_flops=flops / batch,
+                     macs=forward_macs(model, ids.shape[1], NUM_CLASSES, prompt, batch), xla_flops=flops / batch,
                      parts=parts))
   for row, seconds in zip(rows, interleaved_best_seconds(calls, repeats)):
     row["seconds"] = seconds

@@ -1,11 +1,21 @@
 """The benchmark scripts run (smallest settings); their numbers are measured by hand, not asserted here."""
 
+import dataclasses
 import importlib.util
+import math
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
+
+from mora_jax import adapters, clip, sharding
+from mora_jax.adapters import optim, prompts
+from mora_jax.train import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The scripts import mora_jax from this checkout (installed or not), on one simulated device.
@@ -112,3 +122,126 @@ def test_inference_bench_runs():
   assert [row[3].strip() for row in rows] == ["merged MoRA", "DCP", "MMP"], out
   assert all(row[-2].strip().endswith("x") for row in rows), out  # time / merged MoRA
   assert float(rows[1][7].rstrip("x ")) > 1 and float(rows[2][7].rstrip("x ")) > 1, out  # more MACs with prompts
+
+
+def _bench_module(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _dot_macs(jaxpr) -> int:
+  """Multiply-accumulates of every dot_general in a jaxpr and the jaxprs inside it (a scan's, times its length)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contracting, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contracting)
+    for param in eqn.params.values():
+      for inner in param if isinstance(param, (tuple, list)) else (param,):
+        if hasattr(inner, "eqns"):
+          total += eqn.params.get("length", 1) * _dot_macs(inner)
+  return total
+
+
+def _tiny_inputs(cfg, batch: int):
+  """(pixels, ids, mask, missing) shaped as harness.random_batch makes them: texts of min(77, positions) tokens."""
+  rng = np.random.RandomState(0)
+  v, length = cfg.vision, min(77, cfg.text.max_position_embeddings)
+  ids = rng.randint(0, cfg.text.vocab_size - 1, (batch, length)).astype(np.int32)
+  ids[:, -1] = cfg.text.eos_token_id
+  return (rng.randn(batch, v.num_channels, v.image_size, v.image_size).astype(np.float32), ids, np.ones_like(ids),
+          np.arange(batch, dtype=np.int32) % 3)
+
+
+def _forward(clf):
+  """The classifier's jitted forward on (pixels, ids, mask, missing), and its state."""
+  graphdef, state = nnx.split(clf)
+  return jax.jit(lambda state, *x: nnx.merge(graphdef, state)(*x[:3], missing=x[3])), state
+
+
+def _train_step(clf):
+  """The library's jitted train step of `clf` on one device, and its first state."""
+  graphdef, params = adapters.split(clf)
+  mesh = sharding.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1])
+  schedule = step_lib.lr_schedule(1e-3, 1000, 0.1)
+  tx = optim.adamw(schedule, 0.02)
+  trainable = adapters.trainable(params)
+  state = {"params": trainable, "opt": tx.init(trainable), "step": jnp.int32(0), "rng": jax.random.PRNGKey(0)}
+  backbone = params["backbone"]
+  step = step_lib.make_train_step(graphdef, tx, schedule, False, mesh,
+                                  sharding.state_shardings(backbone, mesh, sharding.REPLICATED_RULES))
+  return step, state, backbone
+
+
+def _step_batch(inputs, num_classes: int) -> dict:
+  pixels, ids, mask, _ = inputs
+  batch = {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask, "missing": np.zeros(len(ids), np.int8),
+           "label": np.arange(len(ids), dtype=np.int32) % num_classes, "valid": np.ones(len(ids), bool)}
+  return {k: v[None] for k, v in batch.items()}  # one micro-batch
+
+
+@pytest.mark.parametrize("prompt", [None, prompts.MMPConfig(length=6, depth=2), prompts.DCPConfig(length=6, depth=2)],
+                         ids=["plain", "mmp", "dcp"])
+def test_forward_macs_are_the_forward_matmuls(prompt):
+  flops = _bench_module("flops")
+  cfg, batch = clip.preset("tiny"), 4
+  inputs = _tiny_inputs(cfg, batch)
+  forward, state = _forward(adapters.build_classifier(clip.init(cfg), prompt, 101))
+  macs = _dot_macs(jax.make_jaxpr(forward)(state, *inputs))
+  assert flops.forward_macs(cfg, inputs[1].shape[1], 101, prompt, batch) == macs / batch
+
+
+@pytest.mark.parametrize("start_layer", [1, 0])
+def test_train_step_flops_are_the_step_matmuls(start_layer):
+  """The count transcribes the step: forward and backward FLOPs are exactly 2x the MACs of the dots jax traces
+  for the classifier's forward and for the whole step, the update 20 FLOPs per trainable parameter."""
+  flops = _bench_module("flops")
+  cfg, batch, num_classes = clip.preset("tiny"), 4, 101
+  mora = adapters.MoRAConfig(targets=("q_proj", "v_proj"), start_layer=start_layer, rank=4)
+  clf = adapters.build_classifier(clip.init(cfg), mora, num_classes)
+  inputs = _tiny_inputs(cfg, batch)
+  counted = flops.train_step_flops(cfg, mora, inputs[1].shape[1], batch, num_classes)
+  forward, state = _forward(clf)
+  assert counted.forward == 2 * _dot_macs(jax.make_jaxpr(forward)(state, *inputs)) / batch
+  step, state, backbone = _train_step(clf)
+  step_macs = _dot_macs(jax.make_jaxpr(step)(state, backbone, _step_batch(inputs, num_classes)))
+  assert counted.forward + counted.backward == 2 * step_macs / batch
+  assert counted.update == 20 * adapters.count_parameters(clf)["trainable"] / batch
+
+
+def test_train_step_flops_grow_with_the_adapted_layers():
+  flops = _bench_module("flops")
+  cfg = clip.preset("ViT-B/16")
+  count = lambda start: flops.train_step_flops(cfg, adapters.MoRAConfig(start_layer=start), 77, 256, 101)
+  last, first = count(11), count(0)
+  assert last.total < count(10).total < first.total
+  assert last.forward == pytest.approx(first.forward, rel=1e-4)  # the whole model's, plus the kernels' builds
+  # Food-101 MoRA on ViT-B/16 at batch 256: ~41 GFLOP forward, ~48 with the backward through layers 10 and 11.
+  assert count(10).forward / 1e9 == pytest.approx(41.09, abs=0.01)
+  assert count(10).total / 1e9 == pytest.approx(48.37, abs=0.01)
+
+
+def test_flops_match_xla_cost_analysis_on_cpu():
+  """XLA's CPU cost analysis counts every dot (unlike GPU's, which leaves out the cuBLAS calls) and elementwise
+  work besides: within 10% of the analytic count on the tiny preset widened to 128 (at width 32 the layer norms,
+  softmax and GELU XLA also counts are as large as that margin; in ViT-B/16 they are ~1%)."""
+  flops = _bench_module("flops")
+  tiny = clip.preset("tiny")
+  widen = dict(hidden_size=128, intermediate_size=512)
+  cfg = dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, **widen),
+                            vision=dataclasses.replace(tiny.vision, **widen))
+  batch, num_classes = 4, 101
+  mora = adapters.MoRAConfig(targets=("q_proj", "v_proj"), start_layer=1, rank=4)
+  clf = adapters.build_classifier(clip.init(cfg), mora, num_classes)
+  inputs = _tiny_inputs(cfg, batch)
+  counted = flops.train_step_flops(cfg, mora, inputs[1].shape[1], batch, num_classes)
+  forward, state = _forward(clf)
+  xla_forward = forward.lower(state, *inputs).compile().cost_analysis()["flops"] / batch
+  assert xla_forward == pytest.approx(counted.forward, rel=0.1)
+  step, state, backbone = _train_step(clf)
+  xla_step = step.lower(state, backbone, _step_batch(inputs, num_classes)).compile().cost_analysis()["flops"] / batch
+  assert xla_step == pytest.approx(counted.total, rel=0.1)
+
