@@ -245,3 +245,10 @@ def test_flops_match_xla_cost_analysis_on_cpu():
   xla_step = step.lower(state, backbone, _step_batch(inputs, num_classes)).compile().cost_analysis()["flops"] / batch
   assert xla_step == pytest.approx(counted.total, rel=0.1)
 
+
+def test_peak_bench_runs():
+  out = subprocess.run([sys.executable, "bench/peak.py", "--size", "128", "--repeats", "1"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, check=True).stdout
+  rates = [line.split(": ") for line in out.splitlines() if line.endswith(" TFLOP/s")]
+  assert [dtype for dtype, _ in rates] == ["bfloat16", "float32"], out
+  assert all(float(rate.split()[0]) > 0 for _, rate in rates), out
