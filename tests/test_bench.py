@@ -246,6 +246,23 @@ def test_flops_match_xla_cost_analysis_on_cpu():
   assert xla_step == pytest.approx(counted.total, rel=0.1)
 
 
+def test_train_bench_reports_analytic_and_xla_flops_and_mfu():
+  pytest.importorskip("torch", reason="the benchmark builds its checkpoint with transformers' PyTorch CLIP")
+  out = subprocess.run([sys.executable, "bench/train.py", "--configs", "tiny", "--repeats", "1", "--batch", "4",
+                        "--no_peer", "--peak_tflops", "auto"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       check=True).stdout
+  assert "MFU against the measured float32 matmul rate " in out, out
+  lines = out.splitlines()
+  header = next(line for line in lines if line.startswith("| config |"))
+  values = next(line for line in lines if line.startswith("| tiny | 4 |"))
+  row = dict(zip((c.strip() for c in header.split("|")), (c.strip() for c in values.split("|"))))
+  # The script's recipe on the 2-layer tiny preset (q, v from layer 1, rank 4) and random_batch's 16-token texts.
+  counted = _bench_module("flops").train_step_flops(clip.preset("tiny"), adapters.MoRAConfig(start_layer=1), 16, 4, 101)
+  assert float(row["analytic GFLOP/sample"]) == pytest.approx(counted.total / 1e9, rel=1e-3), out
+  assert float(row["XLA GFLOP/sample"]) > 0 and float(row["TFLOP/s (analytic)"]) > 0, out
+  assert row["MFU (analytic)"].endswith("%"), out
+
+
 def test_peak_bench_runs():
   out = subprocess.run([sys.executable, "bench/peak.py", "--size", "128", "--repeats", "1"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, check=True).stdout
