@@ -6,6 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from mora_jax.data import pipeline
 from mora_jax.data.builders import easy_vqa
 
 
@@ -69,7 +70,8 @@ def test_load_with_missing_table_and_scenarios(builder):
   assert np.array_equal(ds.table, again.table)
   assert set(ds.scenario("text_missing").table.tolist()) == {1} and ds.scenario("mix") is ds
   record = ds.source[0]
-  assert record["image"].shape == (64, 64, 3) and isinstance(record["text"], bytes)
+  assert isinstance(record["image"], bytes) and isinstance(record["text"], bytes)  # decoded by the pipeline
+  assert np.asarray(pipeline.record_image(record, "easy_vqa")).shape == (64, 64, 3)
 
 
 def test_batches_at_224_pixels(builder, tmp_path):
@@ -78,6 +80,6 @@ def test_batches_at_224_pixels(builder, tmp_path):
   ds = data.load("easy_vqa", "validation", builder.data_path.parent.parent, missing=data.Missing(rate=0.7))
   tokenizer = tokenizers.byte_level_clip_tokenizer(tmp_path)
   batch = next(iter(data.batches(ds, 4, tokenizer, train=True, seed=42)))
-  assert batch["pixel_values"].shape == (4, 3, 224, 224) and batch["pixel_values"].dtype == np.float32
+  assert batch["pixels"].shape == (4, 224, 224, 3) and batch["pixels"].dtype == np.uint8
   assert batch["input_ids"].shape == (4, 77) and batch["label"].shape == (4,)
   np.testing.assert_array_equal(batch["missing"], ds.table[batch["index"]])

@@ -3,11 +3,12 @@
 import dataclasses
 import io
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from mora_jax.data import missing, pipeline, preprocess, tokenizers
+from mora_jax.data import missing, pipeline, pixel_store, preprocess, tokenizers
 
 PREP = pipeline.Preprocessing(image=preprocess.ImageProcessing.clip(32), max_length=16)
 
@@ -73,7 +74,7 @@ def test_training_epochs_are_ceil_n_over_b_steps_with_the_last_padded(tokenizer,
     assert valid[rows_of_epoch].tolist() == [True] * 23 + [False] and index[rows_of_epoch][-1] == -1
   assert not np.array_equal(index[:23], index[24:47])
   padding = per_host[-1][accum_steps * 3 - 1]  # the last host's part of epoch 1's last micro-batch
-  assert padding["pixel_values"].shape == (micro, 3, 32, 32) and padding["label"].shape == (micro,)
+  assert padding["pixels"].shape == (micro, 32, 32, 3) and padding["label"].shape == (micro,)
 
 
 @pytest.mark.parametrize("hosts", [1, 2, 3])
@@ -86,7 +87,7 @@ def test_evaluation_sees_every_sample_once(tokenizer, hosts):
                                          process_count=hosts))
     num_batches.add(len(host_batches))
     for b in host_batches:
-      assert b["pixel_values"].shape == (4, 3, 32, 32) and b["input_ids"].shape == (4, 16)
+      assert b["pixels"].shape == (4, 32, 32, 3) and b["pixels"].dtype == np.uint8 and b["input_ids"].shape == (4, 16)
       np.add.at(counts, b["index"][b["valid"]], 1)
   assert len(num_batches) == 1  # every host runs the same number of steps
   assert (counts == 1).all()
@@ -102,7 +103,7 @@ def test_resume_from_saved_state_gives_the_same_batches(tokenizer):
   resumed = make()
   resumed.set_state(state)
   for a, b in zip(expected, take(resumed, 5)):
-    for key in ("index", "pixel_values", "input_ids", "label"):
+    for key in ("index", "pixels", "input_ids", "label"):
       np.testing.assert_array_equal(a[key], b[key])
 
 
@@ -112,13 +113,81 @@ def test_missing_modalities_get_dummy_inputs(tokenizer):
   batch = next(iter(pipeline.batches(source, table, tokenizer, 6, train=False, prep=PREP)))
   white = preprocess.image_to_pixels(preprocess.white_image(32, 32), preprocess.ImageProcessing.clip(32))
   empty_ids, _ = pipeline.tokenize(tokenizer, [""], PREP)
+  pixel_values = np.asarray(jax.jit(pipeline.model_inputs, static_argnums=1)(batch, PREP)["pixel_values"])
   for row, code in enumerate(table):
     assert batch["missing"][row] == code
-    assert np.array_equal(batch["pixel_values"][row], white) == (code == missing.IMAGE_MISSING)
+    assert np.array_equal(pixel_values[row], white) == (code == missing.IMAGE_MISSING)
     assert np.array_equal(batch["input_ids"][row], empty_ids[0]) == (code == missing.TEXT_MISSING)
   ones = dataclasses.replace(PREP, missing_image="ones_after_norm")
   batch = next(iter(pipeline.batches(source, table, tokenizer, 6, train=False, prep=ones)))
-  assert (batch["pixel_values"][2] == 1).all()
+  pixel_values = np.asarray(jax.jit(pipeline.model_inputs, static_argnums=1)(batch, ones)["pixel_values"])
+  assert (pixel_values[[2, 5]] == 1).all() and not (pixel_values[[0, 1, 3, 4]] == 1).any()
+
+
+def test_device_normalisation_equals_the_host_float_path_bit_for_bit():
+  """Every uint8 value of every channel, through the normalisation the devices run, against the host path."""
+  rng = np.random.RandomState(1)
+  processing = [preprocess.ImageProcessing.clip(32), dataclasses.replace(
+      preprocess.ImageProcessing.clip(32), mean=(0.5, 0.25, 0.1), std=(0.2, 0.3, 0.7), rescale_factor=1 / 127.5),
+                dataclasses.replace(preprocess.ImageProcessing.clip(32), do_normalize=False, do_rescale=False)]
+  images = rng.randint(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+  images[0, :16, :16] = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)  # every value in every channel
+  for image_processing in processing:
+    prep = dataclasses.replace(PREP, image=image_processing)
+    host = np.stack([preprocess.normalize(image, image_processing) for image in images])
+    device = jax.jit(pipeline.model_inputs, static_argnums=1)(
+        {"pixels": images, "missing": np.zeros(4, np.int8)}, prep)["pixel_values"]
+    assert device.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(device), host)
+
+
+def test_decoding_workers_and_the_pixel_store_give_identical_batches(tokenizer, tmp_path):
+  """The same batches (pixels, tokens, masks, missing codes, valid and corrupt rows) decoded in the main process,
+  in 1 or 2 worker processes, or read from the pixel store, and after a resume from any of them."""
+  source = make_source(13)
+  source[4]["image"] = source[4]["image"][:40]  # corrupt: a masked, counted row on every path
+  table = np.array([0, 1, 2] * 4 + [0], np.int8)
+  store = pixel_store.open_or_build(source, "fixture", "train", PREP, tmp_path, "on", 2, print)
+  assert store.corrupt.tolist() == [i == 4 for i in range(13)]
+  make = lambda **kw: iter(pipeline.batches(source, table, tokenizer, 4, train=True, seed=2, prep=PREP,
+                                            skip_corrupt=True, **kw))
+  reference = take(make(workers=0), 8)
+  for options in (dict(workers=1), dict(workers=2), dict(store=store), dict(store=store, num_threads=3)):
+    it = make(**options)
+    got = take(it, 3)
+    state = it.get_state()
+    resumed = make(**options)
+    resumed.set_state(state)
+    for a, b in zip(reference, got + take(resumed, 5)):
+      assert a.keys() == b.keys()
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{options} {key}")
+  assert any(b["corrupt"].any() for b in reference)
+
+
+def test_a_truncated_pixel_store_is_detected_and_rebuilt(tmp_path):
+  source = make_source(5)
+  notes = []
+  first = pixel_store.open_or_build(source, "fixture", "train", PREP, tmp_path, "on", 0, notes.append)
+  pixels_file = first.directory / "pixels.npy"
+  expected = np.array(first.pixels)
+  with open(pixels_file, "r+b") as f:
+    f.truncate(pixels_file.stat().st_size - 100)
+  again = pixel_store.open_or_build(source, "fixture", "train", PREP, tmp_path, "on", 0, notes.append)
+  assert any(f"pixel store file {pixels_file} is damaged" in note for note in notes)
+  assert again.build_seconds > 0
+  np.testing.assert_array_equal(np.asarray(again.pixels), expected)
+  reused = pixel_store.open_or_build(source, "fixture", "train", PREP, tmp_path, "on", 0, notes.append)
+  assert reused.build_seconds == 0 and reused.directory == first.directory
+
+
+def test_a_store_of_other_preprocessing_is_another_store(tmp_path):
+  source = make_source(3)
+  a = pixel_store.open_or_build(source, "fixture", "train", PREP, tmp_path, "on", 0, print)
+  other = dataclasses.replace(PREP, transparency="white")
+  b = pixel_store.open_or_build(source, "fixture", "train", other, tmp_path, "on", 0, print)
+  assert a.directory != b.directory and b.build_seconds > 0
+  assert pixel_store.open_or_build(source, "fixture", "train", PREP, tmp_path, "off", 0, print) is None
 
 
 def test_position_75_rewrite_only_touches_truncated_texts(tokenizer):

@@ -61,7 +61,7 @@ def built_job(memes, **overrides):
 def build(job, ds, log, memory=False):
   plan = prefix_cache.plan(job.config, adapters.from_config(job.config.adapter.to_dict()), uses=2)
   shardings = sharding.state_shardings(job.params["backbone"], job.mesh, job.rules)
-  fill = prefix_cache.make_fill_step(job.graphdef, plan.layer, job.mesh, shardings)
+  fill = prefix_cache.make_fill_step(job.graphdef, plan.layer, job.mesh, shardings, job.prep)
   return prefix_cache.build(job, ds, adapters.trainable(job.params), plan, fill, memory=memory, log=log,
                             desc="test")
 

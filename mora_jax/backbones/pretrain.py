@@ -38,13 +38,15 @@ def _decay_mask(params):
   return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
-def make_step(graphdef, tx, mesh, param_shardings):
+def make_step(graphdef, tx, mesh, param_shardings, prep: pipeline.Preprocessing):
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def step(params, opt_state, batch):
+    inputs = pipeline.model_inputs(batch, prep)
+
     def loss_fn(params):
-      logits_per_image, _ = nnx.merge(graphdef, params)(batch["pixel_values"], batch["input_ids"],
-                                                        batch["attention_mask"])
+      logits_per_image, _ = nnx.merge(graphdef, params)(inputs["pixel_values"], inputs["input_ids"],
+                                                        inputs["attention_mask"])
       return contrastive_loss(logits_per_image)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -74,7 +76,7 @@ def train(model: CLIP, source, tokenizer, prep: pipeline.Preprocessing, *, epoch
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, int(total * warmup_fraction), total, 0.0)
   tx = optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=weight_decay, mask=_decay_mask)
   opt_state = sharding.replicate(tx.init(params), mesh)
-  step = make_step(graphdef, tx, mesh, sharding.state_shardings(params, mesh, rules))
+  step = make_step(graphdef, tx, mesh, sharding.state_shardings(params, mesh, rules), prep)
   per_process, count = batch_size // jax.process_count(), jax.process_count()
   table = np.zeros(len(source), np.int8)  # every pair complete
   batches = iter(pipeline.batches(source, table, tokenizer, per_process, train=True, seed=seed, prep=prep,

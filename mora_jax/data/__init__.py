@@ -5,14 +5,24 @@
     it = iter(data.batches(ds, 256, tokenizer, train=True, seed=42))   # dicts of numpy arrays
     test_views = {kind: ds.scenario(kind) for kind in data.SCENARIOS}  # complete / text / image missing / mix
     own = data.load(data.MANIFEST, "train", data_dir=..., manifest=data.Manifest("my_data.jsonl"))  # your own data
+
+The names below load their module on first use, so that importing one light module (preprocess, missing; what a
+decoding worker process or the adapters import) does not load TFDS and the dataset builders.
 """
 
-from mora_jax.data.builders.manifest import Manifest
-from mora_jax.data.datasets import (BUILDERS, MANIFEST, SCENARIOS, Classes, Dataset, batches, classes, is_prepared,
-                                    load, prepare)
-from mora_jax.data.missing import Missing
-from mora_jax.data.pipeline import CLASSIFIER_INPUTS, MODEL_INPUTS, Preprocessing, tokenize
+import importlib
 
-__all__ = ["BUILDERS", "CLASSIFIER_INPUTS", "MANIFEST", "MODEL_INPUTS", "SCENARIOS", "Classes", "Dataset", "Manifest",
-           "Missing", "Preprocessing", "batches", "classes", "is_prepared", "load", "prepare", "tokenize"]
+_EXPORTS = {
+    "Manifest": "builders.manifest",
+    **dict.fromkeys(("BUILDERS", "MANIFEST", "SCENARIOS", "Classes", "Dataset", "batches", "classes", "is_prepared",
+                     "load", "prepare"), "datasets"),
+    "Missing": "missing",
+    **dict.fromkeys(("MODEL_INPUTS", "Preprocessing", "tokenize"), "pipeline"),
+}
+__all__ = sorted(_EXPORTS)
 
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'mora_jax.data' has no attribute {name!r}")
+  return getattr(importlib.import_module(f"mora_jax.data.{_EXPORTS[name]}"), name)

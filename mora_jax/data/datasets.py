@@ -171,7 +171,10 @@ def load(name: str, split: str, data_dir: str | Path, manual_dir: str | Path | N
   key = _key(name, builder)
   if split not in builder.info.splits:
     raise ValueError(f"{key} has no split {split!r}; it has {sorted(builder.info.splits)}.")
-  source = builder.as_data_source(split)
+  # Images stay encoded: the pipeline decodes them in its workers, and reads none at all from a pixel store.
+  skip = {name: tfds.decode.SkipDecoding() for name, feature in builder.info.features.items()
+          if isinstance(feature, tfds.features.Image)}
+  source = builder.as_data_source(split, decoders=skip or None)
   view = _TextView(source, one_sample_per_text, f"{builder.data_dir}, split {split}")
   for row in sorted({0, len(source) - 1} - {-1}):  # both ends before any training: misordered files fail here
     view.record(row)

@@ -7,10 +7,15 @@ multi-hot vector). Every epoch, in training as in evaluation, sees every sample 
 is padded with rows that a `valid` mask marks as padding.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
+import functools
+import multiprocessing
 from collections.abc import Sequence
 
 import grain
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -44,6 +49,28 @@ class Preprocessing:
     """MoRA's dummy input for a missing image."""
     return self.pixels(preprocess.white_image(*self.image.output_size))
 
+  def white_array(self) -> np.ndarray:
+    """MoRA's dummy input for a missing image, as the pipeline's uint8 [height, width, 3]."""
+    return preprocess.image_to_array(preprocess.white_image(*self.image.output_size), self.image, self.transparency)
+
+
+def model_inputs(batch: dict, prep: Preprocessing) -> dict:
+  """A batch with uint8 "pixels" [B, H, W, 3] -> the same batch with the float32 "pixel_values" [B, 3, H, W] a
+  CLIP forward reads (other batch forms pass through). Meant for inside a jitted step, so that 1 byte per value
+  crosses to the devices instead of 4: each value is looked up in `preprocess.normalize_table`, which equals
+  the host's float path bit for bit; with missing_image="ones_after_norm" a missing image's row is all ones."""
+  if "pixels" not in batch:
+    return batch
+  out = {k: v for k, v in batch.items() if k != "pixels"}
+  table = jnp.asarray(preprocess.normalize_table(prep.image))
+  pixels = batch["pixels"].astype(jnp.int32)
+  values = jnp.stack([table[channel][pixels[..., channel]] for channel in range(table.shape[0])], axis=1)
+  if prep.missing_image == "ones_after_norm":
+    image_missing = batch["missing"] == missing_lib.IMAGE_MISSING
+    values = jnp.where(image_missing[:, None, None, None], jnp.ones_like(values), values)
+  out["pixel_values"] = values
+  return out
+
 
 def tokenize(tokenizer, texts: Sequence[str], prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
   """(input_ids int32 [N, L], attention_mask int32 [N, L]): padded to max_length, truncated keeping EOS last.
@@ -60,85 +87,125 @@ def tokenize(tokenizer, texts: Sequence[str], prep: Preprocessing) -> tuple[np.n
   return ids, mask
 
 
+GROUP_FEATURE = "question_type"
+# The batch keys a forward reads: uint8 images (normalised on the devices, `model_inputs`), the tokens, and each
+# sample's missing code (by which the devices put the all-ones dummy in a missing image's place when that is the
+# dummy, and the prompt methods pick their prompts).
+MODEL_INPUTS = ("pixels", "input_ids", "attention_mask", "missing")
+
+
+@functools.cache
+def _worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+  # Spawned, not forked: the parent runs JAX's threads, which a fork would copy mid-flight. The workers import
+  # only mora_jax.data.preprocess (numpy and PIL). One pool per process and worker count, shared by every
+  # pipeline (train, validation, test), shut down at exit.
+  return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def decode_arrays(items: Sequence[tuple], prep: Preprocessing, workers: int) -> list:
+  """`preprocess.decode_to_array` of each (image, name): uint8 [height, width, 3] pixels, or the error message of
+  a corrupt image. In this process (workers=0), or in one chunk per worker over `workers` processes."""
+  if workers == 0 or len(items) < 2:
+    return preprocess.decode_chunk(list(items), prep.image, prep.transparency)
+  size = -(-len(items) // workers)
+  return list(decode_stream((items[i:i + size] for i in range(0, len(items), size)), prep, workers))
+
+
+def decode_stream(chunks, prep: Preprocessing, workers: int):
+  """`decode_arrays` of an iterable of chunks of (image, name), yielded one result at a time in order, with at
+  most 2 x `workers` chunks in flight (so that a whole split is never held in memory)."""
+  if workers == 0:
+    for chunk in chunks:
+      yield from preprocess.decode_chunk(list(chunk), prep.image, prep.transparency)
+    return
+  pool, pending = _worker_pool(workers), collections.deque()
+  for chunk in chunks:
+    pending.append(pool.submit(preprocess.decode_chunk, list(chunk), prep.image, prep.transparency))
+    if len(pending) >= 2 * workers:
+      yield from pending.popleft().result()
+  while pending:
+    yield from pending.popleft().result()
+
+
 def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def sample_name(record, source_name: str) -> str:
+  where = f" ({_text(record['file'])})" if "file" in record else ""
+  return f"{source_name} sample {_text(record['id'])}{where}"
 
 
 def record_image(record, source_name: str) -> Image.Image:
   """A record's image as PIL: encoded bytes are decoded (errors name the sample), arrays converted."""
   value = record["image"]
   if isinstance(value, (bytes, bytearray)):
-    where = f" ({_text(record['file'])})" if "file" in record else ""
-    return preprocess.decode_image(bytes(value), f"{source_name} sample {_text(record['id'])}{where}")
+    return preprocess.decode_image(bytes(value), sample_name(record, source_name))
   return Image.fromarray(np.asarray(value))
 
 
-GROUP_FEATURE = "question_type"
-MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")  # the batch keys a CLIP forward reads
-# The batch keys the classifier reads: the CLIP inputs and each sample's missing code (by which the prompt
-# methods pick their prompts; the other methods ignore it).
-CLASSIFIER_INPUTS = MODEL_INPUTS + ("missing",)
+class _Batch:
+  """Record indices (-1: padding) -> one batch: uint8 pixels (from the pixel store, or decoded per sample over
+  the worker processes), tokenized texts, labels, missing codes, and the rows' valid / corrupt / group values.
+  Runs in Grain's threads, one batch per call."""
 
-
-class _Decode:
-  """Record index -> one preprocessed example (runs in Grain's worker threads)."""
-
-  def __init__(self, source, table: np.ndarray, prep: Preprocessing, source_name: str, skip_corrupt: bool):
-    self.source, self.table, self.prep, self.source_name = source, table, prep, source_name
-    self.skip_corrupt = skip_corrupt
-    self.white = prep.white_pixels()
+  def __init__(self, source, table: np.ndarray, tokenizer, prep: Preprocessing, source_name: str,
+               skip_corrupt: bool, workers: int, store):
+    self.source, self.table, self.tokenizer, self.prep = source, table, tokenizer, prep
+    self.source_name, self.skip_corrupt, self.workers, self.store = source_name, skip_corrupt, workers, store
+    self.white = prep.white_array()
     self.padding_label = np.zeros_like(np.asarray(source[0]["label"])) if len(source) else None
 
-  def missing_pixels(self) -> np.ndarray:
-    return self.white if self.prep.missing_image == "white" else np.ones_like(self.white)
-
-  def padding(self) -> dict:
-    """A masked row (index -1) of the right shapes; nothing is read or decoded for it."""
-    return {"pixel_values": self.white, "text": "", "label": self.padding_label,
-            "missing": np.int8(missing_lib.COMPLETE), "index": np.int64(-1), "valid": np.bool_(False),
-            "corrupt": np.bool_(False), "group": np.int8(-1)}
-
-  def __call__(self, index: int) -> dict:
-    if index < 0:
-      return self.padding()
-    valid = True
-    record = self.source[index]
-    code = int(self.table[index])
-    corrupt = False
-    if code == missing_lib.IMAGE_MISSING:
-      pixels = self.missing_pixels()
+  def _images(self, indices: np.ndarray, records: dict) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 pixels of the rows whose image is present, and which of them are corrupt (masked when skipped)."""
+    pixels = np.zeros((len(indices), *self.white.shape), np.uint8)
+    corrupt = np.zeros(len(indices), bool)
+    if not len(indices):
+      return pixels, corrupt
+    if self.store is not None:
+      order = np.argsort(indices)  # ascending reads of the memory map
+      pixels[order], corrupt[order] = self.store.pixels[indices[order]], self.store.corrupt[indices[order]]
+      errors = {}
     else:
-      try:
-        pixels = self.prep.pixels(record_image(record, self.source_name))
-      except ValueError:
-        if not self.skip_corrupt:
-          raise
-        # Kept as a masked row (like padding) and counted, so batches and evaluation stay aligned.
-        pixels, corrupt, valid = np.zeros_like(self.white), True, False
-    text = "" if code == missing_lib.TEXT_MISSING else _text(record["text"])
+      decoded = decode_arrays([(records[i]["image"], sample_name(records[i], self.source_name)) for i in indices],
+                              self.prep, self.workers)
+      errors = {row: out for row, out in enumerate(decoded) if isinstance(out, str)}
+      for row, out in enumerate(decoded):
+        if row in errors:
+          corrupt[row] = True
+        else:
+          pixels[row] = out
+    if corrupt.any() and not self.skip_corrupt:
+      row = int(np.argmax(corrupt))
+      index = int(indices[row])
+      message = errors.get(row) or decode_arrays([(records[index]["image"],
+                                                   sample_name(records[index], self.source_name))], self.prep, 0)[0]
+      raise ValueError(message if isinstance(message, str) else
+                       f"{sample_name(records[index], self.source_name)}: marked corrupt in the pixel store "
+                       f"{self.store.directory}, but decodes now; delete that folder to rebuild it.")
+    return pixels, corrupt
+
+  def __call__(self, indices: np.ndarray) -> dict:
+    indices = np.asarray(indices, np.int64)
+    present = indices >= 0
+    records = {int(i): self.source[int(i)] for i in indices[present]}
+    codes = np.where(present, self.table[np.where(present, indices, 0)], missing_lib.COMPLETE).astype(np.int8)
+    with_image = present & (codes != missing_lib.IMAGE_MISSING)
+    # A missing image (and padding) is the white dummy; the devices swap in the all-ones one where that is chosen.
+    pixels = np.broadcast_to(self.white, (len(indices), *self.white.shape)).copy()
+    corrupt = np.zeros(len(indices), bool)
+    pixels[with_image], corrupt[with_image] = self._images(indices[with_image], records)
+    texts = ["" if not ok or code == missing_lib.TEXT_MISSING else _text(records[int(i)]["text"])
+             for i, ok, code in zip(indices, present, codes)]
+    input_ids, attention_mask = tokenize(self.tokenizer, texts, self.prep)
+    labels = [np.asarray(records[int(i)]["label"]) if ok else self.padding_label for i, ok in zip(indices, present)]
     # The sample's group for per-group metrics (easy-VQA's question type); -1 where a dataset has none.
-    group = np.int8(record[GROUP_FEATURE]) if GROUP_FEATURE in record else np.int8(-1)
-    return {"pixel_values": pixels, "text": text, "label": np.asarray(record["label"]),
-            "missing": np.int8(code), "index": np.int64(index), "valid": np.bool_(valid),
-            "corrupt": np.bool_(corrupt), "group": group}
-
-
-class _Tokenize:
-  """A batch with a list of texts -> the same batch with input_ids/attention_mask (one tokenizer call)."""
-
-  def __init__(self, tokenizer, prep: Preprocessing):
-    self.tokenizer, self.prep = tokenizer, prep
-
-  def __call__(self, batch: dict) -> dict:
-    batch = dict(batch)
-    batch["input_ids"], batch["attention_mask"] = tokenize(self.tokenizer, list(batch.pop("text")), self.prep)
-    return batch
-
-
-def _stack(examples: Sequence[dict]) -> dict:
-  batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "text"}
-  batch["text"] = [e["text"] for e in examples]
-  return batch
+    groups = [int(records[int(i)][GROUP_FEATURE]) if ok and GROUP_FEATURE in records[int(i)] else -1
+              for i, ok in zip(indices, present)]
+    # A corrupt image's row is kept masked (like padding) and counted, so batches and evaluation stay aligned.
+    return {"pixels": pixels, "input_ids": input_ids, "attention_mask": attention_mask, "label": np.stack(labels),
+            "missing": codes, "index": indices, "valid": present & ~corrupt, "corrupt": corrupt,
+            "group": np.asarray(groups, np.int8)}
 
 
 def eval_indices(num_samples: int, batch_size: int, process_index: int, process_count: int) -> np.ndarray:
@@ -180,7 +247,7 @@ def index_batches(num_samples: int, batch_size: int, *, train: bool, seed: int =
 
 def batches(source, table: np.ndarray, tokenizer, batch_size: int, *, train: bool, seed: int = 0,
             prep: Preprocessing = Preprocessing(), process_index: int = 0, process_count: int = 1,
-            accum_steps: int = 1, num_threads: int = 2, source_name: str = "dataset",
+            accum_steps: int = 1, num_threads: int = 2, workers: int = 0, store=None, source_name: str = "dataset",
             skip_corrupt: bool = False) -> grain.IterDataset:
   """Batches for this process. `batch_size` is the per-process batch.
 
@@ -189,21 +256,24 @@ def batches(source, table: np.ndarray, tokenizer, batch_size: int, *, train: boo
   samples, its last step padded with masked rows. Each process reads its contiguous block of every global
   micro-batch (process_count x batch_size consecutive samples of the epoch order). train=False: one pass in
   order, every sample exactly once across processes, the last batch padded.
-  Iterate with `iter(...)`; the iterator's `get_state()` / `set_state()` resume mid-epoch.
+  Images come from `store` (a `pixel_store.PixelStore` of this source and preprocessing) when given, else are
+  decoded per sample in `workers` processes (0: in this one); `num_threads` batches are assembled at once. Neither
+  changes a batch. Iterate with `iter(...)`; the iterator's `get_state()` / `set_state()` resume mid-epoch.
   A corrupt image raises an error naming the sample; with skip_corrupt=True its row is masked instead
   (`valid` False, `corrupt` True, so callers count and report it) and nothing else is dropped.
   """
   if len(table) != len(source):
     raise ValueError(f"{source_name}: missing table has {len(table)} entries for {len(source)} samples.")
-  decode = _Decode(source, table, prep, source_name, skip_corrupt)
+  assemble = _Batch(source, table, tokenizer, prep, source_name, skip_corrupt, workers, store)
   dataset = index_batches(len(source), batch_size, train=train, seed=seed, process_index=process_index,
                           process_count=process_count, accum_steps=accum_steps)
-  dataset = dataset.map(lambda rows: _stack([decode(int(i)) for i in rows])).map(_Tokenize(tokenizer, prep))
-  return dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2))
+  # Grain keeps at most prefetch_buffer_size batches in flight, so fewer than the threads would idle some.
+  return dataset.map(assemble).to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                                 prefetch_buffer_size=max(num_threads, 2)))
 
 
 def missing_inputs(tokenizer, prep: Preprocessing) -> dict:
   """The model inputs of a sample whose image and text are both missing (one row): each tower's dummy."""
-  decode = _Decode([], np.zeros(0, np.int8), prep, "", False)
   ids, mask = tokenize(tokenizer, [""], prep)
-  return {"pixel_values": decode.missing_pixels()[None], "input_ids": ids, "attention_mask": mask}
+  return {"pixels": prep.white_array()[None], "input_ids": ids, "attention_mask": mask,
+          "missing": np.array([missing_lib.IMAGE_MISSING], np.int8)}

@@ -1,7 +1,8 @@
 """Image preprocessing with the semantics of transformers' CLIPImageProcessor (its PIL backend is the
 reference), driven by a checkpoint's preprocessor_config.json: RGB conversion, resize (shorter side, or to an
 exact size), centre crop, rescale, per-channel normalisation. Output is float32 [3, height, width], as
-CLIPModel expects.
+CLIPModel expects; `image_to_array` stops before the rescale (uint8, what the pipeline sends to the devices,
+which normalise through `normalize_table`).
 
 Transparency: the authors call PIL's `convert("RGB")` before the processor, which drops alpha; transformers
 composites transparent images onto white. "drop" (default) follows the authors, "white" transformers.
@@ -130,9 +131,9 @@ def center_crop(array: np.ndarray, crop_height: int, crop_width: int) -> np.ndar
   return array[top:top + crop_height, left:left + crop_width]
 
 
-def image_to_pixels(image: Image.Image, processing: ImageProcessing = ImageProcessing(),
-                    transparency: str = "drop") -> np.ndarray:
-  """A PIL image -> float32 [3, height, width]."""
+def image_to_array(image: Image.Image, processing: ImageProcessing = ImageProcessing(),
+                   transparency: str = "drop") -> np.ndarray:
+  """A PIL image -> uint8 [height, width, 3]: RGB, resized and cropped, not yet rescaled or normalised."""
   image = to_rgb(image, transparency)
   if processing.do_resize:
     if isinstance(processing.size, tuple):
@@ -144,12 +145,30 @@ def image_to_pixels(image: Image.Image, processing: ImageProcessing = ImageProce
   array = np.asarray(image)
   if processing.do_center_crop:
     array = center_crop(array, *processing.crop_size)
+  return array
+
+
+def normalize(array: np.ndarray, processing: ImageProcessing = ImageProcessing()) -> np.ndarray:
+  """uint8 [height, width, 3] -> float32 [3, height, width]: rescaled and normalised per channel."""
   pixels = array.astype(np.float32)
   if processing.do_rescale:
     pixels = (array.astype(np.float64) * processing.rescale_factor).astype(np.float32)
   if processing.do_normalize:
     pixels = (pixels - np.asarray(processing.mean, np.float32)) / np.asarray(processing.std, np.float32)
   return pixels.transpose(2, 0, 1)
+
+
+def normalize_table(processing: ImageProcessing = ImageProcessing()) -> np.ndarray:
+  """float32 [3, 256]: `normalize` of every uint8 value in each channel. Normalisation is per value and
+  channel, so looking a uint8 image up in this table equals `normalize` bit for bit (what the devices do)."""
+  values = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # [256, 1, 3]
+  return normalize(values, processing)[:, :, 0]
+
+
+def image_to_pixels(image: Image.Image, processing: ImageProcessing = ImageProcessing(),
+                    transparency: str = "drop") -> np.ndarray:
+  """A PIL image -> float32 [3, height, width]."""
+  return normalize(image_to_array(image, processing, transparency), processing)
 
 
 def decode_image(data: bytes, source: str) -> Image.Image:
@@ -160,6 +179,24 @@ def decode_image(data: bytes, source: str) -> Image.Image:
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"{source}: corrupt or truncated image ({e}).") from e
   return image
+
+
+def decode_to_array(image, name: str, processing: ImageProcessing, transparency: str) -> np.ndarray | str:
+  """One image (encoded bytes, or an array) -> `image_to_array`'s uint8 pixels, or the error message of a corrupt
+  one (returned, not raised, so that it crosses from a worker process as data)."""
+  try:
+    if isinstance(image, (bytes, bytearray)):
+      image = decode_image(bytes(image), name)
+    else:
+      image = Image.fromarray(np.asarray(image))
+    return image_to_array(image, processing, transparency)
+  except ValueError as e:
+    return str(e)
+
+
+def decode_chunk(chunk: list, processing: ImageProcessing, transparency: str) -> list:
+  """`decode_to_array` of each (image, name) of `chunk` (what a decoding worker process runs)."""
+  return [decode_to_array(image, name, processing, transparency) for image, name in chunk]
 
 
 def white_image(height: int = 224, width: int = 224) -> Image.Image:

@@ -27,10 +27,11 @@ from mora_jax.train import recipes
 
 # Keys a resumed or re-evaluated run may change: where data lives, how it is spread over devices, how
 # often it logs and saves, evaluation batch sizes, init_from (which a resumed run does not re-apply) and whether
-# and where frozen activations are cached (the same values either way). Every
+# and where frozen activations and decoded images are kept, and how many threads and processes decode (the same
+# values either way). Every
 # other key must equal the saved config.
-CHANGEABLE = ("data_dir", "manual_dir", "mesh", "data_threads", "log_every_steps", "checkpoint", "max_steps",
-              "eval", "skip_corrupt", "init_from", "prefix_cache", "prefix_cache_memory_gb")
+CHANGEABLE = ("data_dir", "manual_dir", "mesh", "data_threads", "data_workers", "pixel_store", "log_every_steps",
+              "checkpoint", "max_steps", "eval", "skip_corrupt", "init_from", "prefix_cache", "prefix_cache_memory_gb")
 DAMAGED = "damaged"
 
 

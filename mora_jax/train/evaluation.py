@@ -68,7 +68,7 @@ def scenario_metrics(job: Job, trainable, scenarios, missing: data.Missing, writ
   graphdef, params = adapters.split(clf)
   merged_job = dataclasses.replace(job, graphdef=graphdef, params=params)
   backbone_shardings = sharding.state_shardings(params["backbone"], job.mesh, job.rules)
-  eval_step = step_lib.make_eval_step(graphdef, job.mesh, backbone_shardings)
+  eval_step = step_lib.make_eval_step(graphdef, job.mesh, backbone_shardings, job.prep)
   test = job.load("test", missing)
   trainable_params = adapters.trainable(params)
   if adapter is None or adapter.separable:

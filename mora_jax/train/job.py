@@ -6,6 +6,7 @@ only process 0 prints and prepares the shared files, which the others read once 
 """
 
 import dataclasses
+import os
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from mora_jax import adapters, backbones, data, sharding
 from mora_jax.adapters.classifier import HEADS
 from mora_jax.data import metrics as metrics_lib
+from mora_jax.data import pixel_store as pixel_store_lib
 from mora_jax.data.datasets import check_source
 from mora_jax.train import prefix_cache
 
@@ -94,6 +96,13 @@ def validate(config: ml_collections.ConfigDict, train: bool = True) -> None:
                      "`random_preset` (a randomly initialised CLIP, e.g. 'tiny').")
   mesh_shape(config.mesh)
   prefix_cache.check(config)
+  if config.pixel_store not in pixel_store_lib.MODES:
+    raise ValueError(f"config.pixel_store={config.pixel_store!r}: use one of {pixel_store_lib.MODES}.")
+  if config.data_workers < -1:
+    raise ValueError(f"config.data_workers={config.data_workers}: use -1 (one per core of this host), 0 (decode in "
+                     "the main process) or a number of worker processes.")
+  if config.data_threads < 1:
+    raise ValueError(f"config.data_threads={config.data_threads}: at least 1 batch must be assembled at a time.")
   if train:
     check_batching(config)
 
@@ -110,6 +119,7 @@ class Job:
   params: dict  # adapters.split layout: {"backbone", "adapter": {...}, "head"}
   class_names: tuple[str, ...]
   multi_label: bool
+  stores: dict = dataclasses.field(default_factory=dict)  # (dataset, split) -> its pixel store, or None
 
   @property
   def metric(self) -> str:
@@ -130,7 +140,24 @@ class Job:
                                   accum_steps=accum_steps, skip_corrupt=skip_corrupt)
     return data.batches(ds, per_process, self.backbone.tokenizer, train=train, seed=self.config.seed,
                         prep=self.prep, process_index=jax.process_index(), process_count=jax.process_count(),
-                        accum_steps=accum_steps, num_threads=self.config.data_threads, skip_corrupt=skip_corrupt)
+                        accum_steps=accum_steps, num_threads=self.config.data_threads,
+                        workers=decode_workers(self.config), store=self.pixel_store(ds), skip_corrupt=skip_corrupt)
+
+  def pixel_store(self, ds: data.Dataset) -> pixel_store_lib.PixelStore | None:
+    """The split's decoded images (mora_jax/data/pixel_store.py), opened or built (by process 0) on first use."""
+    name = (ds.name, ds.split)
+    if name not in self.stores:
+      root = Path(self.config.data_dir).expanduser() / "pixel_store"
+      self.stores[name] = _main_process_first(
+          lambda: pixel_store_lib.open_or_build(ds.source, ds.name, ds.split, self.prep, root,
+                                                self.config.pixel_store, decode_workers(self.config), say),
+          f"pixel store {ds.name}/{ds.split}")
+    return self.stores[name]
+
+
+def decode_workers(config: ml_collections.ConfigDict) -> int:
+  """Image-decoding worker processes: config.data_workers, or one per core this process may run on (-1)."""
+  return len(os.sched_getaffinity(0)) if config.data_workers == -1 else config.data_workers
 
 
 def manifest(config: ml_collections.ConfigDict) -> data.Manifest | None:

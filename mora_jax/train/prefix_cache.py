@@ -21,9 +21,7 @@ prefix_cache_memory_gb (host memory per process for caches; beyond it, disk).
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
-import zlib
 from pathlib import Path
 
 import grain
@@ -36,19 +34,19 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mora_jax import adapters, backbones, data, progress, sharding
 from mora_jax.adapters.classifier import FEATURE_INPUTS, PREFIX_INPUTS
+from mora_jax.data import array_files
 from mora_jax.data import missing as missing_lib
 from mora_jax.data import pipeline
 
 MODES = ("auto", "on", "off")
 DTYPES = ("auto", "float32", "bfloat16")
 FORMAT_VERSION = 1
-META_FILE = "cache.json"  # written last: a folder without it is an unfinished build
+META_FILE = array_files.META_FILE
 ROW_KEYS = ("label", "group", "corrupt")  # per-sample values stored beside the activations (no dummy row)
-_CHECKSUM_BLOCK = 64 << 20
-
-
-class CacheError(ValueError):
-  """A cache that cannot be built where configured (e.g. too little disk space); the message says the fix."""
+CacheError = array_files.SpaceError  # a cache that cannot be built where configured; the message says the fix
+SPACE_FIXES = ("free space, point --config.data_dir at a larger disk, halve the cache with "
+               "--config.prefix_cache_dtype=bfloat16, raise --config.prefix_cache_memory_gb to keep it in memory, or "
+               "turn it off with --config.prefix_cache=off.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +186,7 @@ def layout(job, layer: int | None, num_samples: int) -> dict:
   return out
 
 
-def make_fill_step(graphdef, layer: int | None, mesh, backbone_shardings):
+def make_fill_step(graphdef, layer: int | None, mesh, backbone_shardings, prep: data.Preprocessing):
   """(params, backbone, model inputs) -> the cached arrays of those rows, sharded like the batch: the towers'
   inputs at `layer` (frozen layers only), or the final features (layer None) of the model as it stands."""
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -196,6 +194,7 @@ def make_fill_step(graphdef, layer: int | None, mesh, backbone_shardings):
 
   def fill(params, backbone, batch):
     clip = adapters.join(graphdef, {"backbone": backbone, **params}).backbone
+    batch = pipeline.model_inputs(batch, prep)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if layer is None:
       return {"vision_features": clip.get_image_features(batch["pixel_values"]),
@@ -207,115 +206,9 @@ def make_fill_step(graphdef, layer: int | None, mesh, backbone_shardings):
   return jax.jit(fill, in_shardings=(replicated, backbone_shardings, rows), out_shardings=rows)
 
 
-def _file_dtype(dtype: np.dtype) -> np.dtype:
-  # numpy's .npy format has no bfloat16: such arrays are stored as their uint16 bits.
-  return np.dtype(np.uint16) if dtype == ml_dtypes.bfloat16 else dtype
-
-
-def _array_dtype(kind, dtype: np.dtype) -> np.dtype:
-  return dtype if kind == "act" else np.dtype(kind)
-
-
-def _checksum(path: Path) -> str:
-  crc = 0
-  with open(path, "rb") as f:
-    while block := f.read(_CHECKSUM_BLOCK):
-      crc = zlib.crc32(block, crc)
-  return f"{crc:08x}"
-
-
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
-
-
-class _Files:
-  """A disk cache's folder: one .npy per array, progress files while building, cache.json once complete."""
-
-  def __init__(self, directory: Path):
-    self.directory = directory
-
-  def path(self, name: str) -> Path:
-    return self.directory / f"{name}.npy"
-
-  def progress_path(self, process: int) -> Path:
-    return self.directory / f"progress-{process}-of-{jax.process_count()}.json"
-
-  def meta(self) -> dict | None:
-    try:
-      return json.loads((self.directory / META_FILE).read_text())
-    except (OSError, ValueError):
-      return None
-
-  def batches_done(self, cache_key: dict, batch_size: int) -> int:
-    """Batches every process finished in an earlier, interrupted build of the same key and layout (0: none)."""
-    done = []
-    for process in range(jax.process_count()):
-      try:
-        record = json.loads(self.progress_path(process).read_text())
-      except (OSError, ValueError):
-        return 0
-      if record.get("key") != cache_key or record.get("batch_size") != batch_size:
-        return 0
-      done.append(int(record["batches"]))
-    return min(done)
-
-  def mark(self, cache_key: dict, batch_size: int, batches: int) -> None:
-    self.progress_path(jax.process_index()).write_text(
-        json.dumps({"key": cache_key, "batch_size": batch_size, "batches": batches}))
-
-  def open(self, layout: dict, dtype: np.dtype, mode: str) -> dict[str, np.ndarray]:
-    arrays = {}
-    for name, (shape, kind) in layout.items():
-      file_dtype = _file_dtype(_array_dtype(kind, dtype))
-      if mode == "w+":
-        arrays[name] = np.lib.format.open_memmap(self.path(name), mode="w+", dtype=file_dtype, shape=shape)
-      else:
-        arrays[name] = np.load(self.path(name), mmap_mode=mode)
-      if _array_dtype(kind, dtype) == ml_dtypes.bfloat16:
-        arrays[name] = arrays[name].view(ml_dtypes.bfloat16)
-    return arrays
-
-  def intact(self, cache_key: dict, layout: dict, dtype: np.dtype, log) -> bool:
-    """Whether a finished cache of `cache_key` is here with every file as written (sizes and checksums)."""
-    meta = self.meta()
-    if meta is None:
-      return False
-    if meta.get("key") != cache_key:
-      log(f"warning: {self.directory} holds a prefix cache of another key; rebuilding it")
-      return False
-    for name in layout:
-      path = self.path(name)
-      expected = meta["files"].get(name)
-      if not path.is_file() or expected is None or path.stat().st_size != expected["bytes"] \
-          or _checksum(path) != expected["crc32"]:
-        log(f"warning: prefix cache file {path} is damaged (its checksum or size differs from {META_FILE}'s); "
-            "rebuilding the cache")
-        return False
-    return True
-
-  def finish(self, cache_key: dict, layout: dict) -> None:
-    files = {name: {"bytes": self.path(name).stat().st_size, "crc32": _checksum(self.path(name))} for name in layout}
-    (self.directory / META_FILE).write_text(json.dumps({"key": cache_key, "files": files}, indent=2) + "\n")
-    for process in range(jax.process_count()):
-      self.progress_path(process).unlink(missing_ok=True)
-
-
-def nbytes(layout: dict, dtype: np.dtype) -> int:
-  return sum(int(np.prod(shape)) * _array_dtype(kind, dtype).itemsize for shape, kind in layout.values())
-
-
-def _check_space(directory: Path, needed: int, what: str) -> None:
-  existing = directory
-  while not existing.exists():
-    existing = existing.parent
-  free = shutil.disk_usage(existing).free
-  if needed > free:
-    raise CacheError(f"the prefix cache of {what} needs {needed / 2**30:.2f} GiB in {directory}, but only "
-                     f"{free / 2**30:.2f} GiB are free there: free space, point --config.data_dir at a larger "
-                     "disk, halve the cache with --config.prefix_cache_dtype=bfloat16, raise "
-                     "--config.prefix_cache_memory_gb to keep it in memory, or turn it off with "
-                     "--config.prefix_cache=off.")
 
 
 def prepare(job, params, backbone_shardings, splits: dict[str, data.Dataset], uses: float, log) -> dict:
@@ -325,11 +218,11 @@ def prepare(job, params, backbone_shardings, splits: dict[str, data.Dataset], us
   cache_plan = plan(job.config, adapter, uses)
   if cache_plan is None:
     return {}
-  fill_step = make_fill_step(job.graphdef, cache_plan.layer, job.mesh, backbone_shardings)
+  fill_step = make_fill_step(job.graphdef, cache_plan.layer, job.mesh, backbone_shardings, job.prep)
   budget, caches = cache_plan.memory_bytes, {}
   what = "final features" if cache_plan.layer is None else f"inputs of layer {cache_plan.layer}"
   for name, ds in splits.items():
-    size = nbytes(layout(job, cache_plan.layer, len(ds.source)), cache_plan.dtype)
+    size = array_files.nbytes(layout(job, cache_plan.layer, len(ds.source)), cache_plan.dtype)
     memory = size <= budget
     budget -= size if memory else 0
     log(f"prefix cache of {ds.name}/{name}: the towers' {what}, {size / 2**20:.1f} MiB of {cache_plan.dtype} "
@@ -344,7 +237,7 @@ def features(job, ds: data.Dataset, params, backbone_shardings, log) -> Cache:
   """The towers' final features of every sample's present inputs and of the dummy, in host memory: what a test
   of separable towers assembles each scenario from (they depend on the trained weights: never stored)."""
   features_plan = Plan(None, np.dtype(np.float32), 0.0, Path())
-  fill_step = make_fill_step(job.graphdef, None, job.mesh, backbone_shardings)
+  fill_step = make_fill_step(job.graphdef, None, job.mesh, backbone_shardings, job.prep)
   return build(job, ds, params, features_plan, fill_step, memory=True, log=log, desc=f"features {ds.split}")
 
 
@@ -355,13 +248,13 @@ def build(job, ds: data.Dataset, params, plan_: Plan, fill_step, *, memory: bool
   cache_key = key(job, ds, plan_.layer, plan_.dtype)
   begin = time.perf_counter()
   if memory:
-    arrays = {name: np.zeros(shape, _array_dtype(kind, plan_.dtype)) for name, (shape, kind) in shapes.items()}
+    arrays = {name: np.zeros(shape, array_files.array_dtype(kind, plan_.dtype)) for name, (shape, kind) in shapes.items()}
     _fill(job, ds, params, fill_step, arrays, None, cache_key, 0, desc)
     return Cache(arrays, len(ds.source), build_seconds=time.perf_counter() - begin)
   digest = hashlib.sha256(json.dumps(cache_key, sort_keys=True).encode()).hexdigest()[:16]
   layer_name = "features" if plan_.layer is None else f"layer{plan_.layer}"
-  files = _Files(plan_.root / f"{ds.name}-{ds.split}-{layer_name}-{digest}")
-  if files.intact(cache_key, shapes, plan_.dtype, log):
+  files = array_files.Files(plan_.root / f"{ds.name}-{ds.split}-{layer_name}-{digest}", "prefix cache")
+  if files.intact(cache_key, shapes, log):
     log(f"prefix cache of {ds.name}/{ds.split}: reusing {files.directory}")
     return Cache(files.open(shapes, plan_.dtype, "r"), len(ds.source), files.directory)
   done = files.batches_done(cache_key, job.config.eval.batch_size)
@@ -369,11 +262,9 @@ def build(job, ds: data.Dataset, params, plan_: Plan, fill_step, *, memory: bool
     log(f"prefix cache of {ds.name}/{ds.split}: completing the build in {files.directory}, left off after {done} "
         "batches")
   elif sharding.is_main_process():
-    _check_space(files.directory, nbytes(shapes, plan_.dtype), f"{ds.name}/{ds.split}")
-    if files.directory.exists():
-      shutil.rmtree(files.directory)
-    files.directory.mkdir(parents=True)
-    files.open(shapes, plan_.dtype, "w+")
+    array_files.check_space(files.directory, array_files.nbytes(shapes, plan_.dtype),
+                            f"prefix cache of {ds.name}/{ds.split}", SPACE_FIXES)
+    files.create(shapes, plan_.dtype)
   _sync(f"prefix cache {files.directory} created")
   _fill(job, ds, params, fill_step, files.open(shapes, plan_.dtype, "r+"), files, cache_key, done, desc)
   _sync(f"prefix cache {files.directory} written")
@@ -414,7 +305,7 @@ def _fill(job, ds, params, fill_step, arrays, files, cache_key, done, desc) -> N
       continue
     _write(arrays, values)
     if files is not None:
-      _flush(arrays)
+      array_files.flush(arrays)
       files.mark(cache_key, batch_size, count)
   if pending:
     _write(arrays, sharding.gather_rows({k: np.concatenate([p[k] for p in pending]) for k in pending[0]}))
@@ -426,7 +317,3 @@ def _write(arrays: dict, values: dict) -> None:
     array[values["index"][own]] = np.asarray(values[name])[own].astype(array.dtype)
 
 
-def _flush(arrays: dict) -> None:
-  for array in arrays.values():
-    if isinstance(array, np.memmap):
-      array.flush()

@@ -22,10 +22,10 @@ TARGET_KEYS = ("label", "valid")
 
 
 def input_keys(batch: dict) -> tuple[str, ...]:
-  """The keys of a host batch that go to the devices as model inputs: decoded records' (CLASSIFIER_INPUTS: the
-  CLIP inputs and each sample's missing code), or cached activations' (classifier.PREFIX_INPUTS /
+  """The keys of a host batch that go to the devices as model inputs: decoded records' (pipeline.MODEL_INPUTS:
+  uint8 pixels, tokens and each sample's missing code), or cached activations' (classifier.PREFIX_INPUTS /
   FEATURE_INPUTS; mora_jax.train.prefix_cache)."""
-  for keys in (pipeline.CLASSIFIER_INPUTS, classifier.PREFIX_INPUTS, classifier.FEATURE_INPUTS):
+  for keys in (pipeline.MODEL_INPUTS, classifier.PREFIX_INPUTS, classifier.FEATURE_INPUTS):
     if keys[0] in batch:
       return keys
   raise KeyError(f"a batch with keys {sorted(batch)} holds no model inputs.")
@@ -53,18 +53,27 @@ def per_sample_loss(logits: jax.Array, labels: jax.Array, multi_label: bool) -> 
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def make_loss_and_grads(graphdef: nnx.GraphDef, multi_label: bool) -> Callable:
+def model_inputs(batch: dict, prep: pipeline.Preprocessing | None) -> dict:
+  """`pipeline.model_inputs` (uint8 pixels normalised on the devices) when the batch holds pixels."""
+  if "pixels" in batch and prep is None:
+    raise ValueError("a batch of uint8 pixels needs the run's preprocessing (prep=job.prep) to normalise them.")
+  return pipeline.model_inputs(batch, prep) if prep is not None else batch
+
+
+def make_loss_and_grads(graphdef: nnx.GraphDef, multi_label: bool,
+                        prep: pipeline.Preprocessing | None = None) -> Callable:
   """(params, backbone, batch, key) -> (loss, gradients w.r.t. params) of a step's batch, whose arrays have a
   leading micro-batch axis.
 
   The loss is the mean over the valid rows of all micro-batches together: accumulation gives the gradient of
   the whole batch, and padding rows (an epoch's smaller last step) count for nothing. Micro-batch i's dropout
-  key is fold_in(key, i).
+  key is fold_in(key, i). `prep`: the preprocessing that normalises uint8 pixels (batches of float pixel_values or
+  cached activations need none).
   """
 
   def summed_loss(params, backbone, micro, key):
     model = adapters.join(graphdef, {"backbone": backbone, **params})
-    logits = model.logits(micro, rngs=nnx.Rngs(dropout=key))
+    logits = model.logits(model_inputs(micro, prep), rngs=nnx.Rngs(dropout=key))
     weight = micro["valid"].astype(jnp.float32)
     return jnp.sum(per_sample_loss(logits.astype(jnp.float32), micro["label"], multi_label) * weight)
 
@@ -85,13 +94,10 @@ def make_loss_and_grads(graphdef: nnx.GraphDef, multi_label: bool) -> Callable:
   return loss_and_grads
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    multi_label: bool, mesh: Mesh, backbone_shardings) -> Callable:
-  """(state, backbone, batch) -> (state, metrics); `state` is donated. The loss is `make_loss_and_grads`'s.
-  Dropout keys derive from (rng, step, micro-batch): with jax's partitionable threefry the masks do not depend
-  on how the batch is split over devices/hosts."""
-  replicated = NamedSharding(mesh, PartitionSpec())
-  loss_and_grads = make_loss_and_grads(graphdef, multi_label)
+def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                  multi_label: bool, prep: pipeline.Preprocessing | None = None) -> Callable:
+  """The unjitted (state, backbone, batch) -> (state, metrics) of `make_train_step`."""
+  loss_and_grads = make_loss_and_grads(graphdef, multi_label, prep)
 
   def step(state, backbone, batch):
     key = jax.random.fold_in(state["rng"], state["step"])
@@ -103,11 +109,43 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
                "valid": jnp.sum(batch["valid"])}
     return new_state, metrics
 
-  return jax.jit(step, in_shardings=(replicated, backbone_shardings, sharding.batch_sharding(mesh, True)),
+  return step
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    multi_label: bool, mesh: Mesh, backbone_shardings,
+                    prep: pipeline.Preprocessing | None = None) -> Callable:
+  """(state, backbone, batch) -> (state, metrics); `state` is donated. The loss is `make_loss_and_grads`'s.
+  Dropout keys derive from (rng, step, micro-batch): with jax's partitionable threefry the masks do not depend
+  on how the batch is split over devices/hosts."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(train_step_fn(graphdef, tx, schedule, multi_label, prep),
+                 in_shardings=(replicated, backbone_shardings, sharding.batch_sharding(mesh, True)),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
-def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, backbone_shardings) -> Callable:
+def make_train_step_on_leaves(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                              multi_label: bool, mesh: Mesh, backbone_shardings, prep: pipeline.Preprocessing | None,
+                              state_treedef, backbone_treedef) -> Callable:
+  """`make_train_step` over the flat leaf lists of the state and the backbone: (state leaves, backbone leaves,
+  batch) -> (state leaves, metrics). A call then flattens plain lists; flattening their nnx Variables in Python
+  instead costs ~20 us each, ~30 ms per step for the embedded CLIP's train state and backbone (bench/feed.py
+  --loop), which left an accelerator idle."""
+  step = train_step_fn(graphdef, tx, schedule, multi_label, prep)
+
+  def on_leaves(state_leaves, backbone_leaves, batch):
+    state, metrics = step(jax.tree.unflatten(state_treedef, state_leaves),
+                          jax.tree.unflatten(backbone_treedef, backbone_leaves), batch)
+    return jax.tree.leaves(state), metrics
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(on_leaves, in_shardings=(replicated, jax.tree.leaves(backbone_shardings),
+                                          sharding.batch_sharding(mesh, True)),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, backbone_shardings,
+                   prep: pipeline.Preprocessing | None = None) -> Callable:
   """(params, backbone, model inputs) -> float32 logits, sharded like the batch: each process reads the rows of
   its own samples (sharding.process_rows), whose labels never left the host. Inputs in any form
   `Classifier.logits` reads."""
@@ -115,6 +153,7 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, backbone_shardings) -> Ca
   rows = sharding.batch_sharding(mesh, False)
 
   def step(params, backbone, batch):
-    return adapters.join(graphdef, {"backbone": backbone, **params}).logits(batch).astype(jnp.float32)
+    model = adapters.join(graphdef, {"backbone": backbone, **params})
+    return model.logits(model_inputs(batch, prep)).astype(jnp.float32)
 
   return jax.jit(step, in_shardings=(replicated, backbone_shardings, rows), out_shardings=rows)

@@ -1,0 +1,123 @@
+"""Every image decoded once: the pixel store.
+
+The protocol has no augmentation, so a sample's model pixels (decoded, RGB, resized, cropped: uint8 [H, W, 3],
+before the normalisation the devices do) are the same every epoch and in every run with the same preprocessing.
+A split's store holds them for all its samples (row i for sample i) with a `corrupt` flag per row, in
+memory-mapped files under `<data_dir>/pixel_store/` (a filesystem all hosts see, like the prepared data), keyed
+by the dataset, split, sample count and preprocessing. It is built once, on process 0, by `workers` decoding
+processes with a progress bar; later runs (training, evaluation, the prefix cache's build) read rows instead of
+decoding. Like the prefix cache (mora_jax/data/array_files.py), a store is checked before reuse: a truncated or
+damaged one is rebuilt with a one-line notice, as is one whose build was interrupted.
+
+Config: pixel_store "auto" (built when it fits the disk with PIXEL_STORE_HEADROOM to spare, else decoding as
+before, with a note) | "on" | "off".
+"""
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mora_jax import progress
+from mora_jax.data import array_files
+from mora_jax.data import pipeline
+
+MODES = ("auto", "on", "off")
+FORMAT_VERSION = 1
+HEADROOM_BYTES = 1 << 30  # "auto" leaves this much of the disk free
+BUILD_CHUNK = 32  # images a worker decodes per task of the build
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelStore:
+  """One split's decoded images: `pixels` uint8 [n, H, W, 3] and `corrupt` bool [n], memory-mapped."""
+  pixels: np.ndarray
+  corrupt: np.ndarray
+  directory: Path
+  build_seconds: float = 0.0  # what building it took this run (0: reused)
+
+
+def key(name: str, split: str, num_samples: int, prep: pipeline.Preprocessing) -> dict:
+  """Everything a store's values depend on (a different key is a different store)."""
+  return {"format": FORMAT_VERSION, "dataset": name, "split": split, "samples": num_samples,
+          "image": json.loads(json.dumps(dataclasses.asdict(prep.image), default=str)),
+          "transparency": prep.transparency}
+
+
+def layout(num_samples: int, prep: pipeline.Preprocessing) -> dict:
+  height, width = prep.image.output_size
+  return {"pixels": ((num_samples, height, width, 3), np.uint8), "corrupt": ((num_samples,), np.bool_)}
+
+
+def files(root: Path, name: str, split: str, store_key: dict, prep: pipeline.Preprocessing) -> array_files.Files:
+  digest = hashlib.sha256(json.dumps(store_key, sort_keys=True).encode()).hexdigest()[:16]
+  height, width = prep.image.output_size
+  return array_files.Files(Path(root).expanduser() / f"{name}-{split}-{height}x{width}-{digest}", "pixel store")
+
+
+def open_existing(folder: array_files.Files, store_key: dict, shapes: dict, log) -> PixelStore | None:
+  """The intact store in `folder`, or None (absent, unfinished, of another key, or damaged: said in `log`)."""
+  if not folder.intact(store_key, shapes, log):
+    return None
+  arrays = folder.open(shapes, np.dtype(np.uint8), "r")
+  return PixelStore(arrays["pixels"], arrays["corrupt"], folder.directory)
+
+
+def fits(root: Path, num_samples: int, prep: pipeline.Preprocessing) -> bool:
+  """Whether a store of that many samples fits the disk under `root` with HEADROOM_BYTES to spare."""
+  return array_files.nbytes(layout(num_samples, prep)) + HEADROOM_BYTES <= array_files.free_bytes(Path(root))
+
+
+def build(source, name: str, split: str, prep: pipeline.Preprocessing, root: Path, workers: int,
+          log) -> PixelStore:
+  """Decodes every image of `source` (a split's records) into a new store under `root`, over `workers` processes
+  (0: this one), with a progress bar; a corrupt image's row is flagged, and its pixels left zero."""
+  begin = time.perf_counter()
+  store_key = key(name, split, len(source), prep)
+  shapes = layout(len(source), prep)
+  folder = files(root, name, split, store_key, prep)
+  array_files.check_space(folder.directory, array_files.nbytes(shapes), f"pixel store of {name}/{split}",
+                          "free space, point --config.data_dir at a larger disk, or decode every epoch instead "
+                          "with --config.pixel_store=off.")
+  folder.create(shapes, np.dtype(np.uint8))
+  arrays = folder.open(shapes, np.dtype(np.uint8), "r+")
+  where = f"{name}/{split}"
+  chunks = ([(source[i]["image"], pipeline.sample_name(source[i], where))
+             for i in range(start, min(start + BUILD_CHUNK, len(source)))] for start in range(0, len(source), BUILD_CHUNK))
+  decoded = pipeline.decode_stream(chunks, prep, workers)
+  for index, out in enumerate(progress.bar(decoded, total=len(source), desc=f"decoding {where} once", unit="image",
+                                           leave=False)):
+    if isinstance(out, str):
+      arrays["corrupt"][index] = True
+    else:
+      arrays["pixels"][index] = out
+  array_files.flush(arrays)
+  folder.finish(store_key, shapes)
+  store = open_existing(folder, store_key, shapes, log)
+  seconds = time.perf_counter() - begin
+  log(f"pixel store of {name}/{split}: {len(source)} images decoded in {seconds:.1f} s with {workers} worker "
+      f"process(es), {int(store.corrupt.sum())} corrupt; written to {folder.directory}")
+  return dataclasses.replace(store, build_seconds=seconds)
+
+
+def open_or_build(source, name: str, split: str, prep: pipeline.Preprocessing, root: Path, mode: str, workers: int,
+                  log) -> PixelStore | None:
+  """The store of a split: reused when intact, else built ("on"; "auto" when it `fits`), else None ("off", or
+  "auto" without the disk space: the pipeline decodes every epoch, as `log` notes)."""
+  if mode not in MODES:
+    raise ValueError(f"config.pixel_store={mode!r}: use one of {MODES}.")
+  if mode == "off" or len(source) == 0:
+    return None
+  store_key = key(name, split, len(source), prep)
+  shapes = layout(len(source), prep)
+  store = open_existing(files(root, name, split, store_key, prep), store_key, shapes, log)
+  if store is not None:
+    return store
+  if mode == "auto" and not fits(root, len(source), prep):
+    log(f"note: no pixel store for {name}/{split}: its {array_files.nbytes(shapes) / 2**30:.2f} GiB would leave "
+        f"less than {HEADROOM_BYTES / 2**30:.0f} GiB free under {root}; images are decoded every epoch")
+    return None
+  return build(source, name, split, prep, root, workers, log)
