@@ -38,31 +38,53 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_and_their_checkpoint_restores_in_one(memes, one_device_run):
-  """1 process x 4 devices without the prefix cache, 2 x 2 with it: the train split's cache built on disk by both
-  processes, the validation split's in memory (a budget that holds only it), the test from shared tower passes."""
-  reference = memes / "run_1x4"
-  run_script("train.py", ["--config", CONFIG, "--workdir", reference, *memes_overrides(memes, max_steps=3)],
-             devices=4)
-  workdir, port = memes / "run_2x2", _free_port()
-  shutil.rmtree(memes / "data" / "prefix_cache", ignore_errors=True)
-  cached = memes_overrides(memes, max_steps=3, prefix_cache="on", prefix_cache_memory_gb=0.0002)  # 0.2 MiB
+# train.py with a SIGTERM sent to process 1 alone after step 1, and the processes agreeing on it every 2 steps.
+PREEMPTED_TRAIN = ("import os, signal, sys; sys.argv = sys.argv[:1] + sys.argv[2:]; import train; "
+                   "from mora_jax.train import loop; loop.PREEMPTION_CHECK_EVERY = 2; original = loop.train; "
+                   "hook = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 1 and '--process_id' in "
+                   "sys.argv and sys.argv[sys.argv.index('--process_id') + 1] == '1' else None; "
+                   "loop.train = lambda *a, **k: original(*a, step_hook=hook, **k); sys.exit(train.main())")
+
+
+def _two_processes(workdir, flags, script=None) -> list[tuple[int, str]]:
+  """(exit status, stdout + stderr) of train.py's two processes on 2 simulated devices each."""
+  port = _free_port()
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(ROOT)}
-  procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", CONFIG, "--workdir", str(workdir),
-                             *cached, "--coordinator_address", f"127.0.0.1:{port}",
-                             "--num_processes", "2", "--process_id", str(i)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  program = ["-c", script, "-"] if script else [str(ROOT / "train.py")]
+  procs = [subprocess.Popen([sys.executable, *program, "--config", CONFIG, "--workdir", str(workdir), *flags,
+                             "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+                             "--process_id", str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   try:
     outputs = [p.communicate(timeout=240) for p in procs]
   finally:
     for p in procs:
       p.kill()
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  log = outputs[0][0] + outputs[0][1]
+  return [(p.returncode, out + err) for p, (out, err) in zip(procs, outputs)]
+
+
+def test_two_processes_match_one_and_their_checkpoint_restores_in_one(memes, one_device_run):
+  """1 process x 4 devices without the prefix cache, 2 x 2 with it: the train split's cache built on disk by both
+  processes, the validation split's in memory (a budget that holds only it), the test from shared tower passes.
+  The 2 x 2 run is preempted: a SIGTERM reaches process 1 alone after step 1, both agree on it at step 2, save
+  and exit 143; run again, they resume and finish with the losses of the uninterrupted 1 x 4 run."""
+  reference = memes / "run_1x4"
+  run_script("train.py", ["--config", CONFIG, "--workdir", reference, *memes_overrides(memes, max_steps=3)],
+             devices=4)
+  workdir = memes / "run_2x2"
+  shutil.rmtree(memes / "data" / "prefix_cache", ignore_errors=True)
+  cached = memes_overrides(memes, max_steps=3, prefix_cache="on", prefix_cache_memory_gb=0.0002)  # 0.2 MiB
+  preempted = _two_processes(workdir, cached, PREEMPTED_TRAIN)
+  for status, log in preempted:
+    assert status == 143 and "SIGTERM: saved a checkpoint at step 2" in log, log[-3000:]
+  assert checkpoint.Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [2]
+  resumed = _two_processes(workdir, cached)
+  for status, log in resumed:
+    assert status == 0, log[-3000:]
+  log = preempted[0][1] + resumed[0][1]
   assert "prefix cache of hateful_memes/train: written to" in log and "validation: the towers' inputs of layer 1" \
-      in log and "(host memory)" in log, log[-3000:]
+      in log and "(host memory)" in log and "resumed from" in resumed[0][1], log[-3000:]
   np.testing.assert_allclose(train_losses(workdir), train_losses(reference), atol=1e-5, rtol=0)
   out = workdir / "in_one.json"
   run_script("eval.py", ["--workdir", workdir, "--output", out], devices=4)

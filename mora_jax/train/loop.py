@@ -66,10 +66,22 @@ class Run:
   train_iter: object
   ckpt: checkpoint_lib.Checkpointer
   writer: MetricWriter
-  state: dict  # {"params": trainable, "opt", "step", "rng"}, replicated
   progress: Progress
   caches: dict  # split -> prefix_cache.Cache of the frozen activations ({}: the cache is off)
   step: int = 0
+  # The train state {"params": trainable, "opt", "step", "rng"} (replicated) as the flat leaves the train step
+  # takes and returns (step.make_train_step_on_leaves), and their structure: `state` assembles it.
+  state_leaves: list = dataclasses.field(default_factory=list)
+  state_treedef: object = None
+  backbone_leaves: list = dataclasses.field(default_factory=list)
+
+  @property
+  def state(self) -> dict:
+    return jax.tree.unflatten(self.state_treedef, self.state_leaves)
+
+  @state.setter
+  def state(self, value: dict) -> None:
+    self.state_leaves, self.state_treedef = jax.tree.flatten(value)
 
   @property
   def config(self) -> ml_collections.ConfigDict:
@@ -140,13 +152,16 @@ def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
   backbone_shardings = sharding.state_shardings(job.params["backbone"], job.mesh, job.rules)
   caches = prefix_cache.prepare(job, state["params"], backbone_shardings, {"train": train_ds, "validation": val_ds},
                                 uses=stop_step(c, steps_per_epoch) / steps_per_epoch, log=say)
+  backbone_leaves, backbone_treedef = jax.tree.flatten(job.params["backbone"])
   run = Run(job=job, workdir=workdir, train_ds=train_ds, val_ds=val_ds,
-            train_step=step_lib.make_train_step(job.graphdef, tx, schedule, job.multi_label, job.mesh,
-                                                backbone_shardings),
-            eval_step=step_lib.make_eval_step(job.graphdef, job.mesh, backbone_shardings),
+            train_step=step_lib.make_train_step_on_leaves(job.graphdef, tx, schedule, job.multi_label, job.mesh,
+                                                          backbone_shardings, job.prep, jax.tree.structure(state),
+                                                          backbone_treedef),
+            eval_step=step_lib.make_eval_step(job.graphdef, job.mesh, backbone_shardings, job.prep),
             train_iter=iter(job.batches(train_ds, c.batch_size // c.accum_steps, train=True,
                                         accum_steps=c.accum_steps, cache=caches.get("train"))),
-            ckpt=ckpt, writer=None, state=state, progress=progress, caches=caches)
+            ckpt=ckpt, writer=None, progress=progress, caches=caches, backbone_leaves=backbone_leaves)
+  run.state = state
   if run.ckpt.all_steps():
     _resume(run)
   run.step = int(sharding.replicated_value(run.state["step"]))
@@ -178,8 +193,14 @@ def _resume(run: Run) -> None:
   say(f"resumed from {ckpt.directory / str(latest)} (step {latest})")
 
 
+# With several processes, how many steps pass between agreements on a SIGTERM: agreeing is a collective that
+# waits for the devices, so agreeing every step would stop the host from dispatching ahead of them.
+PREEMPTION_CHECK_EVERY = 10
+
+
 class _Sigterm:
-  """Records SIGTERM so the loop can save before exiting; all processes agree on it each step."""
+  """Records SIGTERM so the loop can save before exiting; the processes agree on it every PREEMPTION_CHECK_EVERY
+  steps and at each epoch's end (a single process acts on it at the next step)."""
 
   def __init__(self):
     self.requested = False
@@ -212,7 +233,8 @@ def advance(run: Run) -> tuple[dict, int]:
   keys = step_lib.input_keys(micro[0]) + step_lib.TARGET_KEYS
   host = {k: np.stack([m[k] for m in micro]) for k in keys}
   target = sharding.batch_sharding(run.job.mesh, micro_axis=True)
-  run.state, metrics = run.train_step(run.state, run.backbone_state, sharding.global_batch(host, keys, target, True))
+  run.state_leaves, metrics = run.train_step(run.state_leaves, run.backbone_leaves,
+                                             sharding.global_batch(host, keys, target, True))
   run.step += 1
   return metrics, sum(int(np.sum(m["corrupt"])) for m in micro)
 
@@ -243,7 +265,8 @@ def train_epoch(run: Run, sigterm: _Sigterm, step_hook=None) -> None:
       run.save()
     if step_hook is not None:
       step_hook(run.step)
-    if run.step < epoch_end and sigterm.any_process():
+    agree = jax.process_count() == 1 or run.step % PREEMPTION_CHECK_EVERY == 0
+    if run.step < epoch_end and agree and sigterm.any_process():
       bar.close()
       _preempt(run)
   bar.close()
