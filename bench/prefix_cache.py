@@ -136,7 +136,7 @@ def per_scenario_test(run: loop.Run):
   clf = adapters.join(job.graphdef, {"backbone": job.params["backbone"], **run.state["params"]})
   graphdef, params = adapters.split(adapters.merge(clf))
   shardings = sharding.state_shardings(params["backbone"], job.mesh, job.rules)
-  eval_step = step_lib.make_eval_step(graphdef, job.mesh, shardings)
+  eval_step = step_lib.make_eval_step(graphdef, job.mesh, shardings, job.prep)
   test = job.load("test")
   return {kind: evaluation.evaluate_split(job, eval_step, adapters.trainable(params), params["backbone"],
                                           test.scenario(kind), kind) for kind in data.SCENARIOS}
