@@ -103,8 +103,8 @@ def start_run(config_path: str, workdir: Path, overrides) -> loop.Run:
 def trivial_step(run: loop.Run):
   """A jitted step that reads every input (so the transfer is not optimised away) and does nothing else."""
 
-  def step(state, backbone, batch):
-    del backbone
+  def step(state, backbone, cache_arrays, batch):
+    del backbone, cache_arrays
     return state, {"loss": sum(jnp.sum(v.astype(jnp.float32)) for v in jax.tree.leaves(batch))}
 
   return jax.jit(step, donate_argnums=(0,))
@@ -153,7 +153,7 @@ def busy_table(args) -> None:
     state = run.state_leaves
     begin = time.perf_counter()
     for _ in range(args.steps):
-      state, metrics = run.train_step(state, run.backbone_leaves, batch)
+      state, metrics = run.train_step(state, run.backbone_leaves, run.device_cache("train"), batch)
     jax.block_until_ready(metrics)
     bare_seconds = time.perf_counter() - begin
   samples = args.steps * run.config.batch_size

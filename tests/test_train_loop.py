@@ -39,11 +39,25 @@ def _free_port() -> int:
 
 
 # train.py with a SIGTERM sent to process 1 alone after step 1, and the processes agreeing on it every 2 steps.
-PREEMPTED_TRAIN = ("import os, signal, sys; sys.argv = sys.argv[:1] + sys.argv[2:]; import train; "
-                   "from mora_jax.train import loop; loop.PREEMPTION_CHECK_EVERY = 2; original = loop.train; "
-                   "hook = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 1 and '--process_id' in "
-                   "sys.argv and sys.argv[sys.argv.index('--process_id') + 1] == '1' else None; "
-                   "loop.train = lambda *a, **k: original(*a, step_hook=hook, **k); sys.exit(train.main())")
+# The loop is patched once jax.distributed is initialised: importing it first would start the XLA backend.
+PREEMPTED_TRAIN = """
+import os, signal, sys
+import jax
+sys.argv = sys.argv[:1] + sys.argv[2:]
+import train
+initialize = jax.distributed.initialize
+
+def initialize_then_patch(*args, **kwargs):
+  initialize(*args, **kwargs)
+  from mora_jax.train import loop
+  loop.PREEMPTION_CHECK_EVERY = 2
+  original, process = loop.train, jax.process_index()
+  hook = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 1 and process == 1 else None
+  loop.train = lambda *a, **k: original(*a, step_hook=hook, **k)
+
+jax.distributed.initialize = initialize_then_patch
+sys.exit(train.main())
+"""
 
 
 def _two_processes(workdir, flags, script=None) -> list[tuple[int, str]]:

@@ -31,7 +31,8 @@ from mora_jax.train import recipes
 # values either way). Every
 # other key must equal the saved config.
 CHANGEABLE = ("data_dir", "manual_dir", "mesh", "data_threads", "data_workers", "pixel_store", "log_every_steps",
-              "checkpoint", "max_steps", "eval", "skip_corrupt", "init_from", "prefix_cache", "prefix_cache_memory_gb")
+              "checkpoint", "max_steps", "eval", "skip_corrupt", "init_from", "prefix_cache", "prefix_cache_memory_gb",
+              "prefix_cache_device_gb")
 DAMAGED = "damaged"
 
 

@@ -41,7 +41,8 @@ def evaluate_split(job: Job, eval_step, params, backbone_state, ds: data.Dataset
                                  leave=False):
     corrupt += int(np.sum(host_batch["corrupt"]))
     keys = step_lib.input_keys(host_batch)
-    logits = eval_step(params, backbone_state, sharding.global_batch(host_batch, keys, target, False))
+    logits = eval_step(params, backbone_state, sharding.global_batch(host_batch, keys, target, False),
+                       cache.device if cache is not None else None)
     outputs.append({"logits": sharding.process_rows(logits),
                     **{k: host_batch[k] for k in ("label", "valid", "group")}})
   joined = sharding.gather_rows({k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]})

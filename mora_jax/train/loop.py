@@ -87,6 +87,11 @@ class Run:
   def config(self) -> ml_collections.ConfigDict:
     return self.job.config
 
+  def device_cache(self, split: str) -> dict:
+    """The activations of `split`'s prefix cache when they live on the devices, else {} (what the steps take)."""
+    cache = self.caches.get(split)
+    return cache.device if cache is not None and cache.device is not None else {}
+
   @property
   def steps_per_epoch(self) -> int:
     return epoch_steps(len(self.train_ds.source), self.config.batch_size)
@@ -233,7 +238,7 @@ def advance(run: Run) -> tuple[dict, int]:
   keys = step_lib.input_keys(micro[0]) + step_lib.TARGET_KEYS
   host = {k: np.stack([m[k] for m in micro]) for k in keys}
   target = sharding.batch_sharding(run.job.mesh, micro_axis=True)
-  run.state_leaves, metrics = run.train_step(run.state_leaves, run.backbone_leaves,
+  run.state_leaves, metrics = run.train_step(run.state_leaves, run.backbone_leaves, run.device_cache("train"),
                                              sharding.global_batch(host, keys, target, True))
   run.step += 1
   return metrics, sum(int(np.sum(m["corrupt"])) for m in micro)

@@ -56,6 +56,7 @@ class Plan:
   dtype: np.dtype
   memory_bytes: float
   root: Path  # where disk caches live
+  device_bytes: float = 0.0  # the budget for caches kept on the devices (before host memory and disk)
 
   @property
   def inputs(self) -> tuple[str, ...]:
@@ -70,6 +71,9 @@ def check(config) -> None:
     raise ValueError(f"config.prefix_cache_dtype={config.prefix_cache_dtype!r}: use one of {DTYPES}.")
   if config.prefix_cache_memory_gb < 0:
     raise ValueError(f"config.prefix_cache_memory_gb={config.prefix_cache_memory_gb} must be >= 0.")
+  if config.prefix_cache_device_gb < 0 and config.prefix_cache_device_gb != -1:
+    raise ValueError(f"config.prefix_cache_device_gb={config.prefix_cache_device_gb}: use -1 (half the first device's "
+                     "free memory, where the device reports it) or a size in GiB >= 0.")
   adapter = adapters.from_config(config.adapter.to_dict())
   if config.prefix_cache == "on" and adapter is not None and not adapter.frozen_prefix:
     raise ValueError(f"config.prefix_cache='on', but adapter method {adapter.name!r} changes the layers below "
@@ -87,7 +91,18 @@ def plan(config, adapter, uses: float) -> Plan | None:
   dtype = np.dtype(backbones.compute_dtype(config.backbone.dtype)) if name == "auto" else np.dtype(
       {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[name])
   return Plan(None if adapter is None else adapter.start_layer, dtype, config.prefix_cache_memory_gb * 2**30,
-              Path(config.data_dir).expanduser() / "prefix_cache")
+              Path(config.data_dir).expanduser() / "prefix_cache", device_budget(config.prefix_cache_device_gb))
+
+
+def device_budget(gigabytes: float) -> float:
+  """Bytes of device memory for caches: `gigabytes`, or (-1) half of what the first local device has free, where
+  it reports its memory (accelerators; a CPU reports none, and its "device" memory is the host's anyway)."""
+  if gigabytes >= 0:
+    return gigabytes * 2**30
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "bytes_limit" not in stats:
+    return 0.0
+  return 0.5 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
 
 
 @dataclasses.dataclass
@@ -97,10 +112,14 @@ class Cache:
   num_samples: int
   directory: Path | None = None  # None: in host memory
   build_seconds: float = 0.0  # what computing it took this run (0: reused from disk)
+  # The activation arrays on the devices (replicated), when the cache lives there: a batch then carries row
+  # numbers (ROW_INPUTS) and the step gathers the rows (`gather`); `arrays` keeps only ROW_KEYS.
+  device: dict[str, jax.Array] | None = None
 
   def rows(self, indices: np.ndarray, table: np.ndarray) -> dict:
     """The batch of record `indices` (-1: padding) under missing `table`: each tower's row of the sample, or the
-    dummy row where the table says its input is missing (and for padding)."""
+    dummy row where the table says its input is missing (and for padding); for a cache on the devices, the
+    numbers of those rows."""
     present = indices >= 0
     safe = np.where(present, indices, 0)
     codes = np.where(present, table[safe], missing_lib.COMPLETE).astype(np.int8)
@@ -109,13 +128,37 @@ class Cache:
     vision_rows = np.where(has_image, safe, self.num_samples)
     text_rows = np.where(has_text, safe, self.num_samples)
     corrupt = has_image & self.arrays["corrupt"][safe]
-    batch = {k: np.asarray(self.arrays[k][vision_rows if k.startswith("vision") else text_rows])
-             for k in self.arrays if k not in ROW_KEYS}
+    if self.device is not None:
+      batch = {"vision_rows": vision_rows.astype(np.int32), "text_rows": text_rows.astype(np.int32)}
+    else:
+      batch = {k: np.asarray(self.arrays[k][vision_rows if k.startswith("vision") else text_rows])
+               for k in self.arrays if k not in ROW_KEYS}
     label = self.arrays["label"][safe]
     batch.update(label=np.where(present.reshape((-1,) + (1,) * (label.ndim - 1)), label, 0),
                  group=np.where(present, self.arrays["group"][safe], -1).astype(np.int8), missing=codes,
                  index=indices, valid=present & ~corrupt, corrupt=corrupt)
     return batch
+
+
+ROW_INPUTS = ("vision_rows", "text_rows", "missing")  # the model inputs of a batch of a cache on the devices
+
+
+def gather(batch: dict, device_arrays: dict) -> dict:
+  """Inside a jitted step: a batch of row numbers (ROW_INPUTS) -> the rows of a cache on the devices, in the
+  form `Classifier.logits` reads (other batch forms pass through)."""
+  if "vision_rows" not in batch:
+    return batch
+  out = {k: v for k, v in batch.items() if k not in ("vision_rows", "text_rows")}
+  for name, array in device_arrays.items():
+    out[name] = array[batch["vision_rows"] if name.startswith("vision") else batch["text_rows"]]
+  return out
+
+
+def to_device(cache: Cache, mesh) -> Cache:
+  """`cache` (in host memory) with its activations replicated on every device of `mesh` (multi-host safe)."""
+  activations = {k: v for k, v in cache.arrays.items() if k not in ROW_KEYS}
+  device = sharding.replicate(activations, mesh)
+  return dataclasses.replace(cache, arrays={k: cache.arrays[k] for k in ROW_KEYS}, device=device)
 
 
 class _Rows:
@@ -219,15 +262,20 @@ def prepare(job, params, backbone_shardings, splits: dict[str, data.Dataset], us
   if cache_plan is None:
     return {}
   fill_step = make_fill_step(job.graphdef, cache_plan.layer, job.mesh, backbone_shardings, job.prep)
-  budget, caches = cache_plan.memory_bytes, {}
+  device_budget_left, budget, caches = cache_plan.device_bytes, cache_plan.memory_bytes, {}
   what = "final features" if cache_plan.layer is None else f"inputs of layer {cache_plan.layer}"
   for name, ds in splits.items():
     size = array_files.nbytes(layout(job, cache_plan.layer, len(ds.source)), cache_plan.dtype)
-    memory = size <= budget
-    budget -= size if memory else 0
+    on_device = size <= device_budget_left
+    memory = on_device or size <= budget
+    device_budget_left -= size if on_device else 0
+    budget -= size if memory and not on_device else 0
+    where = "devices" if on_device else "host memory" if memory else "disk"
     log(f"prefix cache of {ds.name}/{name}: the towers' {what}, {size / 2**20:.1f} MiB of {cache_plan.dtype} "
-        f"({'host memory' if memory else 'disk'})")
+        f"({where})")
     caches[name] = build(job, ds, params, cache_plan, fill_step, memory=memory, log=log, desc=f"caching {name}")
+    if on_device:
+      caches[name] = to_device(caches[name], job.mesh)
     if caches[name].build_seconds:
       log(f"prefix cache of {ds.name}/{name}: built in {caches[name].build_seconds:.1f} s")
   return caches

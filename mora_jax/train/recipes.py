@@ -90,10 +90,14 @@ def base() -> ml_collections.ConfigDict:
   c.skip_corrupt = False  # True: a corrupt image's sample is masked out and counted instead of stopping the run
   # The frozen layers' activations computed once (mora_jax/train/prefix_cache.py): "auto" (when more than one
   # epoch is trained), "on" or "off"; stored as "auto" (the backbone's compute dtype), "float32" or "bfloat16",
-  # in host memory up to prefix_cache_memory_gb per process, beyond it in files under data_dir.
+  # on the devices up to prefix_cache_device_gb, in host memory up to prefix_cache_memory_gb per process, beyond
+  # them in files under data_dir.
   c.prefix_cache = "auto"
   c.prefix_cache_dtype = "auto"
   c.prefix_cache_memory_gb = 8.0
+  # Caches kept on the devices first (replicated; batches gathered there, nothing transferred per step), up to
+  # this many GiB per device; -1: half the device's free memory where it reports it (GPU, TPU), none on CPU.
+  c.prefix_cache_device_gb = -1.0
   return c
 
 

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mora_jax import adapters, sharding
 from mora_jax.adapters import classifier
 from mora_jax.data import pipeline
+from mora_jax.train import prefix_cache
 
 TARGET_KEYS = ("label", "valid")
 
@@ -24,8 +25,8 @@ TARGET_KEYS = ("label", "valid")
 def input_keys(batch: dict) -> tuple[str, ...]:
   """The keys of a host batch that go to the devices as model inputs: decoded records' (pipeline.MODEL_INPUTS:
   uint8 pixels, tokens and each sample's missing code), or cached activations' (classifier.PREFIX_INPUTS /
-  FEATURE_INPUTS; mora_jax.train.prefix_cache)."""
-  for keys in (pipeline.MODEL_INPUTS, classifier.PREFIX_INPUTS, classifier.FEATURE_INPUTS):
+  FEATURE_INPUTS; mora_jax.train.prefix_cache), or the row numbers of a prefix cache on the devices (ROW_INPUTS)."""
+  for keys in (pipeline.MODEL_INPUTS, classifier.PREFIX_INPUTS, classifier.FEATURE_INPUTS, prefix_cache.ROW_INPUTS):
     if keys[0] in batch:
       return keys
   raise KeyError(f"a batch with keys {sorted(batch)} holds no model inputs.")
@@ -127,33 +128,35 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 def make_train_step_on_leaves(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                               multi_label: bool, mesh: Mesh, backbone_shardings, prep: pipeline.Preprocessing | None,
                               state_treedef, backbone_treedef) -> Callable:
-  """`make_train_step` over the flat leaf lists of the state and the backbone: (state leaves, backbone leaves,
-  batch) -> (state leaves, metrics). A call then flattens plain lists; flattening their nnx Variables in Python
-  instead costs ~20 us each, ~30 ms per step for the embedded CLIP's train state and backbone (bench/feed.py
-  --loop), which left an accelerator idle."""
+  """`make_train_step` over the flat leaf lists of the state and the backbone, reading a prefix cache that lives
+  on the devices: (state leaves, backbone leaves, device cache arrays ({} for none), batch) -> (state leaves,
+  metrics). A call then flattens plain lists; flattening their nnx Variables in Python instead costs ~20 us
+  each, ~30 ms per step for the embedded CLIP's train state and backbone (bench/feed.py --loop), during which an
+  accelerator waited."""
   step = train_step_fn(graphdef, tx, schedule, multi_label, prep)
 
-  def on_leaves(state_leaves, backbone_leaves, batch):
+  def on_leaves(state_leaves, backbone_leaves, cache_arrays, batch):
     state, metrics = step(jax.tree.unflatten(state_treedef, state_leaves),
-                          jax.tree.unflatten(backbone_treedef, backbone_leaves), batch)
+                          jax.tree.unflatten(backbone_treedef, backbone_leaves), prefix_cache.gather(batch, cache_arrays))
     return jax.tree.leaves(state), metrics
 
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(on_leaves, in_shardings=(replicated, jax.tree.leaves(backbone_shardings),
+  return jax.jit(on_leaves, in_shardings=(replicated, jax.tree.leaves(backbone_shardings), replicated,
                                           sharding.batch_sharding(mesh, True)),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, backbone_shardings,
                    prep: pipeline.Preprocessing | None = None) -> Callable:
-  """(params, backbone, model inputs) -> float32 logits, sharded like the batch: each process reads the rows of
-  its own samples (sharding.process_rows), whose labels never left the host. Inputs in any form
-  `Classifier.logits` reads."""
+  """(params, backbone, model inputs, device cache arrays = {}) -> float32 logits, sharded like the batch: each
+  process reads the rows of its own samples (sharding.process_rows), whose labels never left the host. Inputs in
+  any form `Classifier.logits` reads, or row numbers of a prefix cache on the devices (prefix_cache.gather)."""
   replicated = NamedSharding(mesh, PartitionSpec())
   rows = sharding.batch_sharding(mesh, False)
 
-  def step(params, backbone, batch):
+  def step(params, backbone, batch, cache_arrays):
     model = adapters.join(graphdef, {"backbone": backbone, **params})
-    return model.logits(model_inputs(batch, prep)).astype(jnp.float32)
+    return model.logits(model_inputs(prefix_cache.gather(batch, cache_arrays), prep)).astype(jnp.float32)
 
-  return jax.jit(step, in_shardings=(replicated, backbone_shardings, rows), out_shardings=rows)
+  jitted = jax.jit(step, in_shardings=(replicated, backbone_shardings, rows, replicated), out_shardings=rows)
+  return lambda params, backbone, batch, cache_arrays=None: jitted(params, backbone, batch, cache_arrays or {})
