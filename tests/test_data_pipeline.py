@@ -2,6 +2,10 @@
 
 import dataclasses
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -217,3 +221,17 @@ def test_skip_corrupt_masks_and_counts_only_the_bad_sample(tokenizer):
   valid = np.concatenate([b["index"][b["valid"]] for b in batches])
   assert corrupt.tolist() == [3]
   assert sorted(valid.tolist()) == [0, 1, 2, 4]
+
+
+def test_decoding_workers_run_from_a_script_without_a_main_guard(tmp_path):
+  """Spawned workers would re-run such a script (and fail starting workers of their own); ours do not."""
+  script = tmp_path / "no_guard.py"
+  script.write_text("import numpy as np\nfrom mora_jax.data import pipeline, preprocess\n"
+                    "prep = pipeline.Preprocessing(image=preprocess.ImageProcessing.clip(32))\n"
+                    "out = pipeline.decode_arrays([(np.zeros((40, 40, 3), np.uint8), 'a')] * 4, prep, 2)\n"
+                    "print('decoded', len(out), out[0].shape)\n")
+  env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+  proc = subprocess.run([sys.executable, "-W", "error::ResourceWarning", str(script)], capture_output=True,
+                        text=True, timeout=120, env=env, check=False)
+  assert proc.returncode == 0 and "decoded 4 (32, 32, 3)" in proc.stdout, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -7,11 +7,15 @@ multi-hot vector). Every epoch, in training as in evaluation, sees every sample 
 is padded with rows that a `valid` mask marks as padding.
 """
 
+import atexit
 import collections
-import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import multiprocessing
+import multiprocessing.pool
+import sys
+import types
 from collections.abc import Sequence
 
 import grain
@@ -94,12 +98,29 @@ GROUP_FEATURE = "question_type"
 MODEL_INPUTS = ("pixels", "input_ids", "attention_mask", "missing")
 
 
+@contextlib.contextmanager
+def _main_module_hidden():
+  # A spawned process first re-runs the parent's main script (as "__mp_main__"), which breaks any script that
+  # trains at top level without an `if __name__ == "__main__"` guard. The workers run only
+  # preprocess.decode_chunk, so they are started while __main__ looks like `python -c`'s, which is not re-run.
+  main = sys.modules["__main__"]
+  sys.modules["__main__"] = types.ModuleType("__main__")
+  try:
+    yield
+  finally:
+    sys.modules["__main__"] = main
+
+
 @functools.cache
-def _worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+def _worker_pool(workers: int) -> multiprocessing.pool.Pool:
   # Spawned, not forked: the parent runs JAX's threads, which a fork would copy mid-flight. The workers import
-  # only mora_jax.data.preprocess (numpy and PIL). One pool per process and worker count, shared by every
-  # pipeline (train, validation, test), shut down at exit.
-  return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+  # only mora_jax.data.preprocess (numpy and PIL), all start here, and exit with their parent: at its exit, or,
+  # if it is killed, at the end of their task pipe (a ProcessPoolExecutor's workers outlived a killed parent).
+  # One pool per process and worker count, shared by every pipeline (train, validation, test).
+  with _main_module_hidden():
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+  atexit.register(pool.terminate)
+  return pool
 
 
 def decode_arrays(items: Sequence[tuple], prep: Preprocessing, workers: int) -> list:
@@ -120,11 +141,11 @@ def decode_stream(chunks, prep: Preprocessing, workers: int):
     return
   pool, pending = _worker_pool(workers), collections.deque()
   for chunk in chunks:
-    pending.append(pool.submit(preprocess.decode_chunk, list(chunk), prep.image, prep.transparency))
+    pending.append(pool.apply_async(preprocess.decode_chunk, (list(chunk), prep.image, prep.transparency)))
     if len(pending) >= 2 * workers:
-      yield from pending.popleft().result()
+      yield from pending.popleft().get()
   while pending:
-    yield from pending.popleft().result()
+    yield from pending.popleft().get()
 
 
 def _text(value) -> str:
