@@ -9,17 +9,18 @@ test before and after shared tower passes, in one interleaved run.
 
 Each config trains MoRA (q, v; rank 4) with the library's own loop (`loop.start`, then `loop.advance`, the step
 `loop.train_epoch` repeats) on a fixed synthetic manifest (random 64 px PNGs and short texts, 70% missing of type
-both), once with `prefix_cache="off"` and once with "on" (float32 unless --cache_dtype, host memory), and the peer
-(--no_uncached and --no_peer leave those runs out): step by step in turn, so that all three see the same machine
-load, each epoch's time the sum of its steps'. With --whole_epochs each run's epoch is timed whole instead, the runs
-in turn epoch by epoch, its steps queued without waiting for each, so that the device runs a step while the host
-reads the next batch, as `loop.train_epoch` does: the end-to-end rate on an accelerator, which waiting after every
-step would leave idle between steps. Epoch 1 includes compilation, so the steady samples/s are the median over the
-later epochs; building the cached run's train and validation caches (done in its `loop.start`, compilation included)
-is reported on its own. The peer is transformers' CLIPModel with MoRA layers written from docs/method.md
-(bench/adapters.py), eager PyTorch, the same threads, one step per batch of the epoch on a fixed batch: it reads no
-data, so the ratio against it leaves our input pipeline in our time. ViT-B/16 has random weights (no download) and a
-byte-level tokenizer; the embedded CLIP is the project's pre-trained one (built on first use).
+both), once with `prefix_cache="off"` and once with "on" (float32 unless --cache_dtype; on the devices where the
+library's device tier holds it, else in host memory), and the peer (--no_uncached and --no_peer leave those runs
+out): step by step in turn, so that all three see the same machine load, each epoch's time the sum of its steps'.
+With --whole_epochs each run's epoch is timed whole instead, the runs in turn epoch by epoch, its steps queued
+without waiting for each, so that the device runs a step while the host reads the next batch, as `loop.train_epoch`
+does: the end-to-end rate on an accelerator, which waiting after every step would leave idle between steps. Epoch 1
+includes compilation, so the steady samples/s are the median over the later epochs; building the cached run's train
+and validation caches (done in its `loop.start`, compilation included) is reported on its own. The peer is
+transformers' CLIPModel with MoRA layers written from docs/method.md (bench/adapters.py), eager PyTorch, the same
+threads, one step per batch of the epoch on a fixed batch: it reads no data, so the ratio against it leaves our
+input pipeline in our time. ViT-B/16 has random weights (no download) and a byte-level tokenizer; the embedded CLIP
+is the project's pre-trained one (built on first use).
 
 The test: the library's test (`evaluation.scenario_metrics`: merged model, one pass per tower over the present
 inputs plus the dummy, every scenario assembled) against the same merged model evaluated scenario by scenario
@@ -81,11 +82,12 @@ def write_manifest(directory: Path, sizes: dict[str, int]) -> Path:
 def run_config(name: str, manifest: Path, workdir: Path, data_dir: Path, args, cache: str):
   overrides, start, batch, max_length = CONFIGS[name]
   c = recipes.get("upmc_food101", "mora")
-  # A memory budget beyond any --samples: every cache stays in host memory, as the docstring says.
+  # A host memory budget beyond any --samples: a cache that the devices do not hold stays in host memory.
   values = {**overrides, "dataset": data.MANIFEST, "manifest.path": manifest, "data_dir": data_dir,
             "adapter.start_layer": start, "batch_size": args.batch or batch, "eval.batch_size": args.eval_batch,
             "epochs": args.epochs, "preprocessing.max_length": max_length, "backbone.dtype": args.dtype,
             "prefix_cache": cache, "prefix_cache_dtype": args.cache_dtype, "prefix_cache_memory_gb": 10**4,
+            "prefix_cache_device_gb": args.cache_device_gb,
             "data_threads": args.data_threads, "log_every_steps": 10**6}
   config_lib.apply_overrides(c, [(key, str(value)) for key, value in values.items()])
   return loop.start(c, workdir / f"{name.replace('/', '_')}_{cache}")
@@ -154,11 +156,12 @@ def bench(name: str, manifest: Path, workdir: Path, data_dir: Path, args) -> dic
   rows = [{"epoch": epoch + 1, **epoch_seconds(steps, cached.steps_per_epoch, args.whole_epochs)}
           for epoch in range(args.epochs)]
   train_cache = cached.caches["train"]
-  activations = train_cache.arrays["vision_hidden"].dtype
-  per_sample = sum(a.nbytes for a in train_cache.arrays.values()) / train_cache.num_samples
+  stored = {**train_cache.arrays, **(train_cache.device or {})}  # on the devices, `arrays` holds only the row keys
+  per_sample = sum(a.nbytes for a in stored.values()) / train_cache.num_samples
+  where = "devices" if train_cache.device else "host memory" if train_cache.directory is None else "disk"
   r = dict(name=name, batch=cached.config.batch_size, layer=cached.config.adapter.start_layer,
            samples=len(cached.train_ds.source), epochs=rows, build=build, bytes_per_sample=per_sample,
-           cache_dtype=activations.name)
+           cache_dtype=stored["vision_hidden"].dtype.name, cache_where=where)
   return {**r, **test_timings(cached, workdir, args.test_repeats)} if args.test_repeats else r
 
 
@@ -182,7 +185,7 @@ def test_timings(run: loop.Run, workdir: Path, repeats: int) -> dict:
 
 def report(r: dict) -> None:
   print(f"\n### {r['name']}: start layer {r['layer']}, batch {r['batch']}, {r['samples']} train samples, "
-        f"cache {r['bytes_per_sample'] / 2**10:.1f} KiB per sample ({r['cache_dtype']})\n")
+        f"cache {r['bytes_per_sample'] / 2**10:.1f} KiB per sample ({r['cache_dtype']}, on the {r['cache_where']})\n")
   print(f"cache build (train + validation splits, compilation included): {r['build']:.1f} s\n")
   if r["epochs"]:
     report_epochs(r)
@@ -238,6 +241,8 @@ def main():
                       help="the backbone's weights and compute (auto: bfloat16 on GPU/TPU, float32 on CPU)")
   parser.add_argument("--cache_dtype", choices=prefix_cache.DTYPES, default="float32",
                       help="the cached activations' dtype (auto: the backbone's compute dtype)")
+  parser.add_argument("--cache_device_gb", type=float, default=-1,
+                      help="config.prefix_cache_device_gb (-1: half a GPU's or TPU's free memory, none on CPU)")
   parser.add_argument("--data_threads", type=int, default=2, help="image decoding threads (config.data_threads)")
   parser.add_argument("--no_peer", action="store_true", help="skip the PyTorch peer (e.g. on a GPU host)")
   parser.add_argument("--no_uncached", action="store_true", help="skip the run without the cache")
