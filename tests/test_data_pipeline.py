@@ -235,3 +235,13 @@ def test_decoding_workers_run_from_a_script_without_a_main_guard(tmp_path):
                         text=True, timeout=120, env=env, check=False)
   assert proc.returncode == 0 and "decoded 4 (32, 32, 3)" in proc.stdout, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_auto_builds_a_store_only_for_images_read_more_than_once_and_reuses_any(tmp_path):
+  source = make_source(3)
+  assert pixel_store.open_or_build(source, "fixture", "train", PREP, tmp_path, "auto", 0, print, uses=1) is None
+  assert not (tmp_path).exists() or not any(tmp_path.iterdir())
+  built = pixel_store.open_or_build(source, "fixture", "train", PREP, tmp_path, "auto", 0, print, uses=2)
+  assert built is not None and built.build_seconds > 0
+  reused = pixel_store.open_or_build(source, "fixture", "train", PREP, tmp_path, "auto", 0, print, uses=1)
+  assert reused is not None and reused.build_seconds == 0 and reused.directory == built.directory

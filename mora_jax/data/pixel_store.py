@@ -9,8 +9,9 @@ processes with a progress bar; later runs (training, evaluation, the prefix cach
 decoding. Like the prefix cache (mora_jax/data/array_files.py), a store is checked before reuse: a truncated or
 damaged one is rebuilt with a one-line notice, as is one whose build was interrupted.
 
-Config: pixel_store "auto" (built when it fits the disk with PIXEL_STORE_HEADROOM to spare, else decoding as
-before, with a note) | "on" | "off".
+Config: pixel_store "auto" (an existing store is read; one is built when the run reads a split's images more than
+once, i.e. trains or validates more than one epoch without the prefix cache, or tests scenario by scenario, and
+it fits the disk with HEADROOM_BYTES to spare) | "on" | "off".
 """
 
 import dataclasses
@@ -96,17 +97,18 @@ def build(source, name: str, split: str, prep: pipeline.Preprocessing, root: Pat
       arrays["pixels"][index] = out
   array_files.flush(arrays)
   folder.finish(store_key, shapes)
-  store = open_existing(folder, store_key, shapes, log)
+  arrays = folder.open(shapes, np.dtype(np.uint8), "r")  # just checksummed by `finish`: not verified again
   seconds = time.perf_counter() - begin
   log(f"pixel store of {name}/{split}: {len(source)} images decoded in {seconds:.1f} s with {workers} worker "
-      f"process(es), {int(store.corrupt.sum())} corrupt; written to {folder.directory}")
-  return dataclasses.replace(store, build_seconds=seconds)
+      f"process(es), {int(arrays['corrupt'].sum())} corrupt; written to {folder.directory}")
+  return PixelStore(arrays["pixels"], arrays["corrupt"], folder.directory, seconds)
 
 
 def open_or_build(source, name: str, split: str, prep: pipeline.Preprocessing, root: Path, mode: str, workers: int,
-                  log) -> PixelStore | None:
-  """The store of a split: reused when intact, else built ("on"; "auto" when it `fits`), else None ("off", or
-  "auto" without the disk space: the pipeline decodes every epoch, as `log` notes)."""
+                  log, uses: float = 2.0) -> PixelStore | None:
+  """The store of a split: reused when intact, else built ("on"; "auto" when this run reads each image more than
+  once (`uses`: passes over the split) and it `fits`), else None ("off"; "auto" reading once, where building
+  costs what it saves; "auto" without the disk space, as `log` notes): the pipeline then decodes."""
   if mode not in MODES:
     raise ValueError(f"config.pixel_store={mode!r}: use one of {MODES}.")
   if mode == "off" or len(source) == 0:
@@ -114,7 +116,7 @@ def open_or_build(source, name: str, split: str, prep: pipeline.Preprocessing, r
   store_key = key(name, split, len(source), prep)
   shapes = layout(len(source), prep)
   store = open_existing(files(root, name, split, store_key, prep), store_key, shapes, log)
-  if store is not None:
+  if store is not None or (mode == "auto" and uses <= 1):
     return store
   if mode == "auto" and not fits(root, len(source), prep):
     log(f"note: no pixel store for {name}/{split}: its {array_files.nbytes(shapes) / 2**30:.2f} GiB would leave "

@@ -120,6 +120,9 @@ class Job:
   class_names: tuple[str, ...]
   multi_label: bool
   stores: dict = dataclasses.field(default_factory=dict)  # (dataset, split) -> its pixel store, or None
+  # split -> passes the run makes over the split's images (pixel_store="auto" builds a store beyond 1); set by
+  # the loop and the test, 1 where unset.
+  image_reads: dict = dataclasses.field(default_factory=dict)
 
   @property
   def metric(self) -> str:
@@ -150,7 +153,8 @@ class Job:
       root = Path(self.config.data_dir).expanduser() / "pixel_store"
       self.stores[name] = _main_process_first(
           lambda: pixel_store_lib.open_or_build(ds.source, ds.name, ds.split, self.prep, root,
-                                                self.config.pixel_store, decode_workers(self.config), say),
+                                                self.config.pixel_store, decode_workers(self.config), say,
+                                                self.image_reads.get(ds.split, 1)),
           f"pixel store {ds.name}/{ds.split}")
     return self.stores[name]
 
