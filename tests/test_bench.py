@@ -51,11 +51,19 @@ def test_prefix_cache_bench_runs():
   assert "metrics identical: True" in out and "cache build" in out, out
 
 
-def test_data_bench_runs(easy_vqa_data):
-  out = subprocess.run([sys.executable, "bench/data.py", "--data_dir", str(easy_vqa_data), "--threads", "1",
-                        "--batch", "4", "--batches", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       check=True).stdout
-  assert any(line.startswith("| 1 | 4 | ") for line in out.splitlines()), out
+def test_feed_bench_runs(easy_vqa_data, tmp_path):
+  out = subprocess.run([sys.executable, "bench/feed.py", "--data_dir", str(tmp_path), "--size", "32", "--samples", "12",
+                        "--workers", "0", "1", "--store", "--batch", "4", "--batches", "1"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, check=True).stdout
+  rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "path" not in line]
+  assert rows == ["decode, 0 worker processes", "decode, 1 worker processes", "pixel store build, 1 worker processes",
+                  "pixel store"], out
+  tiny = ["--override", "backbone.path=", "backbone.random_preset=tiny", f"data_dir={easy_vqa_data}", "batch_size=8",
+          "eval.batch_size=8", "pixel_store=off", "data_workers=0", "--steps", "2"]
+  for mode, expected in (("--loop", "| loop beyond the pipeline |"), ("--busy", "| loop (steady) |")):
+    out = subprocess.run([sys.executable, "bench/feed.py", mode, "configs/easy_vqa_mora.py", *tiny], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, check=True).stdout
+    assert expected in out, out
 
 
 def test_mora_init_bench_runs():
