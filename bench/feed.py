@@ -183,9 +183,9 @@ def main():
   args = parser.parse_args()
   if args.loop:
     loop_table(args)
-  elif args.busy:
+  if args.busy:
     busy_table(args)
-  else:
+  if not (args.loop or args.busy):
     decode_table(args)
 
 
