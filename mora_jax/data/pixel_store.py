@@ -87,7 +87,8 @@ def build(source, name: str, split: str, prep: pipeline.Preprocessing, root: Pat
   arrays = folder.open(shapes, np.dtype(np.uint8), "r+")
   where = f"{name}/{split}"
   chunks = ([(source[i]["image"], pipeline.sample_name(source[i], where))
-             for i in range(start, min(start + BUILD_CHUNK, len(source)))] for start in range(0, len(source), BUILD_CHUNK))
+             for i in range(start, min(start + BUILD_CHUNK, len(source)))]
+            for start in range(0, len(source), BUILD_CHUNK))
   decoded = pipeline.decode_stream(chunks, prep, workers)
   for index, out in enumerate(progress.bar(decoded, total=len(source), desc=f"decoding {where} once", unit="image",
                                            leave=False)):

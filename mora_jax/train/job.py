@@ -160,8 +160,13 @@ class Job:
 
 
 def decode_workers(config: ml_collections.ConfigDict) -> int:
-  """Image-decoding worker processes: config.data_workers, or one per core this process may run on (-1)."""
-  return len(os.sched_getaffinity(0)) if config.data_workers == -1 else config.data_workers
+  """Image-decoding worker processes: config.data_workers, or (-1) one per core this process may run on, and none
+  on a host of 1 or 2 cores, where Grain's threads in the main process decode faster (PIL releases the GIL, and
+  workers pay for sending pixels back: bench/feed.py, docs/benchmarks.md)."""
+  if config.data_workers != -1:
+    return config.data_workers
+  cores = len(os.sched_getaffinity(0))
+  return cores if cores > 2 else 0
 
 
 def manifest(config: ml_collections.ConfigDict) -> data.Manifest | None:

@@ -296,7 +296,8 @@ def build(job, ds: data.Dataset, params, plan_: Plan, fill_step, *, memory: bool
   cache_key = key(job, ds, plan_.layer, plan_.dtype)
   begin = time.perf_counter()
   if memory:
-    arrays = {name: np.zeros(shape, array_files.array_dtype(kind, plan_.dtype)) for name, (shape, kind) in shapes.items()}
+    arrays = {name: np.zeros(shape, array_files.array_dtype(kind, plan_.dtype))
+              for name, (shape, kind) in shapes.items()}
     _fill(job, ds, params, fill_step, arrays, None, cache_key, 0, desc)
     return Cache(arrays, len(ds.source), build_seconds=time.perf_counter() - begin)
   digest = hashlib.sha256(json.dumps(cache_key, sort_keys=True).encode()).hexdigest()[:16]

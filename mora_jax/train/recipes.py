@@ -80,8 +80,8 @@ def base() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(batch_size=256, patience=20))
   c.checkpoint = ml_collections.ConfigDict(dict(keep=2, every_steps=0))  # 0: at the end of every epoch only
   c.log_every_steps = 50
-  # Batches assembled at once (Grain threads), and image-decoding worker processes: -1 = one per core, 0 = none
-  # (decoded in the main process). Neither changes a batch.
+  # Batches assembled at once (Grain threads), and image-decoding worker processes: -1 = one per core (none on 1-2
+  # cores, where the threads decode faster), 0 = none (decoded in the main process). Neither changes a batch.
   c.data_threads = 2
   c.data_workers = -1
   # Every image decoded once into memory-mapped files under data_dir (mora_jax/data/pixel_store.py): "auto"

@@ -137,7 +137,8 @@ def make_train_step_on_leaves(graphdef: nnx.GraphDef, tx: optax.GradientTransfor
 
   def on_leaves(state_leaves, backbone_leaves, cache_arrays, batch):
     state, metrics = step(jax.tree.unflatten(state_treedef, state_leaves),
-                          jax.tree.unflatten(backbone_treedef, backbone_leaves), prefix_cache.gather(batch, cache_arrays))
+                          jax.tree.unflatten(backbone_treedef, backbone_leaves),
+                          prefix_cache.gather(batch, cache_arrays))
     return jax.tree.leaves(state), metrics
 
   replicated = NamedSharding(mesh, PartitionSpec())
