@@ -118,7 +118,8 @@ class Classifier(nnx.Module):
     return self.head(self.features(pixel_values, input_ids, attention_mask, rngs, missing))
 
   def logits(self, inputs: dict, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Logits of a batch in any of the forms the steps feed: model inputs (CLASSIFIER_INPUTS), the towers'
+    """Logits of a batch in any of the forms the steps feed: model inputs (float pixel_values, the tokens and the
+    missing codes: pipeline.model_inputs of pipeline.MODEL_INPUTS), the towers'
     inputs at their first adapted layer (PREFIX_INPUTS), or the towers' final features (FEATURE_INPUTS)."""
     if "pixel_values" in inputs:
       return self(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], rngs, inputs["missing"])

@@ -1,5 +1,7 @@
 """The Grain input pipeline: seeded per-epoch shuffling, per-process sharding of the index space, batches of
-numpy arrays with the missing modality replaced by its dummy input, and checkpointable iterator state.
+numpy arrays with the missing modality replaced by its dummy input, and checkpointable iterator state. Images
+travel as uint8 "pixels" (from a pixel store, or decoded per sample in worker processes) and are normalised on
+the devices (`model_inputs`).
 
 A source is any random-access sequence of records (a TFDS data source, or a list in tests) whose records are
 dicts with "id", "image" (uint8 HWC array, or encoded bytes), "text" (str or bytes) and "label" (int, or a
