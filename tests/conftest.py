@@ -14,9 +14,11 @@ os.environ["XLA_FLAGS"] = " ".join(
 # Compiled programs are kept in a folder of the checkout (ignored by git) that every test process and every
 # train.py / eval.py / bench subprocess (they inherit these variables) reads and writes: a program compiled
 # once is loaded, not compiled again, by later tests and processes. A size bound turns on jax's file lock, so
-# concurrent workers never read a half-written entry.
+# concurrent workers never read a half-written entry. Programs compiled in under 0.1 s (an eager op's) are not
+# kept: every write checks the folder, and with thousands of them the eager tests slowed most (the 3.11 leg:
+# 623.7 s keeping everything, 528.0 s with this bound; docs/testing.md).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 # Most tests spend their time compiling tiny programs, not running them: XLA's expensive optimization passes
 # are off (no fast-math either way; other kernels may round the last bits differently, which the tolerances
