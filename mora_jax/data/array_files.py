@@ -1,6 +1,7 @@
 """A folder of memory-mapped .npy arrays that is built once and reused: keyed by everything its values depend on,
-built with per-process progress files (an interrupted build is completed), finished by a meta file written last
-that records each file's size and CRC-32, and checked against it before any reuse (a damaged folder is rebuilt).
+optionally built with per-process progress files (so that an interrupted build is completed), finished by a meta
+file written last that records each file's size and CRC-32, and checked against it before any reuse (a damaged or
+unfinished folder is rebuilt).
 The prefix-activation cache (mora_jax/train/prefix_cache.py) and the pixel store (pixel_store.py) are such folders.
 
 A layout maps each array's name to (shape, kind): kind is a numpy dtype, or "act" for the dtype the folder is
@@ -85,11 +86,10 @@ class Files:
     except (OSError, ValueError):
       return None
 
-  def batches_done(self, key: dict, batch_size: int, writers: int | None = None) -> int:
-    """Batches every writing process (all of them, or the first `writers`) finished in an earlier, interrupted
-    build of the same key and layout (0: none)."""
+  def batches_done(self, key: dict, batch_size: int) -> int:
+    """Batches every process finished in an earlier, interrupted build of the same key and layout (0: none)."""
     done = []
-    for process in range(jax.process_count() if writers is None else writers):
+    for process in range(jax.process_count()):
       try:
         record = json.loads(self.progress_path(process).read_text())
       except (OSError, ValueError):

@@ -160,6 +160,14 @@ def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = Non
   return builder
 
 
+def encoded_source(builder: tfds.core.DatasetBuilder, split: str):
+  """The split's records with their images still encoded: the pipeline decodes them in its workers (or reads
+  none at all from a pixel store), where TFDS would decode every one in the main process."""
+  skip = {name: tfds.decode.SkipDecoding() for name, feature in builder.info.features.items()
+          if isinstance(feature, tfds.features.Image)}
+  return builder.as_data_source(split, decoders=skip or None)
+
+
 def load(name: str, split: str, data_dir: str | Path, manual_dir: str | Path | None = None,
          missing: missing_lib.Missing = missing_lib.Missing(), one_sample_per_text: bool = True,
          log=print, manifest: manifest_lib.Manifest | None = None) -> Dataset:
@@ -171,10 +179,7 @@ def load(name: str, split: str, data_dir: str | Path, manual_dir: str | Path | N
   key = _key(name, builder)
   if split not in builder.info.splits:
     raise ValueError(f"{key} has no split {split!r}; it has {sorted(builder.info.splits)}.")
-  # Images stay encoded: the pipeline decodes them in its workers, and reads none at all from a pixel store.
-  skip = {name: tfds.decode.SkipDecoding() for name, feature in builder.info.features.items()
-          if isinstance(feature, tfds.features.Image)}
-  source = builder.as_data_source(split, decoders=skip or None)
+  source = encoded_source(builder, split)
   view = _TextView(source, one_sample_per_text, f"{builder.data_dir}, split {split}")
   for row in sorted({0, len(source) - 1} - {-1}):  # both ends before any training: misordered files fail here
     view.record(row)

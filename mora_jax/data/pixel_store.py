@@ -67,25 +67,16 @@ def open_existing(folder: array_files.Files, store_key: dict, shapes: dict, log)
   return PixelStore(arrays["pixels"], arrays["corrupt"], folder.directory)
 
 
-def fits(root: Path, num_samples: int, prep: pipeline.Preprocessing) -> bool:
-  """Whether a store of that many samples fits the disk under `root` with HEADROOM_BYTES to spare."""
-  return array_files.nbytes(layout(num_samples, prep)) + HEADROOM_BYTES <= array_files.free_bytes(Path(root))
-
-
-def build(source, name: str, split: str, prep: pipeline.Preprocessing, root: Path, workers: int,
-          log) -> PixelStore:
-  """Decodes every image of `source` (a split's records) into a new store under `root`, over `workers` processes
+def _build(source, where: str, prep: pipeline.Preprocessing, folder: array_files.Files, store_key: dict,
+           shapes: dict, workers: int, log) -> PixelStore:
+  """Decodes every image of `source` (a split's records) into a new store in `folder`, over `workers` processes
   (0: this one), with a progress bar; a corrupt image's row is flagged, and its pixels left zero."""
   begin = time.perf_counter()
-  store_key = key(name, split, len(source), prep)
-  shapes = layout(len(source), prep)
-  folder = files(root, name, split, store_key, prep)
-  array_files.check_space(folder.directory, array_files.nbytes(shapes), f"pixel store of {name}/{split}",
+  array_files.check_space(folder.directory, array_files.nbytes(shapes), f"pixel store of {where}",
                           "free space, point --config.data_dir at a larger disk, or decode every epoch instead "
                           "with --config.pixel_store=off.")
   folder.create(shapes, np.dtype(np.uint8))
   arrays = folder.open(shapes, np.dtype(np.uint8), "r+")
-  where = f"{name}/{split}"
   chunks = ([(source[i]["image"], pipeline.sample_name(source[i], where))
              for i in range(start, min(start + BUILD_CHUNK, len(source)))]
             for start in range(0, len(source), BUILD_CHUNK))
@@ -100,7 +91,7 @@ def build(source, name: str, split: str, prep: pipeline.Preprocessing, root: Pat
   folder.finish(store_key, shapes)
   arrays = folder.open(shapes, np.dtype(np.uint8), "r")  # just checksummed by `finish`: not verified again
   seconds = time.perf_counter() - begin
-  log(f"pixel store of {name}/{split}: {len(source)} images decoded in {seconds:.1f} s with {workers} worker "
+  log(f"pixel store of {where}: {len(source)} images decoded in {seconds:.1f} s with {workers} worker "
       f"process(es), {int(arrays['corrupt'].sum())} corrupt; written to {folder.directory}")
   return PixelStore(arrays["pixels"], arrays["corrupt"], folder.directory, seconds)
 
@@ -116,11 +107,13 @@ def open_or_build(source, name: str, split: str, prep: pipeline.Preprocessing, r
     return None
   store_key = key(name, split, len(source), prep)
   shapes = layout(len(source), prep)
-  store = open_existing(files(root, name, split, store_key, prep), store_key, shapes, log)
+  folder = files(root, name, split, store_key, prep)
+  store = open_existing(folder, store_key, shapes, log)
   if store is not None or (mode == "auto" and uses <= 1):
     return store
-  if mode == "auto" and not fits(root, len(source), prep):
-    log(f"note: no pixel store for {name}/{split}: its {array_files.nbytes(shapes) / 2**30:.2f} GiB would leave "
-        f"less than {HEADROOM_BYTES / 2**30:.0f} GiB free under {root}; images are decoded every epoch")
+  size = array_files.nbytes(shapes)
+  if mode == "auto" and size + HEADROOM_BYTES > array_files.free_bytes(Path(root).expanduser()):
+    log(f"note: no pixel store for {name}/{split}: its {size / 2**30:.2f} GiB would leave less than "
+        f"{HEADROOM_BYTES / 2**30:.0f} GiB free under {root}; images are decoded every epoch")
     return None
-  return build(source, name, split, prep, root, workers, log)
+  return _build(source, f"{name}/{split}", prep, folder, store_key, shapes, workers, log)

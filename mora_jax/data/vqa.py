@@ -14,7 +14,6 @@ from pathlib import Path
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
 
 from mora_jax.data import datasets, missing as missing_lib, pipeline
 from mora_jax.data.builders import easy_vqa
@@ -77,7 +76,7 @@ class VQASplit:
 def load(split: str, data_dir: str | Path, missing: missing_lib.Missing, log=print) -> VQASplit:
   """easy-VQA's `split` with its missing table (the same tables as the CLIP runs). Images are not decoded here."""
   builder = datasets.prepare("easy_vqa", data_dir, log=log)
-  source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+  source = datasets.encoded_source(builder, split)
   records = source.__getitems__(range(len(source)))
   names = builder.info.features["label"].names
   type_names = tuple(builder.info.features["question_type"].names)

@@ -73,11 +73,8 @@ def scenario_metrics(job: Job, trainable, scenarios, missing: data.Missing, writ
   test = job.load("test", missing)
   trainable_params = adapters.trainable(params)
   if adapter is None or adapter.separable:
-    job.image_reads["test"] = 1
     cache = prefix_cache.features(merged_job, test, trainable_params, backbone_shardings, log=say)
   else:
-    cached = prefix_cache.plan(job.config, adapter, len(scenarios)) is not None
-    job.image_reads["test"] = 1 if cached else len(scenarios)
     cache = prefix_cache.prepare(merged_job, trainable_params, backbone_shardings, {"test": test}, len(scenarios),
                                  log=say).get("test")
   results = {}

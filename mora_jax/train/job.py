@@ -121,7 +121,7 @@ class Job:
   multi_label: bool
   stores: dict = dataclasses.field(default_factory=dict)  # (dataset, split) -> its pixel store, or None
   # split -> passes the run makes over the split's images (pixel_store="auto" builds a store beyond 1); set by
-  # the loop and the test, 1 where unset.
+  # prefix_cache.prepare, 1 where unset (one pass: the test's shared tower features).
   image_reads: dict = dataclasses.field(default_factory=dict)
 
   @property

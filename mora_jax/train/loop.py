@@ -155,12 +155,8 @@ def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
   state = sharding.replicate({"params": trainable, "opt": tx.init(trainable), "step": jnp.int32(0),
                               "rng": jax.random.PRNGKey(c.seed)}, job.mesh)
   backbone_shardings = sharding.state_shardings(job.params["backbone"], job.mesh, job.rules)
-  epochs = stop_step(c, steps_per_epoch) / steps_per_epoch
-  # Without a prefix cache every epoch decodes (or reads) each image again; with one, its build reads them once.
-  cached = prefix_cache.plan(c, adapters.from_config(c.adapter.to_dict()), epochs) is not None
-  job.image_reads.update(train=1 if cached else epochs, validation=1 if cached else epochs)
   caches = prefix_cache.prepare(job, state["params"], backbone_shardings, {"train": train_ds, "validation": val_ds},
-                                uses=epochs, log=say)
+                                uses=stop_step(c, steps_per_epoch) / steps_per_epoch, log=say)
   backbone_leaves, backbone_treedef = jax.tree.flatten(job.params["backbone"])
   run = Run(job=job, workdir=workdir, train_ds=train_ds, val_ds=val_ds,
             train_step=step_lib.make_train_step_on_leaves(job.graphdef, tx, schedule, job.multi_label, job.mesh,

@@ -259,6 +259,8 @@ def prepare(job, params, backbone_shardings, splits: dict[str, data.Dataset], us
   the config's plan is off for rows read `uses` times."""
   adapter = adapters.from_config(job.config.adapter.to_dict())
   cache_plan = plan(job.config, adapter, uses)
+  # What the pixel store plans for: the cache's build reads each image once; without it, every use does.
+  job.image_reads.update(dict.fromkeys(splits, uses if cache_plan is None else 1))
   if cache_plan is None:
     return {}
   fill_step = make_fill_step(job.graphdef, cache_plan.layer, job.mesh, backbone_shardings, job.prep)
