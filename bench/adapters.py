@@ -40,9 +40,9 @@ def jax_step(backbone_dir, adapter, data, dtype=jnp.float32):
   trainable = adapters.trainable(params)
   state = sharding.replicate({"params": trainable, "opt": tx.init(trainable), "step": jnp.int32(0),
                               "rng": jax.random.PRNGKey(0)}, mesh)
-  backbone = params["backbone"]
-  train_step = step_lib.make_train_step(graphdef, tx, schedule, False, mesh,
-                                        sharding.state_shardings(backbone, mesh, sharding.REPLICATED_RULES))
+  frozen = {"backbone": params["backbone"]}
+  shardings = {"backbone": sharding.state_shardings(params["backbone"], mesh, sharding.REPLICATED_RULES)}
+  train_step = step_lib.make_train_step(graphdef, tx, schedule, step_lib.classifier_loss(False), mesh, shardings)
   pixels, ids, mask, labels = data
   batch = {"pixel_values": pixels, "input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
            "missing": np.zeros(len(labels), np.int8), "label": labels.astype(np.int32),
@@ -51,10 +51,10 @@ def jax_step(backbone_dir, adapter, data, dtype=jnp.float32):
   holder = {"state": state}
 
   def run():
-    holder["state"], metrics = train_step(holder["state"], backbone, batch)
+    holder["state"], metrics = train_step(holder["state"], frozen, batch)
     jax.block_until_ready(metrics)
 
-  run.compiled = train_step.lower(state, backbone, batch).compile()
+  run.compiled = train_step.lower(state, frozen, batch).compile()
   return run
 
 

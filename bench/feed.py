@@ -32,11 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from mora_jax import data, sharding
+from mora_jax import data
 from mora_jax.data import pixel_store, preprocess, tokenizers
 from mora_jax.train import config as config_lib
 from mora_jax.train import loop
-from mora_jax.train import step as step_lib
 
 
 def write_photos(directory: Path, count: int, seed: int = 0) -> Path:
@@ -103,8 +102,8 @@ def start_run(config_path: str, workdir: Path, overrides) -> loop.Run:
 def trivial_step(run: loop.Run):
   """A jitted step that reads every input (so the transfer is not optimised away) and does nothing else."""
 
-  def step(state, backbone, cache_arrays, batch):
-    del backbone, cache_arrays
+  def step(state, frozen, device_arrays, batch):
+    del frozen, device_arrays
     return state, {"loss": sum(jnp.sum(v.astype(jnp.float32)) for v in jax.tree.leaves(batch))}
 
   return jax.jit(step, donate_argnums=(0,))
@@ -114,8 +113,7 @@ def loop_table(args) -> None:
   with tempfile.TemporaryDirectory() as workdir:
     run = start_run(args.loop, Path(workdir), args.override)
     steps = args.steps
-    pipeline_it = iter(run.job.batches(run.train_ds, run.config.batch_size // run.config.accum_steps, train=True,
-                                       accum_steps=run.config.accum_steps, cache=run.caches.get("train")))
+    pipeline_it = run.task.train_batches(run.stage)
     next(pipeline_it)
     begin = time.perf_counter()
     for _ in range(steps * run.config.accum_steps):
@@ -129,8 +127,8 @@ def loop_table(args) -> None:
       metrics, _ = loop.advance(run)
     jax.block_until_ready(metrics)
     loop_ms = 1e3 * (time.perf_counter() - begin) / steps
-  print(f"{args.loop}, batch {run.config.batch_size}, {steps} steps, {'cached' if run.caches else 'decoded'} inputs, "
-        f"{jax.devices()[0].device_kind}")
+  inputs = "cached" if run.task.caches else "decoded"
+  print(f"{args.loop}, batch {run.config.batch_size}, {steps} steps, {inputs} inputs, {jax.devices()[0].device_kind}")
   print("| host time per step | ms |\n|---|---|")
   print(f"| pipeline alone | {pipeline_ms:.2f} |\n| loop, trivial step | {loop_ms:.2f} |\n"
         f"| loop beyond the pipeline | {loop_ms - pipeline_ms:.2f} |")
@@ -146,19 +144,16 @@ def busy_table(args) -> None:
       metrics, _ = loop.advance(run)
     jax.block_until_ready(metrics)
     loop_seconds = time.perf_counter() - begin
-    micro = [next(run.train_iter) for _ in range(run.config.accum_steps)]
-    keys = step_lib.input_keys(micro[0]) + step_lib.TARGET_KEYS
-    target = sharding.batch_sharding(run.job.mesh, micro_axis=True)
-    batch = sharding.global_batch({k: np.stack([m[k] for m in micro]) for k in keys}, keys, target, True)
+    batch, _ = run.task.device_batch([next(run.train_iter) for _ in range(run.stage.accum_steps)])
     state = run.state_leaves
     begin = time.perf_counter()
     for _ in range(args.steps):
-      state, metrics = run.train_step(state, run.backbone_leaves, run.device_cache("train"), batch)
+      state, metrics = run.train_step(state, run.frozen_leaves, run.task.device_arrays("train"), batch)
     jax.block_until_ready(metrics)
     bare_seconds = time.perf_counter() - begin
   samples = args.steps * run.config.batch_size
-  print(f"{args.busy}, batch {run.config.batch_size}, {args.steps} steps, {'cached' if run.caches else 'decoded'} "
-        f"inputs, {jax.devices()[0].device_kind}")
+  inputs = "cached" if run.task.caches else "decoded"
+  print(f"{args.busy}, batch {run.config.batch_size}, {args.steps} steps, {inputs} inputs, {jax.devices()[0].device_kind}")
   print("| run | samples/s | ms/step | device busy |\n|---|---|---|---|")
   print(f"| loop (steady) | {samples / loop_seconds:.0f} | {1e3 * loop_seconds / args.steps:.2f} | "
         f"{100 * bare_seconds / loop_seconds:.0f}% |")

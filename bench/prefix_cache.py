@@ -95,7 +95,7 @@ def run_config(name: str, manifest: Path, workdir: Path, data_dir: Path, args, c
 
 def peer_step(name: str, run: loop.Run):
   """A no-argument call running one step of the PyTorch peer (the run's batch size, start layer and targets)."""
-  cfg = run.job.backbone.model.config
+  cfg = run.task.job.backbone.model.config
   batch = run.config.batch_size
   recipe = adapters.MoRAConfig(targets=("q_proj", "v_proj"), start_layer=run.config.adapter.start_layer, rank=4)
   torch.manual_seed(0)
@@ -134,7 +134,7 @@ def timed_result(fn):
 
 def per_scenario_test(run: loop.Run):
   """The test as it ran before shared tower passes: the merged model, each scenario a full pass."""
-  job = run.job
+  job = run.task.job
   clf = adapters.join(job.graphdef, {"backbone": job.params["backbone"], **run.state["params"]})
   graphdef, params = adapters.split(adapters.merge(clf))
   shardings = sharding.state_shardings(params["backbone"], job.mesh, job.rules)
@@ -147,7 +147,7 @@ def per_scenario_test(run: loop.Run):
 def bench(name: str, manifest: Path, workdir: Path, data_dir: Path, args) -> dict:
   uncached = None if args.no_uncached else run_config(name, manifest, workdir, data_dir, args, "off")
   cached = run_config(name, manifest, workdir, data_dir, args, "on")
-  build = sum(cache.build_seconds for cache in cached.caches.values())
+  build = sum(cache.build_seconds for cache in cached.task.caches.values())
   steps = {"cached": lambda: loop.advance(cached)}
   if uncached is not None:
     steps = {"uncached": lambda: loop.advance(uncached), **steps}
@@ -155,7 +155,7 @@ def bench(name: str, manifest: Path, workdir: Path, data_dir: Path, args) -> dic
     steps["peer"] = peer_step(name, cached)
   rows = [{"epoch": epoch + 1, **epoch_seconds(steps, cached.steps_per_epoch, args.whole_epochs)}
           for epoch in range(args.epochs)]
-  train_cache = cached.caches["train"]
+  train_cache = cached.task.caches["train"]
   stored = {**train_cache.arrays, **(train_cache.device or {})}  # on the devices, `arrays` holds only the row keys
   per_sample = sum(a.nbytes for a in stored.values()) / train_cache.num_samples
   where = "devices" if train_cache.device else "host memory" if train_cache.directory is None else "disk"
@@ -167,7 +167,7 @@ def bench(name: str, manifest: Path, workdir: Path, data_dir: Path, args) -> dic
 
 def test_timings(run: loop.Run, workdir: Path, repeats: int) -> dict:
   """The best of `repeats` timings of the test scenario by scenario and with shared tower passes."""
-  job = run.job
+  job = run.task.job
   writer = MetricWriter(workdir / "test_writer")
   missing = data.Missing(**run.config.missing)
   test_times = {"per scenario": [], "shared passes": []}

@@ -4,7 +4,7 @@ one decoder), on easy-VQA, over seeds.
     python bench/study_mllm.py                                    # every run, then the table and the plot
     python bench/study_mllm.py --seeds 42 --runs moka lora        # a subset (the table covers what exists)
 
-Every run is `mora_jax.train.mllm.train` with configs/easy_vqa_mllm_<run>.py (the embedded CLIP vision tower and
+Every run is `mora_jax.train.loop.train` with configs/easy_vqa_mllm_<run>.py (the embedded CLIP vision tower and
 the embedded LM, both frozen; 70% missing of type both in training; exact match per scenario and question
 type). A run whose workdir already holds eval.json is reused, so an interrupted study resumes. Writes
 docs/study_mllm.{json,md,png}.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mora_jax import data
 from mora_jax.train import config as config_lib
-from mora_jax.train import job, mllm
+from mora_jax.train import answering, job, loop, recipes
 from study_easyvqa import QUESTION_TYPES, SCENARIO_NAMES, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ LATE_FUSION_YES_NO_CEILING = 0.825
 def run(name: str, seed: int, args) -> dict:
   workdir = Path(args.workdir) / f"{name}-seed{seed}"
   if not (workdir / job.EVAL_FILE).is_file():
-    config = mllm.recipe(name)
+    config = recipes.mllm(name)
     values = {"seed": seed, "data_dir": args.data_dir, "lm.cache_dir": args.cache_dir,
               "backbone.cache_dir": args.cache_dir}
     if args.smoke:
@@ -39,7 +39,7 @@ def run(name: str, seed: int, args) -> dict:
     config_lib.apply_overrides(config, [(k, str(v)) for k, v in values.items()])
     print(f"--- {RUNS[name]}, seed {seed}: {workdir}", flush=True)
     start = time.perf_counter()
-    mllm.train(config, workdir)
+    loop.train(config, workdir)
     (workdir / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
   results = json.loads((workdir / job.EVAL_FILE).read_text())
   return {"name": RUNS[name], "seed": seed, "test": results["test"], "parameters": results["parameters"],
@@ -53,7 +53,7 @@ def summarise(records: list[dict]) -> dict[str, dict]:
   for r in records:
     by_name.setdefault(r["name"], []).append(r)
   return {name: {"seeds": [r["seed"] for r in runs], "adapter_parameters": runs[0]["parameters"]["adapter"],
-                 "exact_match": {s: [r["test"][s][mllm.METRIC] for r in runs] for s in data.SCENARIOS},
+                 "exact_match": {s: [r["test"][s][answering.METRIC] for r in runs] for s in data.SCENARIOS},
                  "by_question_type": {s: {q: [r["test"][s]["per_question_type"][q] for r in runs]
                                           for q in QUESTION_TYPES} for s in data.SCENARIOS}}
           for name, runs in by_name.items()}

@@ -1,8 +1,8 @@
 """easy-VQA in the multimodal-LLM setting (embedded CLIP vision tower + embedded Llama-style LM, both frozen) with
-MokA (per-modality A, image rows attending to the question rows, shared B) on the LM: the recipe in mora_jax/train/mllm.py."""
+MokA (per-modality A, image rows attending to the question rows, shared B) on the LM: the recipe in mora_jax/train/recipes.py."""
 
-from mora_jax.train import mllm
+from mora_jax.train import recipes
 
 
 def get_config():
-  return mllm.recipe("moka")
+  return recipes.mllm("moka")

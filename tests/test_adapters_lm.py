@@ -1,4 +1,4 @@
-"""MokA and LoRA on a decoder LM's projections (mora_jax.adapters.lm), checked at the level of the whole LM.
+"""MokA and LoRA attached to a decoder LM's projections (moka.DecoderMokA), checked at the level of the whole LM.
 
 References are built independently from `lora.LoRALinear` (the PEFT-exact LoRA), one per modality. Every B is
 random (not the zero init), so each adapter changes the logits by > 1e-2 and the comparisons can fail; they
@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mora_jax import adapters
+from mora_jax.adapters import common, moka, partition
 from mora_jax.adapters import lm as lm_adapters
 from mora_jax.adapters.lora import LoRAConfig, LoRALinear
 from mora_jax.models import llama
@@ -34,10 +36,13 @@ IMAGE_ROWS, QUESTION_ROWS = 4, 5
 
 
 def adapted_lm(**overrides) -> llama.LlamaForCausalLM:
-  """The tiny LM with adapters (dropout off) whose B are random, so that every adapter is active."""
-  cfg = lm_adapters.LMAdapterConfig(**{"dropout": 0.0, **overrides})
-  model = lm_adapters.adapt(llama.init(CONFIG, seed=0), cfg, rngs=nnx.Rngs(1))
-  state = nnx.state(model, lm_adapters.LMAdapter)
+  """The tiny LM with MokA (or `method`) on every projection of every layer (dropout off) whose B are random, so
+  that every adapter is active."""
+  cfg = adapters.from_config({"method": "moka", "targets": common.DECODER_TARGETS, "start_layer": 0, "alpha": 16.0,
+                              "dropout": 0.0, **overrides})
+  model = llama.init(CONFIG, seed=0)
+  cfg.attach(model, rngs=nnx.Rngs(1))
+  state = nnx.state(model, partition.Decoder)
   keys = iter(jax.random.split(jax.random.key(2), 1000))
   nnx.update(model, jax.tree.map(lambda v: jax.random.normal(next(keys), v.shape) * 0.3, state))
   return model
@@ -57,15 +62,15 @@ def inputs(batch: int = 2):
 class PerModalityLoRA(nnx.Module):
   """Reference: one PEFT LoRA per modality (A_m, the shared B), each row taking its modality's LoRA."""
 
-  def __init__(self, adapted: lm_adapters.DecoderMokA, modalities: tuple[int, ...]):
-    moka = adapted.moka
+  def __init__(self, adapted: moka.DecoderMokA, modalities: tuple[int, ...]):
+    layer = adapted.moka
     self.modalities = modalities
     self.loras = nnx.List()
     for m in modalities:
-      lora = LoRALinear(moka.base, "text", LoRAConfig(rank=moka.cfg.rank, alpha=moka.cfg.alpha, dropout=0.0),
+      lora = LoRALinear(layer.base, "text", LoRAConfig(rank=layer.cfg.rank, alpha=layer.cfg.alpha, dropout=0.0),
                         rngs=nnx.Rngs(0))
-      lora.lora_A.set_value(moka.lora_A[m])
-      lora.lora_B.set_value(moka.lora_B[...])
+      lora.lora_A.set_value(layer.lora_A[m])
+      lora.lora_B.set_value(layer.lora_B[...])
       self.loras.append(lora)
 
   def __call__(self, x, call=None):
@@ -78,7 +83,7 @@ def replace_projections(model, make):
   for layer in model.model.layers:
     for parent in (layer.self_attn, layer.mlp):
       for name in vars(parent):
-        if isinstance(getattr(parent, name), lm_adapters.DecoderMokA):
+        if isinstance(getattr(parent, name), moka.DecoderMokA):
           setattr(parent, name, make(getattr(parent, name)))
   return model
 
@@ -167,21 +172,30 @@ def test_cached_generation_equals_full_recomputation():
 
 
 def test_init_is_the_frozen_lm_and_only_targets_from_start_layer_are_adapted():
-  cfg = lm_adapters.LMAdapterConfig(targets=("q_proj", "down_proj"), start_layer=1)
-  model = lm_adapters.adapt(llama.init(CONFIG, seed=0), cfg, rngs=nnx.Rngs(1))
+  model = llama.init(CONFIG, seed=0)
+  adapters.MokAConfig(targets=("q_proj", "down_proj"), start_layer=1).attach(model, rngs=nnx.Rngs(1))
   embeds, call = inputs()
   np.testing.assert_array_equal(logits(model, embeds, call), logits(llama.init(CONFIG, seed=0), embeds, None))
   adapted = {(i, n) for i, layer in enumerate(model.model.layers) for parent in (layer.self_attn, layer.mlp)
-             for n in vars(parent) if isinstance(getattr(parent, n), lm_adapters.DecoderMokA)}
+             for n in vars(parent) if isinstance(getattr(parent, n), moka.DecoderMokA)}
   assert adapted == {(1, "q_proj"), (1, "down_proj"), (2, "q_proj"), (2, "down_proj")}
-  a_shapes = {v.shape for v in jax.tree.leaves(nnx.state(model, lm_adapters.LMAdapter)) if v.ndim == 3}
+  a_shapes = {v.shape for v in jax.tree.leaves(nnx.state(model, partition.Decoder)) if v.ndim == 3}
   assert a_shapes == {(2, 32, 4), (2, 48, 4)}  # one A per modality
 
 
-def test_config_validation():
-  with pytest.raises(ValueError, match="targets"):
-    lm_adapters.LMAdapterConfig(targets=("fc1",))
-  with pytest.raises(ValueError, match="method"):
-    lm_adapters.LMAdapterConfig(method="dora")
+def test_targets_methods_and_layers_are_checked_against_the_lm():
+  def attach(values):
+    adapters.from_config(values).attach(llama.init(CONFIG), rngs=nnx.Rngs(0))
+
+  with pytest.raises(ValueError, match=r"adapter.targets=\('fc1',\): a decoder LM has no \['fc1'\]; its projections "
+                     r"are \('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'\)\.$"):
+    attach({"method": "moka", "targets": ("fc1",), "start_layer": 0})
+  with pytest.raises(ValueError, match=r"targets \('w_proj',\): each must be one of"):
+    adapters.from_config({"method": "lora", "targets": ("w_proj",)})  # no model has it: an error before any model
+  for method in ("mora", "dora"):
+    with pytest.raises(ValueError, match=f"adapter method '{method}' adapts CLIP towers only"):
+      attach({"method": method, "start_layer": 0})
+  with pytest.raises(ValueError, match="prompt method 'dcp' prompts a CLIP model's towers, not a LlamaForCausalLM"):
+    attach({"method": "dcp"})
   with pytest.raises(ValueError, match="start_layer=3 but the LM has only 3 layers"):
-    lm_adapters.adapt(llama.init(CONFIG), lm_adapters.LMAdapterConfig(start_layer=3), rngs=nnx.Rngs(0))
+    attach({"method": "lora", "targets": ("o_proj",), "start_layer": 3})

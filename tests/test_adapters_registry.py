@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from mora_jax import adapters, clip
-from mora_jax.adapters import partition, registry
+from mora_jax.adapters import lora, moka, partition, registry
+from mora_jax.models import llama
 from mora_jax.train import recipes
 from tests import helpers
 
@@ -26,6 +27,27 @@ def test_every_method_round_trips_through_its_config_dict():
     assert adapters.from_config({**values, list_field: list(values[list_field])}) == adapter
   assert adapters.from_config({"method": "linear"}) is None
   assert adapters.to_config(None) == {"method": "linear"}
+
+
+def test_every_method_keeps_the_method_contract():
+  for cls in registry.METHODS.values():
+    assert isinstance(cls(), adapters.Method), cls
+
+
+def test_moka_and_lora_are_one_config_each_for_clip_and_a_decoder_lm():
+  lm_config = llama.LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+                                num_attention_heads=2)
+  for method, tower_layer in (("moka", moka.TowerLinear), ("lora", lora.LoRALinear)):
+    values = {"method": method, "targets": ("q_proj", "v_proj"), "start_layer": 1}
+    clf = adapters.build_classifier(clip.init(helpers.tiny_config(), seed=0), adapters.from_config(values), 3)
+    assert isinstance(clf.backbone.text_model.encoder.layers[1].self_attn.q_proj, tower_layer)
+    lm = llama.init(lm_config)
+    attached = adapters.from_config(values).attach(lm, rngs=nnx.Rngs(0))
+    assert isinstance(lm.model.layers[1].self_attn.v_proj, moka.DecoderMokA) and attached.prompts is None
+    assert not isinstance(lm.model.layers[0].self_attn.v_proj, moka.DecoderMokA)
+  with pytest.raises(ValueError, match=r"adapter.targets=\('o_proj',\): a CLIP tower has no \['o_proj'\]; its "
+                     r"projections are \('q_proj', 'k_proj', 'v_proj', 'out_proj', 'fc1', 'fc2'\)\.$"):
+    adapters.build_classifier(clip.init(helpers.tiny_config()), adapters.MokAConfig(targets=("o_proj",)), 3)
 
 
 @pytest.mark.parametrize("values, message", [

@@ -170,10 +170,10 @@ def _train_step(clf):
   tx = optim.adamw(schedule, 0.02)
   trainable = adapters.trainable(params)
   state = {"params": trainable, "opt": tx.init(trainable), "step": jnp.int32(0), "rng": jax.random.PRNGKey(0)}
-  backbone = params["backbone"]
-  step = step_lib.make_train_step(graphdef, tx, schedule, False, mesh,
-                                  sharding.state_shardings(backbone, mesh, sharding.REPLICATED_RULES))
-  return step, state, backbone
+  frozen = {"backbone": params["backbone"]}
+  shardings = {"backbone": sharding.state_shardings(params["backbone"], mesh, sharding.REPLICATED_RULES)}
+  step = step_lib.make_train_step(graphdef, tx, schedule, step_lib.classifier_loss(False), mesh, shardings)
+  return step, state, frozen
 
 
 def _step_batch(inputs, num_classes: int) -> dict:

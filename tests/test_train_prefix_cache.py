@@ -184,8 +184,8 @@ def test_prefix_cache_options_are_checked(memes):
     bad = config_for(memes, "mora")
     config_lib.override(bad, key, value)
     with pytest.raises(ValueError, match=fragment):
-      prefix_cache.check(bad)
-  prefix_cache.check(config)
+      prefix_cache.check(bad, None)
+  prefix_cache.check(config, None)
   bf16_plan = prefix_cache.plan(config_for(memes, "mora", prefix_cache_dtype="bfloat16"), None, uses=2)
   assert bf16_plan.dtype == ml_dtypes.bfloat16 and bf16_plan.layer is None
   assert prefix_cache.plan(config, adapters.from_config(config.adapter.to_dict()), uses=1) is None  # auto

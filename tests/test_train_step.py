@@ -21,7 +21,7 @@ def tiny_mora(multi_label: bool):
                                   multi_label=multi_label)
   helpers.perturb_trainables(clf)
   graphdef, params = adapters.split(clf)
-  return graphdef, params["backbone"], adapters.trainable(params)
+  return graphdef, {"backbone": params["backbone"]}, adapters.trainable(params)
 
 
 def batch_of(rows: int, valid: int, multi_label: bool, seed: int = 0) -> dict:
@@ -43,7 +43,8 @@ def first_rows(batch: dict, rows: int) -> dict:
 
 
 def assert_same(a, b):
-  (loss_a, grads_a), (loss_b, grads_b) = a, b
+  (loss_a, grads_a, count_a), (loss_b, grads_b, count_b) = a, b
+  assert float(count_a) == float(count_b)
   np.testing.assert_allclose(loss_a, loss_b, rtol=0, atol=TOLERANCE)
   for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
     np.testing.assert_allclose(x, y, rtol=0, atol=TOLERANCE)
@@ -51,23 +52,23 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("multi_label", [False, True])
 def test_a_padded_last_batch_gives_the_loss_and_gradient_of_its_real_rows(multi_label):
-  graphdef, backbone, params = tiny_mora(multi_label)
-  loss_and_grads = jax.jit(step_lib.make_loss_and_grads(graphdef, multi_label))
+  graphdef, frozen, params = tiny_mora(multi_label)
+  loss_and_grads = jax.jit(step_lib.make_loss_and_grads(graphdef, step_lib.classifier_loss(multi_label)))
   key = jax.random.PRNGKey(0)
   padded = batch_of(16, valid=11, multi_label=multi_label)
   real = first_rows(padded, 11)
-  result = loss_and_grads(params, backbone, micro_batches(padded, 1), key)
-  assert_same(result, loss_and_grads(params, backbone, micro_batches(real, 1), key))
+  result = loss_and_grads(params, frozen, micro_batches(padded, 1), key)
+  assert_same(result, loss_and_grads(params, frozen, micro_batches(real, 1), key))
   assert float(jnp.abs(jax.tree.leaves(result[1])[0]).sum()) > 0  # a gradient that can differ
 
 
 def test_four_accumulated_micro_batches_give_the_whole_batch_loss_and_gradient():
-  graphdef, backbone, params = tiny_mora(multi_label=False)
-  loss_and_grads = jax.jit(step_lib.make_loss_and_grads(graphdef, False))
+  graphdef, frozen, params = tiny_mora(multi_label=False)
+  loss_and_grads = jax.jit(step_lib.make_loss_and_grads(graphdef, step_lib.classifier_loss(False)))
   key = jax.random.PRNGKey(0)
   batch = batch_of(16, valid=13, multi_label=False)  # padding in the last micro-batch, as at an epoch's end
-  assert_same(loss_and_grads(params, backbone, micro_batches(batch, 4), key),
-              loss_and_grads(params, backbone, micro_batches(batch, 1), key))
+  assert_same(loss_and_grads(params, frozen, micro_batches(batch, 4), key),
+              loss_and_grads(params, frozen, micro_batches(batch, 1), key))
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -102,10 +103,10 @@ def test_bfloat16_backbone_step_tracks_float32():
     trainable = adapters.trainable(params)
     state = sharding.replicate({"params": trainable, "opt": tx.init(trainable), "step": jnp.int32(0),
                                 "rng": jax.random.PRNGKey(0)}, mesh)
-    train_step = step_lib.make_train_step(graphdef, tx, schedule, False, mesh, sharding.state_shardings(
-        params["backbone"], mesh, sharding.REPLICATED_RULES))
+    train_step = step_lib.make_train_step(graphdef, tx, schedule, step_lib.classifier_loss(False), mesh, {
+        "backbone": sharding.state_shardings(params["backbone"], mesh, sharding.REPLICATED_RULES)})
     global_batch = jax.device_put(batch, sharding.batch_sharding(mesh, micro_axis=True))
-    state, metrics = train_step(state, params["backbone"], global_batch)
+    state, metrics = train_step(state, {"backbone": params["backbone"]}, global_batch)
     losses[dtype] = float(metrics["loss"])
     assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
   assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=2e-2)

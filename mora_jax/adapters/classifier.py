@@ -5,7 +5,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mora_jax.adapters import common, partition, prompts
+from mora_jax.adapters import common, partition
+from mora_jax.adapters.method import Attached, Method
+from mora_jax.data import missing as missing_lib
 from mora_jax.models.modeling import CLIP, Call
 
 HEADS = ("linear", "mlp")
@@ -39,36 +41,24 @@ class HeadMLP(nnx.Module):
     return self.output(jax.nn.gelu(self.hidden(x), approximate=False))
 
 
-Method = common.AdapterConfig | prompts.PromptConfig
-
-
-def projection_targets(model: CLIP, adapter: Method | None):
-  """The projections `adapter` replaces (none for the linear probe and the prompt methods)."""
-  return common.targets(model, adapter) if isinstance(adapter, common.AdapterConfig) else ()
-
-
 class Classifier(nnx.Module):
   """logits = head(concat(image_features, text_features)); features are not L2-normalised (docs/method.md).
 
-  A prompt method (MMP, DCP) adds `prompts`, the module that makes each sample's prompt tokens from its missing
-  code, and may zero the missing modality's feature; the projection adapters ignore the missing codes.
+  The method attaches to the backbone (`Method.attach`): a projection adapter replaces projections, and keeps
+  the modules they share in `adapter_common` (MoRA's common pairs); a prompt method (MMP, DCP) adds `prompts`, the
+  module that makes each sample's prompt tokens from its missing code, and may zero the missing modality's
+  feature. The projection adapters ignore the missing codes.
   """
+  partitions = partition.CLASSIFIER
 
   def __init__(self, backbone: CLIP, adapter: Method | None, num_classes: int, multi_label: bool,
                *, head: str = "linear", head_hidden: int = 256, rngs: nnx.Rngs):
     self.adapter = adapter
     self.num_classes, self.multi_label = num_classes, multi_label
-    self.adapter_common = nnx.Dict()  # modules several adapted projections share (MoRA's common pairs)
     self.backbone = backbone
-    for target in projection_targets(backbone, adapter):
-      base = getattr(target.parent, target.name)
-      setattr(target.parent, target.name,
-              adapter.adapt(base, target, self.adapter_common, backbone.config, rngs=rngs))
-    prompting = isinstance(adapter, prompts.PromptConfig)
-    if prompting:
-      adapter.check(backbone.config)
-      prompts.mark_trained_backbone(backbone, adapter)
-    self.prompts = nnx.data(adapter.build(backbone.config, rngs=rngs) if prompting else None)
+    attached = Attached(nnx.Dict(), prompts=None) if adapter is None else adapter.attach(backbone, rngs=rngs)
+    self.adapter_common = attached.shared
+    self.prompts = nnx.data(attached.prompts)
     d_features = 2 * backbone.config.projection_dim
     if head not in HEADS:
       raise ValueError(f"head={head!r}: use one of {HEADS}.")
@@ -89,8 +79,8 @@ class Classifier(nnx.Module):
     image, text = self._towers(lambda: self.backbone.get_image_features(pixel_values, call, vision_prompts),
                                lambda: self.backbone.get_text_features(input_ids, attention_mask, call, text_prompts))
     if self.prompts is not None and self.adapter.zeroes():
-      image = jnp.where((missing == prompts.missing_lib.IMAGE_MISSING)[:, None], 0.0, image)
-      text = jnp.where((missing == prompts.missing_lib.TEXT_MISSING)[:, None], 0.0, text)
+      image = jnp.where((missing == missing_lib.IMAGE_MISSING)[:, None], 0.0, image)
+      text = jnp.where((missing == missing_lib.TEXT_MISSING)[:, None], 0.0, text)
     return jnp.concatenate([image, text], axis=-1)
 
   def features_from_layer(self, layer: int, inputs: dict, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -133,8 +123,8 @@ def build_classifier(backbone: CLIP, adapter: Method | None, num_classes: int,
                      head_hidden: int = 256) -> Classifier:
   """Wraps `backbone` (modified in place: its target projections become adapted ones) in a classifier.
 
-  adapter: a method's config (MoRAConfig, LoRAConfig, DoRAConfig, MokAConfig, MMPConfig, DCPConfig; see
-    adapters.registry), or None for frozen towers + head (the linear probe).
+  adapter: a method's config (method.Method: MoRAConfig, LoRAConfig, DoRAConfig, MokAConfig, MMPConfig,
+    DCPConfig; see adapters.registry), or None for frozen towers + head (the linear probe).
   head: "linear" (docs/method.md) or "mlp" (one GELU hidden layer of `head_hidden` units).
   """
   return Classifier(backbone, adapter, num_classes, multi_label, head=head, head_hidden=head_hidden,
@@ -152,7 +142,8 @@ def merge(clf: Classifier) -> Classifier:
     raise ValueError(f"{clf.adapter.name} cannot be merged into the backbone: its update depends on the input "
                      "(MokA: the text rows; MMP, DCP: extra prompt tokens). Evaluate the unmerged classifier.")
   merged = nnx.clone(clf)
-  for target in projection_targets(merged.backbone, clf.adapter):
+  # A mergeable method is a projection adapter: each adapted projection folds into the `base` it wraps.
+  for target in () if clf.adapter is None else common.targets(merged.backbone, clf.adapter):
     adapted = getattr(target.parent, target.name)
     base = adapted.base
     base.kernel.set_value(adapted.effective_kernel().astype(base.kernel.dtype))
@@ -166,5 +157,5 @@ def count_parameters(clf: Classifier) -> dict:
   """{'backbone': N, 'trainable': M, 'per_partition': {partition name: count}} (counts of scalar values)."""
   _, params = partition.split(clf)
   per = partition.count(params)
-  return {"backbone": per["backbone"], "trainable": sum(per[p] for p in partition.TRAINABLE_PARTITIONS),
+  return {"backbone": per["backbone"], "trainable": sum(n for name, n in per.items() if name != "backbone"),
           "per_partition": per}

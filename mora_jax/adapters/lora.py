@@ -1,4 +1,9 @@
-"""LoRA (Hu et al. 2021) as in Hugging Face PEFT: y = x K + b + (alpha / r) * dropout(x) A B."""
+"""LoRA (Hu et al. 2021) as in Hugging Face PEFT: y = x K + b + (alpha / r) * dropout(x) A B.
+
+On a CLIP tower every adapted projection is a `LoRALinear`; on a decoder LM it is MokA's decoder layer with a
+single modality (`moka.DecoderMokA`: one A that every token uses, no image rows to attend), so that the LoRA
+and MokA runs of the multimodal LLM share one layer.
+"""
 
 import dataclasses
 from typing import ClassVar
@@ -8,23 +13,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mora_jax.adapters import partition
-from mora_jax.adapters.common import AdapterConfig, Target, call_rngs, dropout
+from mora_jax.adapters.common import DECODER, AdapterConfig, Target, call_rngs, dropout, kaiming_uniform_a
+from mora_jax.adapters.moka import DecoderMokA, MokAConfig
 from mora_jax.models.modeling import Call, Linear
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig(AdapterConfig):
   name: ClassVar[str] = "lora"
+  adapts_decoder: ClassVar[bool] = True
   alpha: float = 8.0  # scale = alpha / rank, as PEFT's lora_alpha
 
   def adapt(self, base: Linear, target: Target, shared: nnx.Dict, model, *, rngs: nnx.Rngs) -> nnx.Module:
+    if target.tower == DECODER:
+      # MokA's layer with one modality and its scale after B: LoRA's computation, in the layout of the MokA runs.
+      layer = MokAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, scale_placement="after_b")
+      return DecoderMokA(base, 1, layer, rngs=rngs)
     return LoRALinear(base, target.tower, self, rngs=rngs)
-
-
-def kaiming_uniform_a(key, d_in: int, rank: int) -> jax.Array:
-  """PEFT's init of lora_A: kaiming_uniform_(a=sqrt(5)) on [r, in], i.e. U(-1/sqrt(in), 1/sqrt(in))."""
-  bound = d_in**-0.5
-  return jax.random.uniform(key, (d_in, rank), jnp.float32, -bound, bound)
 
 
 class LoRALinear(nnx.Module):

@@ -1,5 +1,6 @@
 """A LLaVA-style multimodal LLM: a frozen CLIP vision tower, a projector from its patch tokens to the LM width,
-and a frozen decoder LM (mora_jax.models.llama) whose projections carry adapters (mora_jax.adapters.lm).
+and a frozen decoder LM (mora_jax.models.llama) whose projections carry adapters (MokA or LoRA, attached as to CLIP:
+`Method.attach`; their passes: mora_jax.adapters.lm).
 
 One sample is the sequence [<s>; image tokens; prompt ("question: ... answer:"); answer (" red</s>")], its
 padding moved to the front (`MLLM.sequence`), so that prompts end the sequence for generation, and <s> keeps
@@ -29,10 +30,6 @@ from mora_jax.models.modeling import VisionTransformer
 PROJECTORS = ("linear", "mlp2x_gelu")
 
 
-class ProjectorParam(partition.Trainable):
-  """The projector's parameters (trained in stage 1, and optionally in stage 2)."""
-
-
 class Projector(nnx.Module):
   """Vision width -> LM width: one linear layer, or LLaVA-1.5's two with a GELU between ("mlp2x_gelu")."""
 
@@ -41,8 +38,8 @@ class Projector(nnx.Module):
       raise ValueError(f"projector={kind!r}: use one of {PROJECTORS}.")
     dims = [(d_in, d_out)] if kind == "linear" else [(d_in, d_out), (d_out, d_out)]
     init = nnx.initializers.lecun_normal()
-    self.kernels = nnx.List([ProjectorParam(init(rngs.params(), shape, jnp.float32)) for shape in dims])
-    self.biases = nnx.List([ProjectorParam(jnp.zeros((shape[1],), jnp.float32)) for shape in dims])
+    self.kernels = nnx.List([partition.Projector(init(rngs.params(), shape, jnp.float32)) for shape in dims])
+    self.biases = nnx.List([partition.Projector(jnp.zeros((shape[1],), jnp.float32)) for shape in dims])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
@@ -81,6 +78,7 @@ class Sequence(NamedTuple):
 
 
 class MLLM(nnx.Module):
+  partitions = partition.MLLM
 
   def __init__(self, vision: VisionTransformer, lm: llama.LlamaForCausalLM, projector: str, *, rngs: nnx.Rngs):
     self.vision = vision
@@ -130,7 +128,8 @@ class MLLM(nnx.Module):
 
 
 def answer_loss(logits: jax.Array, seq: Sequence) -> tuple[jax.Array, jax.Array]:
-  """(mean cross-entropy over answer tokens, their count): row s's token is predicted by row s - 1's logits."""
+  """(the summed cross-entropy over answer tokens, their count): row s's token is predicted by row s - 1's
+  logits. The train step divides the sums of its micro-batches by their counts' sum (the mean per answer token)."""
   weights = seq.answer[:, 1:].astype(jnp.float32)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], seq.ids[:, 1:])
-  return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0), weights.sum()
+  return (losses * weights).sum(), weights.sum()

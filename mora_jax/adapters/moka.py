@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mora_jax.adapters import partition
-from mora_jax.adapters.common import AdapterConfig, Target, call_rngs, dropout
-from mora_jax.adapters.lora import kaiming_uniform_a
+from mora_jax.adapters import lm, partition
+from mora_jax.adapters.common import DECODER, AdapterConfig, Target, call_rngs, dropout, kaiming_uniform_a
+from mora_jax.models.llama import TokenCall
 from mora_jax.models.modeling import Call, Linear
 
 TEMPERATURES = ("sqrt_rank", "sqrt_num_keys")
@@ -36,11 +36,13 @@ SCALE_PLACEMENTS = ("after_b", "before_attention")
 @dataclasses.dataclass(frozen=True)
 class MokAConfig(AdapterConfig):
   """MokA hyper-parameters (the MokA authors' defaults); `lambdas`, when given, is lambda per modality id and
-  overrides `lam`. As a classifier's adapter it is MokA (two-tower): see `TowerLinear`."""
+  overrides `lam`. On a CLIP model it is MokA (two-tower): see `TowerLinear`; on a decoder LM, MokA in its
+  native setting: see `DecoderMokA`."""
   name: ClassVar[str] = "moka"
   mergeable: ClassVar[bool] = False  # the cross term depends on the input (the text rows)
   text_first: ClassVar[bool] = True  # the vision projections attend over the text projections' rows
   separable: ClassVar[bool] = False  # so the vision features depend on the text
+  adapts_decoder: ClassVar[bool] = True
   dropout: float = 0.05  # the MokA authors' (LoRA, DoRA and MoRA use 0.1)
   alpha: float = 16.0  # scale = alpha / rank
   lam: float = 0.05  # lambda of every non-text modality (the authors' visual-text value; 1.0 audio-visual)
@@ -70,6 +72,8 @@ class MokAConfig(AdapterConfig):
     return self.lambdas
 
   def adapt(self, base: Linear, target: Target, shared: nnx.Dict, model, *, rngs: nnx.Rngs) -> nnx.Module:
+    if target.tower == DECODER:
+      return DecoderMokA(base, lm.NUM_MODALITIES, self, rngs=rngs)
     if set(self.towers) != {"vision", "text"}:
       raise ValueError(f"MokA (two-tower) pairs the vision and text projections; towers={self.towers} lacks one.")
     return TowerLinear(base, target, self, rngs=rngs)
@@ -211,6 +215,20 @@ class MokALinear(nnx.Module):
     if after_b:
       branch = self.cfg.scale * branch
     return y + jnp.where(padding[..., None], 0.0, branch).astype(y.dtype)
+
+
+class DecoderMokA(nnx.Module):
+  """A frozen decoder projection with a MokA layer, called as the decoder calls projections: proj(x, call), the
+  call a `TokenCall` (mora_jax.adapters.lm's modality ids). With one modality every row takes the one A (LoRA);
+  a call without modality ids (text-only decoding) is text rows that are no keys."""
+
+  def __init__(self, base: Linear, num_modalities: int, cfg: MokAConfig, *, rngs: nnx.Rngs):
+    self.moka = MokALinear(base, num_modalities, cfg, variable_type=partition.Decoder, rngs=rngs)
+
+  def __call__(self, x: jax.Array, call: TokenCall | None = None) -> jax.Array:
+    call = call if call is not None and call.modality is not None else lm.text_call(x[..., 0])
+    modality = call.modality if self.moka.num_modalities > 1 else jnp.zeros_like(call.modality)
+    return self.moka(x, modality, call.key_mask, call.padding, text_modality=lm.TEXT, rngs=call.rngs)
 
 
 class TowerLinear(nnx.Module):

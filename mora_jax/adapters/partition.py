@@ -1,9 +1,11 @@
-"""The partitioned parameter tree: `backbone`, `adapter/common`, `adapter/specific/{vision,text}`, `prompt`,
-`backbone_trained`, `head`.
+"""The partitioned parameter tree. The CLIP classifier's: `backbone`, `adapter/common`,
+`adapter/specific/{vision,text}`, `prompt`, `backbone_trained`, `head`; the multimodal LLM's: `backbone` (the
+vision tower and the LM), `adapter/decoder`, `projector`.
 
 The frozen backbone is plain `nnx.Param`; every trainable variable is a `Trainable` subclass whose type
-names its partition. `split` turns a module into one nested dict of states with exactly these names (they
-appear in checkpoints, optimizer labels and logs), and `join` rebuilds the module from it.
+names its partition. `split` turns a module into one nested dict of states with exactly the names its class
+lists in `partitions` (they appear in checkpoints, optimizer labels and logs), and `join` rebuilds the module
+from it.
 """
 
 import jax
@@ -40,6 +42,15 @@ class Head(Trainable):
   """The classifier head."""
 
 
+class Decoder(Trainable):
+  """Adapter parameters of a decoder LM's projections (every modality's A and the shared B, stacked per
+  projection: mora_jax.adapters.moka.DecoderMokA)."""
+
+
+class Projector(Trainable):
+  """The multimodal LLM's projector from vision features to the LM's width."""
+
+
 SPECIFIC = {"vision": VisionSpecific, "text": TextSpecific}
 # Partition name (as in checkpoints and logs) -> variable type.
 PARTITIONS: dict[str, type[nnx.Variable]] = {
@@ -50,8 +61,14 @@ PARTITIONS: dict[str, type[nnx.Variable]] = {
     "prompt": Prompt,
     "backbone_trained": BackboneTrained,
     "head": Head,
+    "adapter/decoder": Decoder,
+    "projector": Projector,
 }
 TRAINABLE_PARTITIONS = tuple(name for name in PARTITIONS if name != "backbone")
+# Which partitions each model has (its class's `partitions`): every one of them appears in its tree, empty or not.
+CLASSIFIER = ("backbone", "adapter/common", "adapter/specific/vision", "adapter/specific/text", "prompt",
+              "backbone_trained", "head")
+MLLM = ("backbone", "adapter/decoder", "projector")
 
 
 def retype(module: nnx.Module, kind: type[Trainable]) -> None:
@@ -73,19 +90,24 @@ def _nest(flat: dict[str, object]) -> dict:
 
 
 def _flatten(tree: dict) -> dict[str, object]:
-  return {name: _get(tree, name) for name in PARTITIONS}
+  """Partition name -> state, for the partitions `tree` holds (in PARTITIONS' order)."""
+  return {name: _get(tree, name) for name in PARTITIONS if _get(tree, name) is not None}
 
 
 def _get(tree: dict, name: str):
   for part in name.split("/"):
+    if not isinstance(tree, dict) or part not in tree:
+      return None
     tree = tree[part]
   return tree
 
 
 def split(module: nnx.Module) -> tuple[nnx.GraphDef, dict]:
-  """module -> (graphdef, {"backbone": ..., "adapter": {"common": ..., "specific": {...}}, "head": ...})."""
-  graphdef, *states = nnx.split(module, *PARTITIONS.values())
-  return graphdef, _nest(dict(zip(PARTITIONS, states)))
+  """module -> (graphdef, {"backbone": ..., "adapter": {"common": ..., "specific": {...}}, "head": ...}): the
+  partitions its class lists in `partitions`."""
+  names = type(module).partitions
+  graphdef, *states = nnx.split(module, *(PARTITIONS[name] for name in names))
+  return graphdef, _nest(dict(zip(names, states)))
 
 
 def join(graphdef: nnx.GraphDef, params: dict) -> nnx.Module:
@@ -96,6 +118,22 @@ def join(graphdef: nnx.GraphDef, params: dict) -> nnx.Module:
 def trainable(params: dict) -> dict:
   """The partitioned tree without its backbone (what gradients, optimizers and checkpoints see)."""
   return {k: v for k, v in params.items() if k != "backbone"}
+
+
+def select(params: dict, names) -> dict:
+  """The partitioned tree of just the partitions `names` (those of them `params` holds)."""
+  return _nest({name: state for name, state in _flatten(params).items() if name in names})
+
+
+def combine(*trees: dict) -> dict:
+  """One partitioned tree of the partitions of `trees` (disjoint: a later tree's partition replaces an
+  earlier one's)."""
+  return _nest({name: state for tree in trees for name, state in _flatten(tree).items()})
+
+
+def rest(params: dict, names) -> dict:
+  """The partitioned tree without the partitions `names`."""
+  return _nest({name: state for name, state in _flatten(params).items() if name not in names})
 
 
 def count(params: dict) -> dict[str, int]:

@@ -10,8 +10,9 @@ the sequence, a later layer's over the first positions, carried as ordinary toke
 layer.
 
 Unlike the projection adapters (mora_jax.adapters.common.AdapterConfig) a prompt method adapts no projection:
-its config says how long and how deep the prompts are, and `build` makes the module that computes them. The
-prompts change layer 0 onwards, so no frozen prefix of layers is shared with plain CLIP (`start_layer` is 0).
+its config says how long and how deep the prompts are, and its `attach` (the method.Method contract) checks the
+backbone, marks the backbone parts it trains and `build`s the module that computes the prompts. The prompts
+change layer 0 onwards, so no frozen prefix of layers is shared with plain CLIP (`start_layer` is 0).
 """
 
 import dataclasses
@@ -24,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from mora_jax.adapters import partition
+from mora_jax.adapters.method import Attached
 from mora_jax.data import missing as missing_lib
 from mora_jax.models.config import CLIPConfig
 from mora_jax.models.modeling import CLIP, LayerNorm, Prompter
@@ -63,6 +65,15 @@ class PromptConfig:
       raise ValueError(f"trained_backbone has unknown part(s) {unknown}; use a subset of {sorted(BACKBONE_PARTS)}.")
     if self.length < 1 or self.depth < 1:
       raise ValueError(f"length={self.length} and depth={self.depth} must be >= 1.")
+
+  def attach(self, model: CLIP, *, rngs: nnx.Rngs) -> Attached:
+    """Checks the backbone, marks the backbone parts it trains (partition `backbone_trained`) in place, and makes
+    the prompt module."""
+    if not isinstance(model, CLIP):
+      raise ValueError(f"prompt method {self.name!r} prompts a CLIP model's towers, not a {type(model).__name__}.")
+    self.check(model.config)
+    mark_trained_backbone(model, self)
+    return Attached(nnx.Dict(), self.build(model.config, rngs=rngs))
 
   def check(self, model: CLIPConfig) -> None:
     layers = min(model.vision.num_hidden_layers, model.text.num_hidden_layers)

@@ -1,6 +1,12 @@
 """Every adapter method by name, and the one lookup from a run config's `adapter` section to a method's config.
 
-Adding a method is one new file plus one line here. The file defines the config and the adapted projection:
+One registry serves every model: "moka" is `MokAConfig` and "lora" is `LoRAConfig` whether they attach to a CLIP
+model (the classifier) or to a decoder LM (the multimodal LLM):
+
+    adapters.from_config({"method": "moka", "targets": ("q_proj", "o_proj"), "start_layer": 0}).attach(lm, rngs=rngs)
+
+Every method keeps the contract `method.Method` (its class-level facts and `attach`). Adding a method is one new
+file plus one line here. The file defines the config and the adapted projection:
 
     # mora_jax/adapters/vera.py
     @dataclasses.dataclass(frozen=True)
@@ -11,10 +17,15 @@ Adding a method is one new file plus one line here. The file defines the config 
       def adapt(self, base, target, shared, model, *, rngs):
         return VeRALinear(base, target.tower, self, rngs=rngs)  # an nnx.Module with __call__(x, call=None)
 
-and the line adds `vera.VeRAConfig` to `METHODS` below. `mergeable` (default True) says whether the adapted
-projection's `effective_kernel()` folds into the frozen weights for inference. The prompt methods (MMP, DCP,
-mora_jax/adapters/prompts.py) adapt no projection: their configs derive from `prompts.PromptConfig` and `build`
-the module that makes their prompt tokens.
+and the line adds `vera.VeRAConfig` to `METHODS` below. `AdapterConfig.attach` calls `adapt` on every target of the
+model; `mergeable` (default True) says whether the adapted projection's `effective_kernel()` folds into the frozen
+weights for inference, and `adapts_decoder` (default False) whether `adapt` also wraps a decoder LM's projections
+(a target whose `tower` is common.DECODER). The prompt methods (MMP, DCP, mora_jax/adapters/prompts.py)
+adapt no projection: their configs derive from `prompts.PromptConfig`, whose `attach` checks the backbone, marks
+the backbone parts the method trains and `build`s the module that makes its prompt tokens.
+
+A method's file may import mora_jax.models and the other adapter modules, never mora_jax.train or the data
+builders: the trainer imports the adapters, not the other way round.
 """
 
 import dataclasses
@@ -23,12 +34,13 @@ from collections.abc import Mapping
 from mora_jax.adapters.common import AdapterConfig
 from mora_jax.adapters.dora import DoRAConfig
 from mora_jax.adapters.lora import LoRAConfig
+from mora_jax.adapters.method import Method
 from mora_jax.adapters.moka import MokAConfig
 from mora_jax.adapters.mora import MoRAConfig
-from mora_jax.adapters.prompts import DCPConfig, MMPConfig, PromptConfig
+from mora_jax.adapters.prompts import DCPConfig, MMPConfig
 
 LINEAR_PROBE = "linear"  # no adapter: frozen towers and a trained head
-METHODS: dict[str, type[AdapterConfig | PromptConfig]] = {
+METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (MoRAConfig, LoRAConfig, DoRAConfig, MokAConfig, MMPConfig, DCPConfig)}
 NAMES = (*METHODS, LINEAR_PROBE)
 # The fields every projection adapter takes (the prompt methods take none of them); a method's own fields (alpha,
@@ -36,7 +48,7 @@ NAMES = (*METHODS, LINEAR_PROBE)
 SHARED = tuple(f.name for f in dataclasses.fields(AdapterConfig))
 
 
-def from_config(values: Mapping) -> AdapterConfig | PromptConfig | None:
+def from_config(values: Mapping) -> Method | None:
   """{"method": name, <that method's fields>} -> its config (None for "linear"). Unknown methods and fields are
   errors that list the known ones; a field left out keeps the method's default."""
   values = dict(values)
@@ -55,7 +67,7 @@ def from_config(values: Mapping) -> AdapterConfig | PromptConfig | None:
   return cls(**values)
 
 
-def to_config(adapter: AdapterConfig | PromptConfig | None) -> dict:
+def to_config(adapter: Method | None) -> dict:
   """The inverse of `from_config`: {"method": name, <every field>}."""
   if adapter is None:
     return {"method": LINEAR_PROBE}

@@ -157,18 +157,23 @@ class Assemble:
     return batch
 
 
-def train_batches(split: VQASplit, tokenizer, layout: Layout, batch_size: int, seed: int) -> grain.DatasetIterator:
-  """Endless shuffled training batches (a new order each epoch, the last batch of an epoch padded); the
-  iterator's get_state / set_state resume it."""
-  indices = pipeline.train_indices(len(split), batch_size, seed).batch(batch_size)
+def train_batches(split: VQASplit, tokenizer, layout: Layout, batch_size: int, seed: int, *, process_index: int = 0,
+                  process_count: int = 1, accum_steps: int = 1) -> grain.DatasetIterator:
+  """This process's endless shuffled training micro-batches of `batch_size` rows (a new order each epoch, the last
+  step of an epoch padded), its block of every global micro-batch as the classifier's `pipeline.index_batches`
+  reads them; the iterator's get_state / set_state resume it."""
+  indices = pipeline.index_batches(len(split), batch_size, train=True, seed=seed, process_index=process_index,
+                                   process_count=process_count, accum_steps=accum_steps)
   return indices.map(Assemble(split, tokenizer, layout, with_answers=True)).to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
 
 
-def eval_batches(split: VQASplit, tokenizer, layout: Layout, batch_size: int, limit: int = 0):
-  """One pass in order (the first `limit` samples when > 0), prompts only, the last batch padded."""
+def eval_batches(split: VQASplit, tokenizer, layout: Layout, batch_size: int, limit: int = 0, *,
+                 process_index: int = 0, process_count: int = 1):
+  """This process's batches of one pass in order over the split (its first `limit` samples when > 0), prompts
+  only, padded so that every process runs as many batches of `batch_size` rows."""
   n = min(len(split), limit) if limit else len(split)
-  rows = pipeline.eval_indices(n, batch_size, 0, 1)
+  rows = pipeline.eval_indices(n, batch_size, process_index, process_count)
   assemble = Assemble(split, tokenizer, layout, with_answers=False)
   for start in range(0, len(rows), batch_size):
     yield assemble(rows[start:start + batch_size])

@@ -103,7 +103,7 @@ class LlamaConfig:
 class TokenCall:
   """What one forward pass threads to every projection, per token of the sequence: the dropout stream (None:
   deterministic), the modality id (0 text, 1 image, ...), which rows may serve as MokA's keys (the question
-  tokens), and which rows are padding. Plain projections ignore it; adapted ones (mora_jax.adapters.lm) read it.
+  tokens), and which rows are padding. Plain projections ignore it; adapted ones (mora_jax.adapters.moka) read it.
   """
   rngs: nnx.Rngs | None = None
   modality: jax.Array | None = None  # int [B, L]

@@ -157,14 +157,10 @@ def train_main(argv=None) -> int:
   def run() -> int:
     overrides, args = parse(parser, argv, ["config"])
     initialize_distributed(args)
-    from mora_jax.train import config as config_lib, loop, mllm  # pylint: disable=import-outside-toplevel
+    from mora_jax.train import config as config_lib, loop  # pylint: disable=import-outside-toplevel
     config = config_lib.load(args.config) if args.config else default_config()
     config_lib.apply_overrides(config, [(key, value) for _, key, value in overrides])
-    workdir = args.workdir or f"runs/{Path(args.config).stem if args.config else DEFAULT_NAME}"
-    if config.get("task") == mllm.TASK:  # the multimodal-LLM setting has its own loop
-      mllm.train(config, workdir)
-    else:
-      loop.train(config, workdir)
+    loop.train(config, args.workdir or f"runs/{Path(args.config).stem if args.config else DEFAULT_NAME}")
     return 0
 
   return run_main(run, "--debug" in argv)
@@ -209,14 +205,14 @@ def eval_main(argv=None) -> int:
                           "there is nothing to do).")
     initialize_distributed(args)
     from mora_jax import sharding  # pylint: disable=import-outside-toplevel
-    from mora_jax.train import evaluation, mllm  # pylint: disable=import-outside-toplevel
+    from mora_jax.train import answering, evaluation  # pylint: disable=import-outside-toplevel
     missing = {key: value for prefix, key, value in overrides if prefix == "missing"}
     config_overrides = [(key, value) for prefix, key, value in overrides if prefix == "config"]
-    if mllm.is_run(args.workdir or Path(args.checkpoint).parent.parent):
+    if answering.is_run(args.workdir or Path(args.checkpoint).parent.parent):
       if args.export_hf or args.export_peft:
         raise ArgumentError("--export_hf/--export_peft export CLIP runs; an MLLM run's adapters stay in its "
                             "checkpoints.")
-      results = mllm.evaluate_run(args.workdir, args.checkpoint, missing=missing, config_overrides=config_overrides)
+      results = answering.evaluate_run(args.workdir, args.checkpoint, missing=missing, config_overrides=config_overrides)
     else:
       results = evaluation.evaluate_run(args.workdir, args.checkpoint, missing=missing, export_hf=args.export_hf,
                                         export_peft=args.export_peft, config_overrides=config_overrides,

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mora_jax import adapters, backbones, data, progress, sharding
+from mora_jax import adapters, data, progress, sharding
 from mora_jax.data import metrics as metrics_lib
 from mora_jax.adapters import peft as peft_io
 from mora_jax.train import checkpoint as checkpoint_lib
@@ -101,11 +101,19 @@ def restore_best_params(ckpt: checkpoint_lib.Checkpointer, job: Job, candidates)
 
 
 def format_table(results: dict, metric: str) -> str:
-  names = [metric] + sorted({k for r in results.values() for k in r} - {metric, "samples", "corrupt_skipped"})
+  """A markdown table of per-scenario metrics in %: `metric` first, then the others (a nested group, such as
+  the MLLM's per_question_type, by its members' names), then the sample count."""
+  rows = {kind: _flat(r) for kind, r in results.items()}
+  names = [metric] + sorted({k for r in rows.values() for k in r} - {metric, "samples", "corrupt_skipped"})
   lines = ["| scenario | " + " | ".join(names) + " | samples |", "|---" * (len(names) + 2) + "|"]
-  for kind, r in results.items():
+  for kind, r in rows.items():
     lines.append(f"| {kind} | " + " | ".join(f"{100 * r[n]:.2f}" for n in names) + f" | {r['samples']} |")
   return "\n".join(lines)
+
+
+def _flat(metrics: dict) -> dict:
+  return {k: v for key, value in metrics.items()
+          for k, v in (value.items() if isinstance(value, dict) else [(key, value)])}
 
 
 def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | None = None,
@@ -133,19 +141,20 @@ def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | Non
   _, meta, _ = ckpt.first_intact(steps[::-1], ckpt.meta)  # config and backbone: the same in every checkpoint
   config = config_lib.from_json(json.dumps(checkpoint_lib.saved_config(meta)))
   config_lib.apply_overrides(config, config_overrides)
-  adapter = adapters.from_config(config.adapter.to_dict())
-  if export_peft is not None:  # before the evaluation that would precede the refusal
-    peft_io.check_exportable(adapter)
   for key, value in (missing or {}).items():
     config_lib.override(config, f"missing.{key}", str(value))
-  validate(config, train=False)
+  settings = validate(config, train=False)
+  adapter = settings.adapter
+  if export_peft is not None:  # before the evaluation that would precede the refusal
+    peft_io.check_exportable(adapter)
   if export_hf is not None and not adapters.mergeable(adapter):
     raise ValueError(f"adapter method {config.adapter.method!r} cannot be exported with --export_hf: its update "
                      "depends on the input, so it does not merge into plain CLIP weights. Test it with eval.py "
                      "without --export_hf (unmerged).")
   if not test:  # the export alone: build the job in float32 at once
     config = float32_backbone(config)
-  job = build_job(config)
+    settings = validate(config, train=False)
+  job = build_job(config, settings)
   checkpoint_lib.check_backbone(meta, job.backbone.identity, str(directory))
   chosen = "the given checkpoint" if step is not None else f"the best intact checkpoint by validation {job.metric}"
   candidates = [step] if step is not None else ckpt.steps_best_first(job.metric, meta["loop"]["best_step"])
@@ -159,12 +168,12 @@ def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | Non
     say(f"evaluating {directory / str(step)} ({chosen}) on {config.dataset} test, missing {config.missing.type} "
         f"{config.missing.rate}")
     writer = MetricWriter(Path(directory).parent)
-    results["test"] = scenario_metrics(job, params, scenarios, data.Missing(**config.missing), writer, step)
+    results["test"] = scenario_metrics(job, params, scenarios, settings.missing, writer, step)
     writer.close()
     say(format_table(results["test"], job.metric))
   if export_hf is not None:
     # The merge in float32: with dtype "auto" on GPU/TPU the tested job's backbone is bfloat16.
-    float32 = backbones.compute_dtype(config.backbone.dtype) == jnp.float32
+    float32 = settings.backbone_dtype == jnp.float32
     tested = (f"checkpoint step {step}, missing {config.missing.type} {config.missing.rate}; metrics in %:\n\n"
               + format_table(results["test"], job.metric)) if test else None
     export_lib.to_hf(job if float32 else build_job(float32_backbone(config)), params, export_hf, tested)

@@ -74,28 +74,43 @@ def check_batching(c: ml_collections.ConfigDict) -> None:
                      f"whose size divides over the {jax.device_count()} devices.")
 
 
-def validate(config: ml_collections.ConfigDict, train: bool = True) -> None:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """A classifier config's sections read and checked once (`validate`); the run reads these, not the ConfigDict's
+  strings again. The preprocessing is typed once the backbone's image processing is known (`Job.prep`)."""
+  adapter: object  # the method's config (mora_jax.adapters.registry), None for the linear probe
+  missing: data.Missing
+  manifest: data.Manifest | None  # dataset "manifest" only
+  manual_dir: str | None  # the raw download, checked to exist
+  backbone_dtype: object  # the frozen backbone's compute dtype (config.backbone.dtype resolved)
+
+
+def validate(config: ml_collections.ConfigDict, train: bool = True) -> Settings:
   """Every check a config allows without reading data or weights, so that a mistake is reported before any
-  download, data preparation or backbone pre-training (minutes, on a first run). `train`: also the training
-  batch, which evaluation does not use."""
+  download, data preparation or backbone pre-training (minutes, on a first run); returns the typed settings.
+  `train`: also the training batch, which evaluation does not use."""
   if config.dataset not in (*data.BUILDERS, data.MANIFEST):
     raise ValueError(f"config.dataset={config.dataset!r}: use one of {sorted(data.BUILDERS)}, or "
                      f"{data.MANIFEST!r} with config.manifest.path for your own data.")
-  _check_manual_dir(config)
-  check_source(config.dataset, config.data_dir, config.manual_dir or None, manifest(config))
-  data.Missing(**config.missing)
+  if config.manual_dir and not Path(config.manual_dir).expanduser().is_dir():
+    raise FileNotFoundError(f"config.manual_dir={config.manual_dir!r} does not exist; put the raw "
+                            f"{config.dataset} download there (see its MANUAL_DOWNLOAD_INSTRUCTIONS in "
+                            "mora_jax/data/builders/manual.py).")
+  settings_manifest = manifest(config)
+  check_source(config.dataset, config.data_dir, config.manual_dir or None, settings_manifest)
+  missing = data.Missing(**config.missing)
   try:
-    adapters.from_config(config.adapter.to_dict())
+    adapter = adapters.from_config(config.adapter.to_dict())
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.adapter: {e}") from e
   if config.head.type not in HEADS:
     raise ValueError(f"config.head.type={config.head.type!r}: use one of {HEADS}.")
-  backbones.compute_dtype(config.backbone.dtype)
+  backbone_dtype = backbones.compute_dtype(config.backbone.dtype)
   if not config.backbone.path and not config.backbone.random_preset:
     raise ValueError("config.backbone: set `path` (a Hugging Face id, a checkpoint directory or 'embedded') or "
                      "`random_preset` (a randomly initialised CLIP, e.g. 'tiny').")
   mesh_shape(config.mesh)
-  prefix_cache.check(config)
+  prefix_cache.check(config, adapter)
   if config.pixel_store not in pixel_store_lib.MODES:
     raise ValueError(f"config.pixel_store={config.pixel_store!r}: use one of {pixel_store_lib.MODES}.")
   if config.data_workers < -1:
@@ -105,12 +120,15 @@ def validate(config: ml_collections.ConfigDict, train: bool = True) -> None:
     raise ValueError(f"config.data_threads={config.data_threads}: at least 1 batch must be assembled at a time.")
   if train:
     check_batching(config)
+  return Settings(adapter=adapter, missing=missing, manifest=settings_manifest,
+                  manual_dir=config.manual_dir or None, backbone_dtype=backbone_dtype)
 
 
 @dataclasses.dataclass
 class Job:
   """What a config builds: mesh, backbone, preprocessing, and the classifier split into graph and params."""
   config: ml_collections.ConfigDict
+  settings: Settings
   mesh: Mesh
   rules: tuple
   backbone: backbones.Backbone
@@ -129,7 +147,7 @@ class Job:
     return selection_metric(self.config, self.multi_label)
 
   def load(self, split: str, missing: data.Missing | None = None) -> data.Dataset:
-    return load_split(self.config, split, missing)
+    return load_split(self.config, self.settings, split, missing)
 
   def batches(self, ds: data.Dataset, global_batch: int, train: bool, accum_steps: int = 1,
               cache: prefix_cache.Cache | None = None, skip_corrupt: bool | None = None):
@@ -197,13 +215,6 @@ def check_metric(config: ml_collections.ConfigDict, classes: data.Classes) -> No
                      ".")
 
 
-def _check_manual_dir(config: ml_collections.ConfigDict) -> None:
-  if config.manual_dir and not Path(config.manual_dir).expanduser().is_dir():
-    raise FileNotFoundError(f"config.manual_dir={config.manual_dir!r} does not exist; put the raw "
-                            f"{config.dataset} download there (see its MANUAL_DOWNLOAD_INSTRUCTIONS in "
-                            "mora_jax/data/builders/manual.py).")
-
-
 def _main_process_first(prepare, what: str):
   """`prepare()` on process 0, then on the others once it is done: process 0 writes the shared files (in
   data_dir) and the others read them."""
@@ -214,32 +225,32 @@ def _main_process_first(prepare, what: str):
   return result if result is not None else prepare()
 
 
-def load_split(config: ml_collections.ConfigDict, split: str, missing: data.Missing | None = None) -> data.Dataset:
+def load_split(config: ml_collections.ConfigDict, settings: Settings, split: str,
+               missing: data.Missing | None = None) -> data.Dataset:
   """One split with its missing table (built, on first use, by process 0)."""
-  _check_manual_dir(config)
   return _main_process_first(
-      lambda: data.load(config.dataset, split, config.data_dir, config.manual_dir or None,
-                        missing or data.Missing(**config.missing), one_sample_per_text=config.one_sample_per_text,
-                        log=say, manifest=manifest(config)), f"{config.dataset}/{split}")
+      lambda: data.load(config.dataset, split, config.data_dir, settings.manual_dir, missing or settings.missing,
+                        one_sample_per_text=config.one_sample_per_text, log=say, manifest=settings.manifest),
+      f"{config.dataset}/{split}")
 
 
-def build_job(config: ml_collections.ConfigDict) -> Job:
-  """The mesh, backbone, preprocessing and classifier of `config`; the data is read by `Job.load`."""
+def build_job(config: ml_collections.ConfigDict, settings: Settings | None = None) -> Job:
+  """The mesh, backbone, preprocessing and classifier of `config` (its `validate`d settings, checked here unless
+  given); the data is read by `Job.load`."""
+  settings = settings or validate(config, train=False)
   mesh, rules = make_mesh(config.mesh)
   backbone = backbones.load(config.backbone, config.preprocessing.max_length, config.data_dir, mesh=mesh,
                             rules=rules, log=say)
   prep = data.Preprocessing(image=backbone.image_processing, **config.preprocessing)
-  _check_manual_dir(config)
   classes = _main_process_first(
-      lambda: data.classes(config.dataset, config.data_dir, config.manual_dir or None, log=say,
-                           manifest=manifest(config)), config.dataset)
+      lambda: data.classes(config.dataset, config.data_dir, settings.manual_dir, log=say, manifest=settings.manifest),
+      config.dataset)
   if config.dataset == data.MANIFEST:
     check_metric(config, classes)
-  clf = adapters.build_classifier(backbone.model, adapters.from_config(config.adapter.to_dict()),
-                                  len(classes.names), classes.multi_label, seed=config.seed,
-                                  head=config.head.type, head_hidden=config.head.hidden)
+  clf = adapters.build_classifier(backbone.model, settings.adapter, len(classes.names), classes.multi_label,
+                                  seed=config.seed, head=config.head.type, head_hidden=config.head.hidden)
   graphdef, params = adapters.split(clf)
-  return Job(config, mesh, rules, backbone, prep, graphdef, params, classes.names, classes.multi_label)
+  return Job(config, settings, mesh, rules, backbone, prep, graphdef, params, classes.names, classes.multi_label)
 
 
 def summary_lines(job: Job) -> list[str]:

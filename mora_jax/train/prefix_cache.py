@@ -63,8 +63,8 @@ class Plan:
     return FEATURE_INPUTS if self.layer is None else PREFIX_INPUTS
 
 
-def check(config) -> None:
-  """The cache options of a config (job.validate)."""
+def check(config, adapter) -> None:
+  """The cache options of a config, whose adapter section reads as `adapter` (job.validate)."""
   if config.prefix_cache not in MODES:
     raise ValueError(f"config.prefix_cache={config.prefix_cache!r}: use one of {MODES}.")
   if config.prefix_cache_dtype not in DTYPES:
@@ -74,7 +74,6 @@ def check(config) -> None:
   if config.prefix_cache_device_gb < 0 and config.prefix_cache_device_gb != -1:
     raise ValueError(f"config.prefix_cache_device_gb={config.prefix_cache_device_gb}: use -1 (half the first device's "
                      "free memory, where the device reports it) or a size in GiB >= 0.")
-  adapter = adapters.from_config(config.adapter.to_dict())
   if config.prefix_cache == "on" and adapter is not None and not adapter.frozen_prefix:
     raise ValueError(f"config.prefix_cache='on', but adapter method {adapter.name!r} changes the layers below "
                      "its start layer, so they cannot be cached: use prefix_cache='auto' or 'off'.")
@@ -206,7 +205,7 @@ def tokenizer_hash(tokenizer) -> str:
 def key(job, ds: data.Dataset, layer: int | None, dtype: np.dtype) -> dict:
   """Everything a split's cached values depend on (a different key is a different cache)."""
   return {"format": FORMAT_VERSION, "backbone": job.backbone.identity["sha256"],
-          "backbone_dtype": str(np.dtype(backbones.compute_dtype(job.config.backbone.dtype))),
+          "backbone_dtype": str(np.dtype(job.settings.backbone_dtype)),
           "dataset": ds.name, "split": ds.split, "samples": len(ds.source),
           "preprocessing": json.loads(json.dumps(dataclasses.asdict(job.prep), default=str)),
           "tokenizer": tokenizer_hash(job.backbone.tokenizer), "layer": "features" if layer is None else layer,
@@ -257,8 +256,7 @@ def _sync(name: str) -> None:
 def prepare(job, params, backbone_shardings, splits: dict[str, data.Dataset], uses: float, log) -> dict:
   """split name -> Cache of each of `splits` (in order; host memory while the budget lasts, then disk), or {} when
   the config's plan is off for rows read `uses` times."""
-  adapter = adapters.from_config(job.config.adapter.to_dict())
-  cache_plan = plan(job.config, adapter, uses)
+  cache_plan = plan(job.config, job.settings.adapter, uses)
   # What the pixel store plans for: the cache's build reads each image once; without it, every use does.
   job.image_reads.update(dict.fromkeys(splits, uses if cache_plan is None else 1))
   if cache_plan is None:

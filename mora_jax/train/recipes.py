@@ -3,10 +3,13 @@
 `configs/<dataset>_<method>.py` files are one call each into `get`, so every recipe number lives here once.
 """
 
+import dataclasses
+
 import ml_collections
 
 from mora_jax import adapters
 from mora_jax.adapters import partition, registry
+from mora_jax.data import vqa
 
 # docs/method.md "Published configs" (CLIP ViT-B/16, start_layer 10, dropout 0.1). `adapter` holds the fields every
 # adapter method takes; `method` the fields of one method only. LoRA and DoRA use the same targets, rank,
@@ -69,8 +72,8 @@ def base() -> ml_collections.ConfigDict:
   # decay after the warm-up: "cosine" (MoRA's recipe) or "linear" (the DCP code's).
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-2, weight_decay=0.02, b1=0.9, b2=0.98, eps=1e-8, warmup_fraction=0.1, decay="cosine",
-      lr_mults={name: 1.0 for name in partition.TRAINABLE_PARTITIONS},
-      wd_mults={name: 1.0 for name in partition.TRAINABLE_PARTITIONS}))
+      lr_mults={name: 1.0 for name in partition.CLASSIFIER[1:]},
+      wd_mults={name: 1.0 for name in partition.CLASSIFIER[1:]}))
   c.epochs = 20
   c.batch_size = 256  # global, per optimizer step (accum_steps micro-batches of batch_size / accum_steps)
   c.accum_steps = 1
@@ -135,4 +138,41 @@ def get(dataset: str, method: str) -> ml_collections.ConfigDict:
   c.adapter = adapter(method) if method == registry.LINEAR_PROBE else adapter(
       method, **shared, **per_method.get(method, {}))
   c.eval.batch_size = max(c.batch_size, 256)
+  return c
+
+
+def mllm(method: str) -> ml_collections.ConfigDict:
+  """The easy-VQA MLLM run of `method`: "moka", "lora" or "moka_lambda0"."""
+  # The MokA authors' settings (rank 4, alpha 16, dropout 0.05; MokA's own defaults: lambda 0.05, tau sqrt(r), scale
+  # after B) on every projection of every decoder layer.
+  decoder = dict(targets=adapters.common.DECODER_TARGETS, start_layer=0, rank=4, alpha=16.0, dropout=0.05)
+  methods = {"moka": ("moka", decoder), "lora": ("lora", decoder), "moka_lambda0": ("moka", {**decoder, "lam": 0.0})}
+  if method not in methods:
+    raise ValueError(f"no MLLM recipe {method!r}; known: {sorted(methods)}.")
+  c = ml_collections.ConfigDict()
+  c.task = "mllm"
+  c.dataset = "easy_vqa"
+  c.data_dir = "data"
+  c.missing = ml_collections.ConfigDict(dict(rate=0.7, type="both", seed=0))
+  # missing_image: "none" (the sample has no image tokens) or "white" (the white image's tokens).
+  c.missing_image = "none"
+  # The frozen vision tower: the embedded CLIP (as the CLIP runs' backbone section).
+  c.backbone = ml_collections.ConfigDict(dict(path="embedded", random_preset="", seed=0, dtype="float32",
+                                              cache_dir="~/.cache/mora_jax"))
+  # The frozen LM: "embedded" (built on first use in cache_dir) or a Llama/Qwen2 checkpoint directory with a
+  # fast tokenizer.
+  c.lm = ml_collections.ConfigDict(dict(path="embedded", seed=0, cache_dir="~/.cache/mora_jax"))
+  c.projector = "mlp2x_gelu"  # or "linear"
+  adapter_method, values = methods[method]
+  c.adapter = adapter(adapter_method, **values)
+  c.layout = ml_collections.ConfigDict(dataclasses.asdict(vqa.Layout()))
+  c.stage1 = ml_collections.ConfigDict(dict(steps=150, batch_size=64, lr=2e-3))
+  c.stage2 = ml_collections.ConfigDict(dict(train_projector=True, lr=2e-3, weight_decay=0.0, warmup_fraction=0.03))
+  c.epochs = 1
+  c.batch_size = 64
+  c.max_steps = 0
+  c.seed = 42
+  c.eval = ml_collections.ConfigDict(dict(batch_size=512, validation_samples=1000, test_samples=0))
+  c.checkpoint = ml_collections.ConfigDict(dict(keep=2, every_steps=0))
+  c.log_every_steps = 50
   return c

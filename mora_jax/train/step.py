@@ -1,7 +1,8 @@
 """The jitted train and evaluation steps over a device mesh.
 
-The train state is {"params": trainable partitions, "opt": optimizer state, "step": int32, "rng": PRNG key};
-the frozen backbone is a separate argument, never differentiated, never updated, never checkpointed.
+The train state is {"params": the trained partitions, "opt": optimizer state, "step": int32, "rng": PRNG key};
+the frozen partitions (the backbone, and what a stage does not train) are a separate argument, never
+differentiated, never updated, never checkpointed.
 Batches are global arrays sharded along their batch dimension over every mesh axis; the train batch has a
 leading micro-batch axis (gradient accumulation).
 """
@@ -15,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mora_jax import adapters, sharding
-from mora_jax.adapters import classifier
+from mora_jax.adapters import classifier, partition
 from mora_jax.data import pipeline
 from mora_jax.train import prefix_cache
 
@@ -61,88 +62,107 @@ def model_inputs(batch: dict, prep: pipeline.Preprocessing | None) -> dict:
   return pipeline.model_inputs(batch, prep) if prep is not None else batch
 
 
-def make_loss_and_grads(graphdef: nnx.GraphDef, multi_label: bool,
-                        prep: pipeline.Preprocessing | None = None) -> Callable:
-  """(params, backbone, batch, key) -> (loss, gradients w.r.t. params) of a step's batch, whose arrays have a
-  leading micro-batch axis.
+# A task's loss on one micro-batch: (model, micro-batch, rngs) -> (the sum of its per-item losses, their count).
+# The step divides the sums over all micro-batches by the counts' sum, so padding counts for nothing and
+# accumulation gives the whole batch's mean.
+LossFn = Callable[[nnx.Module, object, nnx.Rngs], tuple[jax.Array, jax.Array]]
 
-  The loss is the mean over the valid rows of all micro-batches together: accumulation gives the gradient of
-  the whole batch, and padding rows (an epoch's smaller last step) count for nothing. Micro-batch i's dropout
-  key is fold_in(key, i). `prep`: the preprocessing that normalises uint8 pixels (batches of float pixel_values or
-  cached activations need none).
+
+def classifier_loss(multi_label: bool, prep: pipeline.Preprocessing | None = None) -> LossFn:
+  """The classifier's summed loss over a micro-batch's valid rows (per_sample_loss), counting those rows. `prep`:
+  the preprocessing that normalises uint8 pixels (batches of float pixel_values or cached activations need none)."""
+
+  def loss(model, micro, rngs):
+    logits = model.logits(model_inputs(micro, prep), rngs=rngs)
+    weight = micro["valid"].astype(jnp.float32)
+    return jnp.sum(per_sample_loss(logits.astype(jnp.float32), micro["label"], multi_label) * weight), jnp.sum(weight)
+
+  return loss
+
+
+def fold_key(key: jax.Array, index: jax.Array, micro_steps: int) -> jax.Array:
+  """Micro-batch `index`'s dropout key: fold_in(step key, index)."""
+  del micro_steps
+  return jax.random.fold_in(key, index)
+
+
+def make_loss_and_grads(graphdef: nnx.GraphDef, loss: LossFn, micro_key=fold_key) -> Callable:
+  """(params, frozen, batch, key) -> (loss, gradients w.r.t. params, count) of a step's batch, whose arrays have a
+  leading micro-batch axis; `frozen` holds the partitions that are not trained (the backbone at least).
+
+  The loss is the sum of `loss`'s sums over all micro-batches divided by the sum of their counts: accumulation
+  gives the gradient of the whole batch, and padding rows (an epoch's smaller last step) count for nothing.
+  Micro-batch i's dropout key is micro_key(key, i, number of micro-batches) (fold_in(key, i) by default).
   """
 
-  def summed_loss(params, backbone, micro, key):
-    model = adapters.join(graphdef, {"backbone": backbone, **params})
-    logits = model.logits(model_inputs(micro, prep), rngs=nnx.Rngs(dropout=key))
-    weight = micro["valid"].astype(jnp.float32)
-    return jnp.sum(per_sample_loss(logits.astype(jnp.float32), micro["label"], multi_label) * weight)
+  def summed_loss(params, frozen, micro, key):
+    return loss(adapters.join(graphdef, partition.combine(frozen, params)), micro, nnx.Rngs(dropout=key))
 
-  def loss_and_grads(params, backbone, batch, key):
+  def loss_and_grads(params, frozen, batch, key):
+    micro_steps = jax.tree.leaves(batch)[0].shape[0]
 
     def accumulate(carry, inputs):
-      grad_sum, loss_sum = carry
+      grad_sum, loss_sum, count_sum = carry
       micro, index = inputs
-      loss, grads = jax.value_and_grad(summed_loss)(params, backbone, micro, jax.random.fold_in(key, index))
-      return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss), None
+      (total, count), grads = jax.value_and_grad(summed_loss, has_aux=True)(
+          params, frozen, micro, micro_key(key, index, micro_steps))
+      return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + total, count_sum + count), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    micro_steps = batch["valid"].shape[0]
-    (grad_sum, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0)), (batch, jnp.arange(micro_steps)))
-    count = jnp.maximum(jnp.sum(batch["valid"]), 1).astype(jnp.float32)
-    return loss_sum / count, jax.tree.map(lambda g: g / count, grad_sum)
+    (grad_sum, loss_sum, count_sum), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (batch, jnp.arange(micro_steps)))
+    count = jnp.maximum(count_sum, 1.0)
+    return loss_sum / count, jax.tree.map(lambda g: g / count, grad_sum), count_sum
 
   return loss_and_grads
 
 
 def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                  multi_label: bool, prep: pipeline.Preprocessing | None = None) -> Callable:
-  """The unjitted (state, backbone, batch) -> (state, metrics) of `make_train_step`."""
-  loss_and_grads = make_loss_and_grads(graphdef, multi_label, prep)
+                  loss: LossFn, micro_key=fold_key) -> Callable:
+  """The unjitted (state, frozen, batch) -> (state, metrics) of `make_train_step`."""
+  loss_and_grads = make_loss_and_grads(graphdef, loss, micro_key)
 
-  def step(state, backbone, batch):
+  def step(state, frozen, batch):
     key = jax.random.fold_in(state["rng"], state["step"])
-    loss, grads = loss_and_grads(state["params"], backbone, batch, key)
+    value, grads, count = loss_and_grads(state["params"], frozen, batch, key)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     new_state = {"params": optax.apply_updates(state["params"], updates), "opt": opt, "step": state["step"] + 1,
                  "rng": state["rng"]}
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-               "valid": jnp.sum(batch["valid"])}
+    metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]), "count": count}
     return new_state, metrics
 
   return step
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    multi_label: bool, mesh: Mesh, backbone_shardings,
-                    prep: pipeline.Preprocessing | None = None) -> Callable:
-  """(state, backbone, batch) -> (state, metrics); `state` is donated. The loss is `make_loss_and_grads`'s.
-  Dropout keys derive from (rng, step, micro-batch): with jax's partitionable threefry the masks do not depend
-  on how the batch is split over devices/hosts."""
+                    loss: LossFn, mesh: Mesh, frozen_shardings, micro_key=fold_key) -> Callable:
+  """(state, frozen, batch) -> (state, metrics); `state` is donated; `frozen` is the partitioned tree of what is
+  not trained ({"backbone": ...} for a classifier), placed by `frozen_shardings`. The loss is
+  `make_loss_and_grads`'s. Dropout keys derive from (rng, step, micro-batch): with jax's partitionable threefry
+  the masks do not depend on how the batch is split over devices/hosts."""
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(train_step_fn(graphdef, tx, schedule, multi_label, prep),
-                 in_shardings=(replicated, backbone_shardings, sharding.batch_sharding(mesh, True)),
+  return jax.jit(train_step_fn(graphdef, tx, schedule, loss, micro_key),
+                 in_shardings=(replicated, frozen_shardings, sharding.batch_sharding(mesh, True)),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
 def make_train_step_on_leaves(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                              multi_label: bool, mesh: Mesh, backbone_shardings, prep: pipeline.Preprocessing | None,
-                              state_treedef, backbone_treedef) -> Callable:
-  """`make_train_step` over the flat leaf lists of the state and the backbone, reading a prefix cache that lives
-  on the devices: (state leaves, backbone leaves, device cache arrays ({} for none), batch) -> (state leaves,
-  metrics). A call then flattens plain lists; flattening their nnx Variables in Python instead costs ~20 us
-  each, ~30 ms per step for the embedded CLIP's train state and backbone (bench/feed.py --loop), during which an
-  accelerator waited."""
-  step = train_step_fn(graphdef, tx, schedule, multi_label, prep)
+                              loss: LossFn, mesh: Mesh, frozen_shardings, state_treedef, frozen_treedef,
+                              expand=lambda batch, cache_arrays: batch, micro_key=fold_key) -> Callable:
+  """`make_train_step` over the flat leaf lists of the state and the frozen partitions: (state leaves, frozen
+  leaves, device arrays the batch refers to ({} for none), batch) -> (state leaves, metrics). `expand(batch,
+  device arrays)` completes the batch on the devices (a prefix cache's rows: prefix_cache.gather). A call then
+  flattens plain lists; flattening their nnx Variables in Python instead costs ~20 us each, ~30 ms per step for
+  the embedded CLIP's train state and backbone (bench/feed.py --loop), during which an accelerator waited."""
+  step = train_step_fn(graphdef, tx, schedule, loss, micro_key)
 
-  def on_leaves(state_leaves, backbone_leaves, cache_arrays, batch):
+  def on_leaves(state_leaves, frozen_leaves, device_arrays, batch):
     state, metrics = step(jax.tree.unflatten(state_treedef, state_leaves),
-                          jax.tree.unflatten(backbone_treedef, backbone_leaves),
-                          prefix_cache.gather(batch, cache_arrays))
+                          jax.tree.unflatten(frozen_treedef, frozen_leaves), expand(batch, device_arrays))
     return jax.tree.leaves(state), metrics
 
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(on_leaves, in_shardings=(replicated, jax.tree.leaves(backbone_shardings), replicated,
+  return jax.jit(on_leaves, in_shardings=(replicated, jax.tree.leaves(frozen_shardings), replicated,
                                           sharding.batch_sharding(mesh, True)),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
