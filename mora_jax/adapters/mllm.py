@@ -128,8 +128,7 @@ class MLLM(nnx.Module):
 
 
 def answer_loss(logits: jax.Array, seq: Sequence) -> tuple[jax.Array, jax.Array]:
-  """(the summed cross-entropy over answer tokens, their count): row s's token is predicted by row s - 1's
-  logits. The train step divides the sums of its micro-batches by their counts' sum (the mean per answer token)."""
+  """(mean cross-entropy over answer tokens, their count): row s's token is predicted by row s - 1's logits."""
   weights = seq.answer[:, 1:].astype(jnp.float32)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], seq.ids[:, 1:])
-  return (losses * weights).sum(), weights.sum()
+  return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0), weights.sum()

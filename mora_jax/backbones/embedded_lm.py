@@ -21,7 +21,7 @@ import transformers
 from flax import nnx
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from mora_jax import data, progress
+from mora_jax import data, console
 from mora_jax.data import vqa
 from mora_jax.models import llama, llama_hf
 
@@ -113,7 +113,7 @@ def pretrain(model: llama.LlamaForCausalLM, ids: np.ndarray, mask: np.ndarray, *
   rng = np.random.default_rng(seed)
   order = np.concatenate([rng.permutation(len(ids)) for _ in range(-(-steps * batch_size // len(ids)))])
   losses = []
-  for i in progress.bar(range(steps), desc="LM pre-training", unit="step"):
+  for i in console.bar(range(steps), desc="LM pre-training", unit="step"):
     rows = order[i * batch_size:(i + 1) * batch_size]
     params, opt_state, loss = step(params, opt_state, ids[rows], mask[rows])
     losses.append(loss)

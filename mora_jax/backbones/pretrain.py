@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from mora_jax import progress, sharding
+from mora_jax import console, sharding
 from mora_jax.data import pipeline
 from mora_jax.models.modeling import CLIP
 
@@ -86,7 +86,7 @@ def train(model: CLIP, source, tokenizer, prep: pipeline.Preprocessing, *, epoch
   losses = []
   for epoch in range(epochs):
     step_losses = []  # device scalars, read once per epoch: no host sync inside the step loop
-    for _ in progress.bar(range(steps_per_epoch), desc=f"pre-training epoch {epoch + 1}/{epochs}", unit="step"):
+    for _ in console.bar(range(steps_per_epoch), desc=f"pre-training epoch {epoch + 1}/{epochs}", unit="step"):
       batch = sharding.global_batch(next(batches), pipeline.MODEL_INPUTS, target, False)
       params, opt_state, loss = step(params, opt_state, batch)
       step_losses.append(loss)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mora_jax import progress
+from mora_jax import console
 from mora_jax.data import array_files
 from mora_jax.data import pipeline
 
@@ -81,7 +81,7 @@ def _build(source, where: str, prep: pipeline.Preprocessing, folder: array_files
              for i in range(start, min(start + BUILD_CHUNK, len(source)))]
             for start in range(0, len(source), BUILD_CHUNK))
   decoded = pipeline.decode_stream(chunks, prep, workers)
-  for index, out in enumerate(progress.bar(decoded, total=len(source), desc=f"decoding {where} once", unit="image",
+  for index, out in enumerate(console.bar(decoded, total=len(source), desc=f"decoding {where} once", unit="image",
                                            leave=False)):
     if isinstance(out, str):
       arrays["corrupt"][index] = True

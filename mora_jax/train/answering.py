@@ -29,13 +29,14 @@ from mora_jax.adapters import mllm as mllm_lib
 from mora_jax.adapters import optim, partition
 from mora_jax.backbones import backbone as backbone_lib
 from mora_jax.backbones import embedded_lm
+from mora_jax.console import say
 from mora_jax.data import vqa
 from mora_jax.models import hf, llama_hf
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
 from mora_jax.train import evaluation
 from mora_jax.train import step as step_lib
-from mora_jax.train.job import CONFIG_FILE, check_writable, say
+from mora_jax.train.job import CONFIG_FILE, check_writable
 from mora_jax.train.tasks import MLLM, Stage, epoch_steps
 from mora_jax.train.writers import MetricWriter
 
@@ -57,7 +58,8 @@ def method_name(c: ml_collections.ConfigDict) -> str:
 
 
 def answer_loss(model: mllm_lib.MLLM, micro: mllm_lib.Batch, rngs: nnx.Rngs):
-  """(the summed cross-entropy of a micro-batch's answer tokens, their count): step.LossFn."""
+  """(the mean cross-entropy of a micro-batch's answer tokens, their count): step.LossFn with mean_loss, as this
+  task's runs always computed it (their numbers, docs/mllm.md, carry over bit for bit)."""
   logits, seq = model(micro, rngs=rngs)
   return mllm_lib.answer_loss(logits, seq)
 
@@ -85,6 +87,7 @@ class Answering:
   metric = METRIC
   loss = staticmethod(answer_loss)
   micro_key = staticmethod(step_key)
+  mean_loss = True
 
   @property
   def layout(self) -> vqa.Layout:

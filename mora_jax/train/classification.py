@@ -11,11 +11,12 @@ import numpy as np
 
 from mora_jax import adapters, data, sharding
 from mora_jax.adapters import optim, partition
+from mora_jax.console import say
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import evaluation, init_from, prefix_cache
 from mora_jax.train import job as job_lib
 from mora_jax.train import step as step_lib
-from mora_jax.train.job import Job, check_writable, say
+from mora_jax.train.job import Job, check_writable
 from mora_jax.train.tasks import Stage, epoch_steps
 
 
@@ -28,6 +29,7 @@ class Classification:
   caches: dict = dataclasses.field(default_factory=dict)  # split -> prefix_cache.Cache ({}: the cache is off)
   eval_step: object = None
   micro_key = staticmethod(step_lib.fold_key)
+  mean_loss = False
 
   @property
   def config(self):

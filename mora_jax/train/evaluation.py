@@ -16,17 +16,17 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mora_jax import adapters, data, progress, sharding
-from mora_jax.data import metrics as metrics_lib
+from mora_jax import adapters, console, data, sharding
 from mora_jax.adapters import peft as peft_io
+from mora_jax.console import say
+from mora_jax.data import metrics as metrics_lib
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
 from mora_jax.train import export as export_lib
 from mora_jax.train import prefix_cache
 from mora_jax.train import step as step_lib
-from mora_jax.train.job import Job, build_job, say, validate
+from mora_jax.train.job import Job, build_job, validate
 from mora_jax.train.writers import MetricWriter
-
 
 
 def evaluate_split(job: Job, eval_step, params, backbone_state, ds: data.Dataset, desc: str,
@@ -37,7 +37,7 @@ def evaluate_split(job: Job, eval_step, params, backbone_state, ds: data.Dataset
   target = sharding.batch_sharding(job.mesh, micro_axis=False)
   outputs, corrupt = [], 0
   steps = -(-len(ds.source) // batch_size) if jax.process_count() == 1 else None
-  for host_batch in progress.bar(job.batches(ds, batch_size, train=False, cache=cache), desc=desc, total=steps,
+  for host_batch in console.bar(job.batches(ds, batch_size, train=False, cache=cache), desc=desc, total=steps,
                                  leave=False):
     corrupt += int(np.sum(host_batch["corrupt"]))
     keys = step_lib.input_keys(host_batch)
@@ -73,7 +73,7 @@ def scenario_metrics(job: Job, trainable, scenarios, missing: data.Missing, writ
   test = job.load("test", missing)
   trainable_params = adapters.trainable(params)
   if adapter is None or adapter.separable:
-    cache = prefix_cache.features(merged_job, test, trainable_params, backbone_shardings, log=say)
+    cache = tower_features(merged_job, test, trainable_params, backbone_shardings)
   else:
     cache = prefix_cache.prepare(merged_job, trainable_params, backbone_shardings, {"test": test}, len(scenarios),
                                  log=say).get("test")
@@ -86,6 +86,15 @@ def scenario_metrics(job: Job, trainable, scenarios, missing: data.Missing, writ
       say(f"warning: test/{kind}: {results[kind]['corrupt_skipped']} samples with a corrupt image were skipped "
           "(skip_corrupt=True); the metrics cover the others")
   return results
+
+
+def tower_features(job: Job, ds: data.Dataset, params, backbone_shardings) -> prefix_cache.Cache:
+  """The towers' final features of every sample's present inputs and of the dummy, in host memory, in the prefix
+  cache's form: what a test of separable towers assembles each scenario from (they depend on the trained
+  weights: never stored)."""
+  in_memory = prefix_cache.Plan(None, np.dtype(np.float32), 0.0, Path())
+  fill_step = prefix_cache.make_fill_step(job.graphdef, None, job.mesh, backbone_shardings, job.prep)
+  return prefix_cache.build(job, ds, params, in_memory, fill_step, memory=True, log=say, desc=f"features {ds.split}")
 
 
 def abstract_params(job: Job):

@@ -15,9 +15,10 @@ import safetensors.numpy
 from flax import nnx
 
 from mora_jax import adapters, sharding
+from mora_jax.console import say
 from mora_jax.data import preprocess
 from mora_jax.models import hf
-from mora_jax.train.job import Job, say
+from mora_jax.train.job import Job
 
 HEAD_FILE = "head.safetensors"
 HEAD_INFO_FILE = "head.json"

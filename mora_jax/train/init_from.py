@@ -23,11 +23,12 @@ from flax import nnx
 
 from mora_jax import adapters, sharding
 from mora_jax.adapters import peft as peft_io
+from mora_jax.console import say
 from mora_jax.data import metrics as metrics_lib
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
 from mora_jax.train import evaluation, export
-from mora_jax.train.job import Job, say
+from mora_jax.train.job import Job
 
 
 def initial_params(job: Job, source: str) -> tuple[dict, dict]:

@@ -15,10 +15,10 @@ import ml_collections
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from mora_jax import adapters, backbones, data, sharding
 from mora_jax.adapters.classifier import HEADS
+from mora_jax.console import say
 from mora_jax.data import metrics as metrics_lib
 from mora_jax.data import pixel_store as pixel_store_lib
 from mora_jax.data.datasets import check_source
@@ -42,11 +42,6 @@ def check_writable(directory: Path, flag: str) -> None:
   except OSError as e:
     raise NotWritable(f"{directory} is not a writable folder ({e.strerror or e}); free that path or make it "
                       f"writable, or pass another {flag}.") from e
-
-
-def say(message: str) -> None:
-  if sharding.is_main_process():
-    tqdm.write(message)
 
 
 def mesh_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int]:

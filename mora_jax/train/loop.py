@@ -24,14 +24,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mora_jax import progress as bars
-from mora_jax import sharding
+from mora_jax import console, sharding
 from mora_jax.adapters import partition
+from mora_jax.console import say
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
 from mora_jax.train import step as step_lib
 from mora_jax.train import tasks
-from mora_jax.train.job import CONFIG_FILE, EVAL_FILE, say
+from mora_jax.train.job import CONFIG_FILE, EVAL_FILE
 from mora_jax.train.tasks import Stage, Task
 from mora_jax.train.writers import MetricWriter
 
@@ -133,7 +133,8 @@ def start_stage(task: Task, stage: Stage, workdir: Path) -> Run:
   run = Run(task=task, stage=stage, workdir=workdir,
             train_step=step_lib.make_train_step_on_leaves(
                 task.graphdef, stage.tx, stage.schedule, task.loss, task.mesh, frozen_shardings,
-                jax.tree.structure(state), frozen_treedef, expand=task.expand, micro_key=task.micro_key),
+                jax.tree.structure(state), frozen_treedef, expand=task.expand, micro_key=task.micro_key,
+                mean_loss=task.mean_loss),
             train_iter=task.train_batches(stage), ckpt=ckpt, writer=None, record=record,
             frozen_leaves=frozen_leaves, frozen=frozen)
   run.state = state
@@ -218,7 +219,7 @@ def train_epoch(run: Run, sigterm: _Sigterm, step_hook=None) -> None:
   c, stage = run.config, run.stage
   epoch = run.step // run.steps_per_epoch
   epoch_start, epoch_end = epoch * run.steps_per_epoch, min(run.stop_step, (epoch + 1) * run.steps_per_epoch)
-  bar = bars.bar(total=run.steps_per_epoch, initial=run.step - epoch_start,
+  bar = console.bar(total=run.steps_per_epoch, initial=run.step - epoch_start,
                  desc=f"{stage.name + ' ' if stage.name else ''}epoch {epoch + 1}/{stage.epochs}", unit="step")
   window_start, window_samples, corrupt = time.perf_counter(), 0, 0
   while run.step < epoch_end:

@@ -32,7 +32,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mora_jax import adapters, backbones, data, progress, sharding
+from mora_jax import adapters, backbones, data, console, sharding
 from mora_jax.adapters.classifier import FEATURE_INPUTS, PREFIX_INPUTS
 from mora_jax.data import array_files
 from mora_jax.data import missing as missing_lib
@@ -281,14 +281,6 @@ def prepare(job, params, backbone_shardings, splits: dict[str, data.Dataset], us
   return caches
 
 
-def features(job, ds: data.Dataset, params, backbone_shardings, log) -> Cache:
-  """The towers' final features of every sample's present inputs and of the dummy, in host memory: what a test
-  of separable towers assembles each scenario from (they depend on the trained weights: never stored)."""
-  features_plan = Plan(None, np.dtype(np.float32), 0.0, Path())
-  fill_step = make_fill_step(job.graphdef, None, job.mesh, backbone_shardings, job.prep)
-  return build(job, ds, params, features_plan, fill_step, memory=True, log=log, desc=f"features {ds.split}")
-
-
 def build(job, ds: data.Dataset, params, plan_: Plan, fill_step, *, memory: bool, log, desc: str) -> Cache:
   """The cache of split `ds` under `plan_`: in host memory (`memory`), else reused, completed or (re)built under
   `plan_.root`. Every process takes part (the towers run on the whole mesh) and ends with the whole cache."""
@@ -347,7 +339,7 @@ def _fill(job, ds, params, fill_step, arrays, files, cache_key, done, desc) -> N
   gather = files is None and jax.process_count() > 1  # in memory on several hosts: each needs every row
   pending = []
   total = -(-n // batch_size) if jax.process_count() == 1 else None
-  for count, host in enumerate(progress.bar(it, desc=desc, total=total, initial=done, leave=False), done + 1):
+  for count, host in enumerate(console.bar(it, desc=desc, total=total, initial=done, leave=False), done + 1):
     values = {**run(host), **{k: host[k] for k in ("index", *ROW_KEYS)}}
     if gather:
       pending.append(values)

@@ -86,27 +86,37 @@ def fold_key(key: jax.Array, index: jax.Array, micro_steps: int) -> jax.Array:
   return jax.random.fold_in(key, index)
 
 
-def make_loss_and_grads(graphdef: nnx.GraphDef, loss: LossFn, micro_key=fold_key) -> Callable:
+def make_loss_and_grads(graphdef: nnx.GraphDef, loss: LossFn, micro_key=fold_key,
+                        mean_loss: bool = False) -> Callable:
   """(params, frozen, batch, key) -> (loss, gradients w.r.t. params, count) of a step's batch, whose arrays have a
   leading micro-batch axis; `frozen` holds the partitions that are not trained (the backbone at least).
 
   The loss is the sum of `loss`'s sums over all micro-batches divided by the sum of their counts: accumulation
   gives the gradient of the whole batch, and padding rows (an epoch's smaller last step) count for nothing.
+  `mean_loss`: `loss` returns a micro-batch's mean instead of its sum, whose gradient a one-micro-batch step takes
+  as it is, and which accumulation weighs by the micro-batches' counts (the same value, rounded otherwise).
   Micro-batch i's dropout key is micro_key(key, i, number of micro-batches) (fold_in(key, i) by default).
   """
 
-  def summed_loss(params, frozen, micro, key):
+  def micro_loss(params, frozen, micro, key):
     return loss(adapters.join(graphdef, partition.combine(frozen, params)), micro, nnx.Rngs(dropout=key))
 
   def loss_and_grads(params, frozen, batch, key):
     micro_steps = jax.tree.leaves(batch)[0].shape[0]
+    if mean_loss and micro_steps == 1:
+      micro = jax.tree.map(lambda x: x[0], batch)
+      (value, count), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, frozen, micro,
+                                                                           micro_key(key, 0, 1))
+      return value, grads, count
 
     def accumulate(carry, inputs):
       grad_sum, loss_sum, count_sum = carry
       micro, index = inputs
-      (total, count), grads = jax.value_and_grad(summed_loss, has_aux=True)(
+      (value, count), grads = jax.value_and_grad(micro_loss, has_aux=True)(
           params, frozen, micro, micro_key(key, index, micro_steps))
-      return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + total, count_sum + count), None
+      if mean_loss:
+        value, grads = value * count, jax.tree.map(lambda g: g * count, grads)
+      return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + value, count_sum + count), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grad_sum, loss_sum, count_sum), _ = jax.lax.scan(
@@ -118,9 +128,9 @@ def make_loss_and_grads(graphdef: nnx.GraphDef, loss: LossFn, micro_key=fold_key
 
 
 def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                  loss: LossFn, micro_key=fold_key) -> Callable:
+                  loss: LossFn, micro_key=fold_key, mean_loss: bool = False) -> Callable:
   """The unjitted (state, frozen, batch) -> (state, metrics) of `make_train_step`."""
-  loss_and_grads = make_loss_and_grads(graphdef, loss, micro_key)
+  loss_and_grads = make_loss_and_grads(graphdef, loss, micro_key, mean_loss)
 
   def step(state, frozen, batch):
     key = jax.random.fold_in(state["rng"], state["step"])
@@ -148,13 +158,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 
 def make_train_step_on_leaves(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                               loss: LossFn, mesh: Mesh, frozen_shardings, state_treedef, frozen_treedef,
-                              expand=lambda batch, cache_arrays: batch, micro_key=fold_key) -> Callable:
+                              expand=lambda batch, cache_arrays: batch, micro_key=fold_key,
+                              mean_loss: bool = False) -> Callable:
   """`make_train_step` over the flat leaf lists of the state and the frozen partitions: (state leaves, frozen
   leaves, device arrays the batch refers to ({} for none), batch) -> (state leaves, metrics). `expand(batch,
   device arrays)` completes the batch on the devices (a prefix cache's rows: prefix_cache.gather). A call then
   flattens plain lists; flattening their nnx Variables in Python instead costs ~20 us each, ~30 ms per step for
   the embedded CLIP's train state and backbone (bench/feed.py --loop), during which an accelerator waited."""
-  step = train_step_fn(graphdef, tx, schedule, loss, micro_key)
+  step = train_step_fn(graphdef, tx, schedule, loss, micro_key, mean_loss)
 
   def on_leaves(state_leaves, frozen_leaves, device_arrays, batch):
     state, metrics = step(jax.tree.unflatten(state_treedef, state_leaves),

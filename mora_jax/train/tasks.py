@@ -69,6 +69,7 @@ class Task(Protocol):
   metric: str  # what validation maximises
   loss: step_lib.LossFn
   micro_key: Callable  # (step key, micro-batch index, micro-batches) -> dropout key (step.fold_key)
+  mean_loss: bool  # `loss` returns a micro-batch's mean, not its sum (step.make_loss_and_grads)
 
   def stages(self) -> list[Stage]: ...
 

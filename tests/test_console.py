@@ -2,7 +2,7 @@
 
 import io
 
-from mora_jax import progress
+from mora_jax import console
 
 
 class _Terminal(io.StringIO):
@@ -13,7 +13,7 @@ class _Terminal(io.StringIO):
 
 def test_a_bar_written_to_a_log_is_plain_lines_with_the_final_count():
   log = io.StringIO()
-  bar = progress.bar(total=5, desc="epoch 1/1", unit="step", file=log)
+  bar = console.bar(total=5, desc="epoch 1/1", unit="step", file=log)
   for _ in range(5):
     bar.update(1)
   bar.set_postfix(loss="0.5000")
@@ -25,6 +25,6 @@ def test_a_bar_written_to_a_log_is_plain_lines_with_the_final_count():
 
 def test_a_bar_on_a_terminal_is_tqdms_live_bar():
   terminal = _Terminal()
-  for _ in progress.bar(range(3), desc="test", file=terminal):
+  for _ in console.bar(range(3), desc="test", file=terminal):
     pass
   assert "\r" in terminal.getvalue()

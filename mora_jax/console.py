@@ -1,8 +1,9 @@
-"""Progress bars that suit where the output goes: tqdm's live bar on a terminal, and in a log file (batch jobs,
-`> train.log`, CI) one plain line every `LOG_EVERY_S` seconds and at the end instead of carriage returns.
-Only process 0 shows them.
+"""What a run prints, from process 0 only: messages (`say`) and progress bars that suit where the output goes:
+tqdm's live bar on a terminal, and in a log file (batch jobs, `> train.log`, CI) one plain line every
+`LOG_EVERY_S` seconds and at the end instead of carriage returns.
 
-    for batch in progress.bar(batches, total=steps, desc="test/complete"):
+    console.say("resumed from ...")
+    for batch in console.bar(batches, total=steps, desc="test/complete"):
       ...
 """
 
@@ -42,3 +43,9 @@ def bar(iterable=None, *, file=None, **options) -> tqdm:
     return tqdm(iterable, file=file, **options)
   return tqdm(iterable, file=_Lines(file), mininterval=LOG_EVERY_S, miniters=1, bar_format=LOG_FORMAT,
               **options)
+
+
+def say(message: str) -> None:
+  """One message line, between the bars' redraws."""
+  if sharding.is_main_process():
+    tqdm.write(message)
