@@ -91,10 +91,6 @@ class Run:
     return self.stage.steps_per_epoch
 
   @property
-  def total_steps(self) -> int:
-    return self.stage.steps_per_epoch * self.stage.epochs
-
-  @property
   def stop_step(self) -> int:
     return self.stage.stop_step
 

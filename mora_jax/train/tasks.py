@@ -60,7 +60,7 @@ def epoch_steps(num_samples: int, batch_size: int) -> int:
 
 
 class Task(Protocol):
-  """A model with its partitioned parameters, its data, its loss and metrics, and the stages that train it."""
+  """A model with its partitioned parameters, its data, loss and metrics, and the stages that train it."""
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   graphdef: nnx.GraphDef
@@ -72,41 +72,24 @@ class Task(Protocol):
   mean_loss: bool  # `loss` returns a micro-batch's mean, not its sum (step.make_loss_and_grads)
 
   def stages(self) -> list[Stage]: ...
-
   def summary_lines(self) -> list[str]: ...
-
-  def initialize(self, stage: Stage) -> dict | None:
-    """Before a stage without checkpoints: the initial parameters it should start from (config.init_from) put
-    into `params`; returns what eval.json records of where they came from (None: nothing was taken)."""
-
+  # Before a stage without checkpoints: config.init_from's parameters put into `params`; what eval.json records.
+  def initialize(self, stage: Stage) -> dict | None: ...
   def frozen_shardings(self, frozen: dict): ...
-
-  def start_stage(self, stage: Stage, trained: dict, frozen_shardings) -> None:
-    """What a stage needs beyond its state before its first step (the classifier's prefix caches)."""
-
-  def train_batches(self, stage: Stage):
-    """This process's endless training micro-batches of the stage (host dicts); get_state / set_state resume."""
-
-  def device_batch(self, micro: list[dict]):
-    """A step's micro-batches -> (the global batch with a leading micro-batch axis, samples skipped as corrupt)."""
-
-  def device_arrays(self, split: str) -> dict:
-    """Arrays on the devices that the split's batches refer to ({} for none), for `expand`."""
-
-  def expand(self, batch, device_arrays: dict):
-    """On the devices: the batch completed from `device_arrays` (a prefix cache's rows)."""
-
-  def meta(self) -> dict:
-    """What checkpoints record of the task beside the config and the backbone's identity."""
-
-  def check_resume(self, meta: dict, where: str) -> None:
-    """Refuses a checkpoint whose recorded task data differ from this run's."""
-
-  def validate(self, trained: dict, frozen: dict) -> dict:
-    """Validation metrics of the parameters (the metric among them)."""
-
-  def test(self, trained: dict, step: int, writer, record, train_seconds: float | None) -> tuple[dict, str]:
-    """(eval.json's results, the table printed) of the last stage's parameters of checkpoint `step`."""
+  # What a stage needs beyond its state before its first step (the classifier's prefix caches).
+  def start_stage(self, stage: Stage, trained: dict, frozen_shardings) -> None: ...
+  # This process's endless training micro-batches of the stage (host dicts; get_state / set_state resume them).
+  def train_batches(self, stage: Stage): ...
+  # A step's micro-batches -> (the global batch, leading micro-batch axis; samples skipped as corrupt).
+  def device_batch(self, micro: list[dict]) -> tuple[object, int]: ...
+  # Arrays on the devices that a split's batches refer to ({} for none), which `expand` reads inside the step.
+  def device_arrays(self, split: str) -> dict: ...
+  def expand(self, batch, device_arrays: dict): ...
+  def meta(self) -> dict: ...  # what checkpoints record of the task beside config and backbone identity
+  def check_resume(self, meta: dict, where: str) -> None: ...  # refuses a checkpoint of other task data
+  def validate(self, trained: dict, frozen: dict) -> dict: ...  # validation metrics, `metric` among them
+  # (eval.json's results, the table printed) of the last stage's parameters, those of checkpoint `step`.
+  def test(self, trained: dict, step: int, writer, record, train_seconds: float | None) -> tuple[dict, str]: ...
 
 
 def is_mllm(config: ml_collections.ConfigDict | dict) -> bool:
