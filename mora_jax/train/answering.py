@@ -80,10 +80,12 @@ class Answering:
   tokenizer: object
   prep: data.Preprocessing
   identity: dict
-  splits: dict  # name -> vqa.VQASplit ("train", "validation", "stage1": the captions)
+  splits: dict  # stage or split name -> vqa.VQASplit: "stage1" (captions), "stage2" (= "train"), "validation"
   encode_images: object  # float32 pixels [N, 3, H, W] -> the frozen vision tower's features [N, P, Dv], locally
+  generate: object  # jitted (trained, frozen, Batch) -> greedy answer tokens [B, MAX_NEW_TOKENS]
   features: dict = dataclasses.field(default_factory=dict)  # image set -> float32 [N_images, P, Dv]
   white: np.ndarray | None = None  # the white image's features [P, Dv]
+  training: vqa.VQASplit | None = None  # the split of the stage being trained
   metric = METRIC
   loss = staticmethod(answer_loss)
   micro_key = staticmethod(step_key)
@@ -96,11 +98,9 @@ class Answering:
   def stages(self) -> list[Stage]:
     c = self.config
     s1, s2 = c.stage1, c.stage2
-    captions = self.splits["train"].captions()
-    self.splits["stage1"] = captions
     train_projector = ("projector",) if s2.train_projector else ()
     schedule1 = step_lib.lr_schedule(s1.lr, s1.steps, 0.03)
-    steps_per_epoch = epoch_steps(len(self.splits["train"]), c.batch_size)
+    steps_per_epoch = epoch_steps(len(self.splits["stage2"]), c.batch_size)
     schedule2 = step_lib.lr_schedule(s2.lr, steps_per_epoch * c.epochs, s2.warmup_fraction)
     common = dict(accum_steps=1, max_steps=0, patience=c.epochs)
     return [
@@ -109,7 +109,7 @@ class Answering:
               schedule=schedule1, seed=c.seed + 1, validates=False, **common),
         Stage(name="stage2", directory="checkpoints", trained=("adapter/decoder", *train_projector),
               steps_per_epoch=steps_per_epoch, epochs=c.epochs, batch_size=c.batch_size,
-              samples=len(self.splits["train"]), tx=_adamw(schedule2, s2.weight_decay), schedule=schedule2,
+              samples=len(self.splits["stage2"]), tx=_adamw(schedule2, s2.weight_decay), schedule=schedule2,
               seed=c.seed + 2, validates=True, **{**common, "max_steps": c.max_steps}),
     ]
 
@@ -131,15 +131,14 @@ class Answering:
     del stage, trained, frozen_shardings  # the splits' image features are computed on first use
 
   def train_batches(self, stage: Stage):
-    split = self.splits["stage1" if stage.name == "stage1" else "train"]
-    self._training = split
-    return iter(vqa.train_batches(split, self.tokenizer, self.layout, _per_process(stage.batch_size), stage.seed,
+    self.training = self.splits[stage.name]
+    return iter(vqa.train_batches(self.training, self.tokenizer, self.layout, _per_process(stage.batch_size), stage.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
                                   accum_steps=stage.accum_steps))
 
   def device_batch(self, micro: list[dict]) -> tuple[mllm_lib.Batch, int]:
     host = {k: np.stack([v[k] for v in micro]) for k in micro[0]}
-    return self.model_batch(self._training, host, micro_axis=True), 0
+    return self.model_batch(self.training, host, micro_axis=True), 0
 
   def device_arrays(self, split: str) -> dict:
     del split
@@ -184,11 +183,10 @@ class Answering:
     """Greedy answers of the split (its first `limit` samples when > 0) scored against the true answers:
     {"exact_match", "per_question_type": {name: exact match}, "samples"}. Each process answers its own rows."""
     c, tok = self.config, self.tokenizer
-    generate = self._generate()
     rows, correct, types = [], [], []
     for host in vqa.eval_batches(split, tok, self.layout, _per_process(c.eval.batch_size), limit,
                                  process_index=jax.process_index(), process_count=jax.process_count()):
-      tokens = sharding.process_rows(generate(trained, frozen, self.model_batch(split, host)))
+      tokens = sharding.process_rows(self.generate(trained, frozen, self.model_batch(split, host)))
       for row, answer in zip(host["row"], tok.batch_decode(tokens, skip_special_tokens=True)):
         rows.append(row)
         correct.append(row >= 0 and answer.strip() == split.answer(row))
@@ -200,18 +198,6 @@ class Answering:
     return {METRIC: float(correct.mean()), "samples": int(valid.sum()),
             "per_question_type": {name: float(correct[types == i].mean()) for i, name in enumerate(split.type_names)
                                   if np.any(types == i)}}
-
-  def _generate(self):
-    if not hasattr(self, "_generate_fn"):
-      graphdef, tok = self.graphdef, self.tokenizer
-
-      @jax.jit
-      def generate(trained, frozen, batch):
-        model = adapters.join(graphdef, partition.combine(frozen, trained))
-        return model.generate(batch, MAX_NEW_TOKENS, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-
-      self._generate_fn = generate
-    return self._generate_fn
 
   def validate(self, trained: dict, frozen: dict) -> dict:
     return self.exact_match(trained, frozen, self.splits["validation"], self.config.eval.validation_samples)
@@ -234,6 +220,18 @@ class Answering:
     table = (f"test (easy-VQA MLLM, {results['method']}, checkpoint of step {step}; missing {c.missing.type} "
              f"{c.missing.rate}):\n" + evaluation.format_table(per_scenario, METRIC))
     return results, table
+
+
+def make_generate(graphdef: nnx.GraphDef, tokenizer):
+  """The jitted greedy answers of the MLLM of `graphdef`: (trained, frozen, Batch) -> tokens [B, MAX_NEW_TOKENS]."""
+
+  @jax.jit
+  def generate(trained, frozen, batch):
+    model = adapters.join(graphdef, partition.combine(frozen, trained))
+    return model.generate(batch, MAX_NEW_TOKENS, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+
+  return generate
 
 
 def _per_process(global_batch: int) -> int:
@@ -270,9 +268,10 @@ def build(config: ml_collections.ConfigDict, workdir: Path | None) -> Answering:
   encode = jax.jit(lambda state, pixels: nnx.merge(local_graphdef, state).image_features(pixels))
   graphdef, params = adapters.split(model)
   missing = data.Missing(**c.missing)
-  splits = {name: vqa.load(name, c.data_dir, missing, log=say) for name in ("train", "validation")}
+  train, validation = (vqa.load(name, c.data_dir, missing, log=say) for name in ("train", "validation"))
+  splits = {"stage1": train.captions(), "stage2": train, "validation": validation}
   return Answering(c, mesh, graphdef, sharding.replicate(params, mesh), tokenizer, prep, identity, splits,
-                   lambda pixels: np.asarray(encode(local_state, pixels)))
+                   lambda pixels: np.asarray(encode(local_state, pixels)), make_generate(graphdef, tokenizer))
 
 
 def evaluate_run(workdir: str | Path, checkpoint: str | Path | None = None, missing: dict | None = None,
