@@ -62,6 +62,10 @@ BAD_CONFIGS = {
     "mesh.fsdp=3": "does not cover the 8 devices",
     "accum_steps=3": "batch_size=64 must split into accum_steps=3",
     "missing.type=audio": "missing type 'audio'",
+    "epochs=0": "config.epochs=0: must be an integer >= 1",
+    "batch_size=0": "config.batch_size=0: must be an integer >= 1",
+    "eval.batch_size=0": "config.eval.batch_size=0: must be an integer >= 1",
+    "max_steps=-1": "config.max_steps=-1: must be an integer >= 0",
 }
 
 
@@ -71,6 +75,17 @@ def test_a_bad_config_is_reported_before_any_backbone_is_built(tmp_path, overrid
   code = cli.train_main(["--workdir", str(tmp_path / "w"), f"--config.backbone.cache_dir={cache}",
                          f"--config.data_dir={tmp_path / 'data'}", f"--config.{override}"])
   assert_one_line_error(capsys.readouterr().err, code, BAD_CONFIGS[override])
+  assert not cache.exists() and not (tmp_path / "data").exists() and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("override", ["stage1.steps=0", "eval.test_samples=-1", "epochs=0"])
+def test_a_bad_mllm_count_is_reported_before_any_model_is_built(tmp_path, override, capsys):
+  cache = tmp_path / "cache"
+  code = cli.train_main(["--config", str(ROOT / "configs" / "easy_vqa_mllm_moka.py"), "--workdir", str(tmp_path / "w"),
+                         f"--config.backbone.cache_dir={cache}", f"--config.lm.cache_dir={cache}",
+                         f"--config.data_dir={tmp_path / 'data'}", f"--config.{override}"])
+  key, value = override.split("=")
+  assert_one_line_error(capsys.readouterr().err, code, f"config.{key}={value}: must be an integer >=")
   assert not cache.exists() and not (tmp_path / "data").exists() and not (tmp_path / "w").exists()
 
 

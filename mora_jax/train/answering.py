@@ -43,6 +43,10 @@ from mora_jax.train.writers import MetricWriter
 METRIC = "exact_match"
 MAX_NEW_TOKENS = 3  # every easy-VQA answer is one word: its token(s) and </s>
 FEATURE_BATCH = 256  # images per call of the frozen vision tower when its features are cached
+# The smallest meaningful value of each count in an MLLM config (config.check_minimums).
+MINIMUMS = {"epochs": 1, "batch_size": 1, "max_steps": 0, "log_every_steps": 1, "seed": 0, "stage1.steps": 1,
+            "stage1.batch_size": 1, "eval.batch_size": 1, "eval.validation_samples": 0, "eval.test_samples": 0,
+            "checkpoint.keep": 1, "checkpoint.every_steps": 0}
 
 
 def is_run(workdir: str | Path) -> bool:
@@ -249,6 +253,7 @@ def build(config: ml_collections.ConfigDict, workdir: Path | None) -> Answering:
   """The MLLM of config `c`: the embedded (or given) CLIP vision tower and LM, both frozen, with adapters on the LM
   and a projector; its tokenizer; the train and validation splits. `workdir` None: no folder is written (eval)."""
   c = config
+  config_lib.check_minimums(c, MINIMUMS)
   if workdir is not None:
     check_writable(workdir / "checkpoints", "--workdir")
   clip = backbone_lib.load(c.backbone, 77, c.data_dir, mesh=None, rules=sharding.REPLICATED_RULES, log=say)

@@ -102,6 +102,17 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple
       override(config, key, text)
 
 
+def check_minimums(config: ml_collections.ConfigDict, minimums: dict[str, int]) -> None:
+  """Refuses a value below its smallest meaningful one (dotted key -> minimum), naming the key: a zero batch or a
+  negative step count would otherwise fail only inside the run, as an IndexError or a division by zero."""
+  for key, minimum in minimums.items():
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      raise ConfigError(f"config.{key}={value!r}: must be an integer >= {minimum}.")
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 

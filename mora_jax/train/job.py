@@ -22,6 +22,7 @@ from mora_jax.console import say
 from mora_jax.data import metrics as metrics_lib
 from mora_jax.data import pixel_store as pixel_store_lib
 from mora_jax.data.datasets import check_source
+from mora_jax.train import config as config_lib
 from mora_jax.train import prefix_cache
 
 CONFIG_FILE = "config.json"  # in the workdir: the run's config, as JSON
@@ -69,6 +70,12 @@ def check_batching(c: ml_collections.ConfigDict) -> None:
                      f"whose size divides over the {jax.device_count()} devices.")
 
 
+# The smallest meaningful value of each count in a classifier config (config.check_minimums).
+MINIMUMS = {"epochs": 1, "batch_size": 1, "accum_steps": 1, "max_steps": 0, "log_every_steps": 1, "seed": 0,
+            "eval.batch_size": 1, "eval.patience": 1, "checkpoint.keep": 1, "checkpoint.every_steps": 0,
+            "data_threads": 1}
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """A classifier config's sections read and checked once (`validate`); the run reads these, not the ConfigDict's
@@ -84,6 +91,7 @@ def validate(config: ml_collections.ConfigDict, train: bool = True) -> Settings:
   """Every check a config allows without reading data or weights, so that a mistake is reported before any
   download, data preparation or backbone pre-training (minutes, on a first run); returns the typed settings.
   `train`: also the training batch, which evaluation does not use."""
+  config_lib.check_minimums(config, MINIMUMS)
   if config.dataset not in (*data.BUILDERS, data.MANIFEST):
     raise ValueError(f"config.dataset={config.dataset!r}: use one of {sorted(data.BUILDERS)}, or "
                      f"{data.MANIFEST!r} with config.manifest.path for your own data.")
@@ -111,8 +119,6 @@ def validate(config: ml_collections.ConfigDict, train: bool = True) -> Settings:
   if config.data_workers < -1:
     raise ValueError(f"config.data_workers={config.data_workers}: use -1 (one per core of this host), 0 (decode in "
                      "the main process) or a number of worker processes.")
-  if config.data_threads < 1:
-    raise ValueError(f"config.data_threads={config.data_threads}: at least 1 batch must be assembled at a time.")
   if train:
     check_batching(config)
   return Settings(adapter=adapter, missing=missing, manifest=settings_manifest,
