@@ -89,6 +89,21 @@ def test_a_bad_mllm_count_is_reported_before_any_model_is_built(tmp_path, overri
   assert not cache.exists() and not (tmp_path / "data").exists() and not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("override", ["adapter.alpha=800", "adapter.method=lora", "head.type=mlp", "seed=1"])
+def test_eval_refuses_an_override_that_changes_the_trained_model(tmp_path, override, capsys):
+  code = cli.eval_main(["--workdir", str(tmp_path / "run"), f"--config.{override}"])
+  assert_one_line_error(capsys.readouterr().err, code, f"--config.{override.split('=')[0]}: eval.py re-tests")
+
+
+@pytest.mark.parametrize("flag", ["--output", "--export_hf", "--export_peft"])
+def test_eval_checks_where_it_writes_before_testing(tmp_path, flag, capsys):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  code = cli.eval_main(["--workdir", str(tmp_path / "no_run"), flag, str(blocker / "out")])
+  assert_one_line_error(capsys.readouterr().err, code, f"pass another {flag}")
+  assert not (tmp_path / "no_run").exists()  # refused before the run was even looked for
+
+
 @pytest.mark.parametrize("manual_dir", ["absent", "unset"])
 def test_food101_without_its_manual_dir_fails_before_downloading_the_backbone(tmp_path, manual_dir):
   hub, raw = tmp_path / "hf_home", tmp_path / "raw"

@@ -193,6 +193,38 @@ def eval_parser() -> argparse.ArgumentParser:
   return parser
 
 
+# What eval.py may change in a run's config: where the data is, how fast it is read and evaluated, the numeric
+# precision of the frozen backbone. Anything else (adapter, head, backbone weights, preprocessing, ...) would test
+# a model the run never trained and report it as the run's.
+EVAL_OVERRIDABLE = ("data_dir", "manual_dir", "manifest.image_root", "eval.batch_size", "eval.test_samples",
+                    "data_threads", "data_workers", "pixel_store", "prefix_cache", "prefix_cache_dtype",
+                    "prefix_cache_memory_gb", "prefix_cache_device_gb", "skip_corrupt", "mesh.data", "mesh.fsdp",
+                    "backbone.dtype", "backbone.cache_dir", "lm.cache_dir")
+
+
+def check_eval_overrides(config_overrides) -> None:
+  """Refuses an eval.py override that changes the trained model, naming it and what may change."""
+  for key, _ in config_overrides:
+    if key not in EVAL_OVERRIDABLE:
+      raise ArgumentError(f"--config.{key}: eval.py re-tests the model the run trained, which this would change; it "
+                          f"may change only {', '.join(EVAL_OVERRIDABLE)} (train a new run for anything else).")
+
+
+def check_outputs(args, workdir: Path) -> None:
+  """Every file and folder eval.py will write, checked before the test, whose results would otherwise be lost."""
+  from mora_jax.train.job import check_writable  # pylint: disable=import-outside-toplevel
+  if args.output:
+    output = Path(args.output)
+    if output.is_dir():
+      raise ArgumentError(f"--output {output} is a folder; give a file path for the results JSON.")
+    check_writable(output.parent.absolute(), "--output")
+  elif not args.no_test and workdir.is_dir():  # a missing workdir is evaluate_run's error to report
+    check_writable(workdir, "--output")
+  for flag, directory in (("--export_hf", args.export_hf), ("--export_peft", args.export_peft)):
+    if directory is not None:
+      check_writable(Path(directory), flag)
+
+
 def eval_main(argv=None) -> int:
   """eval.py and mora-eval."""
   argv = sys.argv[1:] if argv is None else list(argv)
@@ -208,7 +240,10 @@ def eval_main(argv=None) -> int:
     from mora_jax.train import answering, evaluation  # pylint: disable=import-outside-toplevel
     missing = {key: value for prefix, key, value in overrides if prefix == "missing"}
     config_overrides = [(key, value) for prefix, key, value in overrides if prefix == "config"]
-    if answering.is_run(args.workdir or Path(args.checkpoint).parent.parent):
+    check_eval_overrides(config_overrides)
+    workdir = Path(args.workdir) if args.workdir else Path(args.checkpoint).parent.parent
+    check_outputs(args, workdir)
+    if answering.is_run(workdir):
       if args.export_hf or args.export_peft:
         raise ArgumentError("--export_hf/--export_peft export CLIP runs; an MLLM run's adapters stay in its "
                             "checkpoints.")
@@ -219,7 +254,6 @@ def eval_main(argv=None) -> int:
                                         test=not args.no_test)
     if args.no_test:
       return 0
-    workdir = Path(args.workdir) if args.workdir else Path(args.checkpoint).parent.parent
     output = Path(args.output) if args.output else (
         workdir / f"eval-{results['missing']['type']}-{results['missing']['rate']}.json")
     if sharding.is_main_process():
