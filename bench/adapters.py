@@ -22,6 +22,7 @@ from flax import nnx
 
 from mora_jax import adapters, clip, sharding
 from mora_jax.adapters import optim
+from mora_jax.data.inputs import Normalized
 from mora_jax.train import step as step_lib
 from harness import interleaved_best_seconds, parse_args, random_batch, random_checkpoint
 
@@ -44,10 +45,9 @@ def jax_step(backbone_dir, adapter, data, dtype=jnp.float32):
   shardings = {"backbone": sharding.state_shardings(params["backbone"], mesh, sharding.REPLICATED_RULES)}
   train_step = step_lib.make_train_step(graphdef, tx, schedule, step_lib.classifier_loss(False), mesh, shardings)
   pixels, ids, mask, labels = data
-  batch = {"pixel_values": pixels, "input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
-           "missing": np.zeros(len(labels), np.int8), "label": labels.astype(np.int32),
-           "valid": np.ones(len(labels), bool)}
-  batch = jax.device_put({k: v[None] for k, v in batch.items()}, sharding.batch_sharding(mesh, micro_axis=True))
+  batch = {"inputs": Normalized(pixels, ids.astype(np.int32), mask.astype(np.int32), np.zeros(len(labels), np.int8)),
+           "label": labels.astype(np.int32), "valid": np.ones(len(labels), bool)}
+  batch = jax.device_put(jax.tree.map(lambda v: v[None], batch), sharding.batch_sharding(mesh, micro_axis=True))
   holder = {"state": state}
 
   def run():

@@ -156,12 +156,14 @@ def bench(name: str, manifest: Path, workdir: Path, data_dir: Path, args) -> dic
   rows = [{"epoch": epoch + 1, **epoch_seconds(steps, cached.steps_per_epoch, args.whole_epochs)}
           for epoch in range(args.epochs)]
   train_cache = cached.task.caches["train"]
-  stored = {**train_cache.arrays, **(train_cache.device or {})}  # on the devices, `arrays` holds only the row keys
-  per_sample = sum(a.nbytes for a in stored.values()) / train_cache.num_samples
-  where = "devices" if train_cache.device else "host memory" if train_cache.directory is None else "disk"
+  on_device = train_cache.device is not None  # then `arrays` holds only the row keys
+  activations = train_cache.device if on_device else train_cache.activations()
+  stored = [*jax.tree.leaves(activations), *(train_cache.arrays[k] for k in prefix_cache.ROW_KEYS)]
+  per_sample = sum(a.nbytes for a in stored) / train_cache.num_samples
+  where = "devices" if on_device else "host memory" if train_cache.directory is None else "disk"
   r = dict(name=name, batch=cached.config.batch_size, layer=cached.config.adapter.start_layer,
-           samples=len(cached.train_ds.source), epochs=rows, build=build, bytes_per_sample=per_sample,
-           cache_dtype=stored["vision_hidden"].dtype.name, cache_where=where)
+           samples=len(cached.task.train_ds.source), epochs=rows, build=build, bytes_per_sample=per_sample,
+           cache_dtype=activations.vision_hidden.dtype.name, cache_where=where)
   return {**r, **test_timings(cached, workdir, args.test_repeats)} if args.test_repeats else r
 
 

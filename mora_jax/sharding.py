@@ -99,7 +99,7 @@ def replicated_value(array: jax.Array) -> np.ndarray:
 
 
 def process_rows(array: jax.Array) -> np.ndarray:
-  """This process's rows of a global array sharded over its first axis (as `global_batch` placed them)."""
+  """This process's rows of a global array sharded over its first axis (as `global_arrays` placed them)."""
   shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
   return np.concatenate([np.asarray(shard.data) for shard in shards])
 
@@ -125,14 +125,21 @@ def batch_sharding(mesh: Mesh, micro_axis: bool) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(None, *spec) if micro_axis else PartitionSpec(*spec))
 
 
-def global_batch(host_batch: dict, keys, target: NamedSharding, micro_axis: bool) -> dict:
-  """This process's rows of a batch -> global arrays sharded by `target`; the batch dimension (after the
-  micro-batch axis, if any) is the concatenation of every process's rows, in process order."""
+def global_arrays(host_tree, target: NamedSharding, micro_axis: bool):
+  """This process's rows of a pytree of host arrays (a batch, or its typed inputs: mora_jax.data.inputs) -> the
+  same tree of global arrays sharded by `target`; the batch dimension (after the micro-batch axis, if any) is the
+  concatenation of every process's rows, in process order."""
   batch_dim = 1 if micro_axis else 0
-  out = {}
-  for key in keys:
-    local = np.asarray(host_batch[key])
+
+  def place_rows(local) -> jax.Array:
+    local = np.asarray(local)
     shape = list(local.shape)
     shape[batch_dim] *= jax.process_count()
-    out[key] = jax.make_array_from_process_local_data(target, local, tuple(shape))
-  return out
+    return jax.make_array_from_process_local_data(target, local, tuple(shape))
+
+  return jax.tree.map(place_rows, host_tree)
+
+
+def global_batch(host_batch: dict, keys, target: NamedSharding, micro_axis: bool) -> dict:
+  """`global_arrays` of the entries `keys` of a host batch."""
+  return global_arrays({key: host_batch[key] for key in keys}, target, micro_axis)

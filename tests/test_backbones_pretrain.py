@@ -35,9 +35,9 @@ def test_pretraining_lowers_the_loss_of_matching_pairs(tmp_path):
   assert losses[-1] < 1.0 < 3.0 < losses[0], losses  # measured: 4.12 -> 0.31
   assert not np.allclose(np.asarray(trained.text_projection.kernel[...]), before)
   batch = next(iter(pipeline.batches(pairs, np.zeros(16, np.int8), tokenizer, 16, train=False, prep=prep)))
-  pixel_values = np.stack([preprocess.normalize(image, prep.image) for image in batch["pixels"]])
-  image_features, text_features = pretrain.features(trained, pixel_values, batch["input_ids"],
-                                                    batch["attention_mask"])
+  inputs = batch["inputs"]
+  pixel_values = np.stack([preprocess.normalize(image, prep.image) for image in inputs.pixels])
+  image_features, text_features = pretrain.features(trained, pixel_values, inputs.input_ids, inputs.attention_mask)
   recall = pretrain.retrieval_recall_at_1(image_features, text_features, np.arange(16))
   assert recall >= 0.75, recall  # measured 1.0; chance is 1/16
 

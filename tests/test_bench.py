@@ -15,6 +15,7 @@ from flax import nnx
 
 from mora_jax import adapters, clip, sharding
 from mora_jax.adapters import optim, prompts
+from mora_jax.data.inputs import Normalized
 from mora_jax.train import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,9 +179,9 @@ def _train_step(clf):
 
 def _step_batch(inputs, num_classes: int) -> dict:
   pixels, ids, mask, _ = inputs
-  batch = {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask, "missing": np.zeros(len(ids), np.int8),
+  batch = {"inputs": Normalized(pixels, ids, mask, np.zeros(len(ids), np.int8)),
            "label": np.arange(len(ids), dtype=np.int32) % num_classes, "valid": np.ones(len(ids), bool)}
-  return {k: v[None] for k, v in batch.items()}  # one micro-batch
+  return jax.tree.map(lambda v: v[None], batch)  # one micro-batch
 
 
 @pytest.mark.parametrize("prompt", [None, prompts.MMPConfig(length=6, depth=2), prompts.DCPConfig(length=6, depth=2)],

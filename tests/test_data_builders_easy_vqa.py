@@ -80,6 +80,7 @@ def test_batches_at_224_pixels(builder, tmp_path):
   ds = data.load("easy_vqa", "validation", builder.data_path.parent.parent, missing=data.Missing(rate=0.7))
   tokenizer = tokenizers.byte_level_clip_tokenizer(tmp_path)
   batch = next(iter(data.batches(ds, 4, tokenizer, train=True, seed=42)))
-  assert batch["pixels"].shape == (4, 224, 224, 3) and batch["pixels"].dtype == np.uint8
-  assert batch["input_ids"].shape == (4, 77) and batch["label"].shape == (4,)
-  np.testing.assert_array_equal(batch["missing"], ds.table[batch["index"]])
+  inputs = batch["inputs"]
+  assert inputs.pixels.shape == (4, 224, 224, 3) and inputs.pixels.dtype == np.uint8
+  assert inputs.input_ids.shape == (4, 77) and batch["label"].shape == (4,)
+  np.testing.assert_array_equal(inputs.missing, ds.table[batch["index"]])

@@ -183,7 +183,7 @@ def test_the_authors_tables_give_every_sample_the_code_of_its_own_row(tmp_path, 
     prep = data.Preprocessing(image=preprocess.ImageProcessing.clip(32), max_length=16)
     batches = list(data.batches(ds, 16, tokenizer, train=False, prep=prep))
     index = np.concatenate([b["index"] for b in batches])
-    missing_codes = np.concatenate([b["missing"] for b in batches])
+    missing_codes = np.concatenate([b["inputs"].missing for b in batches])
     valid = np.concatenate([b["valid"] for b in batches])
     np.testing.assert_array_equal(missing_codes[valid], codes[name][np.asarray(row_of)[index[valid]]])
   assert not list(tables.glob("*.npy"))  # nothing generated for train and val

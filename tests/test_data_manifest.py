@@ -89,7 +89,7 @@ def test_a_manifest_loads_with_its_classes_splits_and_rows(tmp_path, suffix, mul
   tokenizer = tokenizers.byte_level_clip_tokenizer(tmp_path / "tok")
   prep = data.Preprocessing(image=preprocess.ImageProcessing.clip(32), max_length=16)
   (batch,) = list(data.batches(ds, 8, tokenizer, train=False, prep=prep))
-  assert batch["pixels"].shape == (8, 32, 32, 3) and batch["valid"].sum() == 6
+  assert batch["inputs"].pixels.shape == (8, 32, 32, 3) and batch["valid"].sum() == 6
   np.testing.assert_array_equal(batch["label"][:6], [expected_label(e) for e in entries if e["split"] == "test"])
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mora_jax.data import missing, pipeline, pixel_store, preprocess, tokenizers
+from mora_jax.data import inputs, missing, pipeline, pixel_store, preprocess, tokenizers
 
 PREP = pipeline.Preprocessing(image=preprocess.ImageProcessing.clip(32), max_length=16)
 
@@ -78,7 +78,7 @@ def test_training_epochs_are_ceil_n_over_b_steps_with_the_last_padded(tokenizer,
     assert valid[rows_of_epoch].tolist() == [True] * 23 + [False] and index[rows_of_epoch][-1] == -1
   assert not np.array_equal(index[:23], index[24:47])
   padding = per_host[-1][accum_steps * 3 - 1]  # the last host's part of epoch 1's last micro-batch
-  assert padding["pixels"].shape == (micro, 32, 32, 3) and padding["label"].shape == (micro,)
+  assert padding["inputs"].pixels.shape == (micro, 32, 32, 3) and padding["label"].shape == (micro,)
 
 
 @pytest.mark.parametrize("hosts", [1, 2, 3])
@@ -91,7 +91,8 @@ def test_evaluation_sees_every_sample_once(tokenizer, hosts):
                                          process_count=hosts))
     num_batches.add(len(host_batches))
     for b in host_batches:
-      assert b["pixels"].shape == (4, 32, 32, 3) and b["pixels"].dtype == np.uint8 and b["input_ids"].shape == (4, 16)
+      pixels, input_ids = b["inputs"].pixels, b["inputs"].input_ids
+      assert pixels.shape == (4, 32, 32, 3) and pixels.dtype == np.uint8 and input_ids.shape == (4, 16)
       np.add.at(counts, b["index"][b["valid"]], 1)
   assert len(num_batches) == 1  # every host runs the same number of steps
   assert (counts == 1).all()
@@ -107,8 +108,10 @@ def test_resume_from_saved_state_gives_the_same_batches(tokenizer):
   resumed = make()
   resumed.set_state(state)
   for a, b in zip(expected, take(resumed, 5)):
-    for key in ("index", "pixels", "input_ids", "label"):
+    for key in ("index", "label"):
       np.testing.assert_array_equal(a[key], b[key])
+    np.testing.assert_array_equal(a["inputs"].pixels, b["inputs"].pixels)
+    np.testing.assert_array_equal(a["inputs"].input_ids, b["inputs"].input_ids)
 
 
 def test_missing_modalities_get_dummy_inputs(tokenizer):
@@ -117,14 +120,14 @@ def test_missing_modalities_get_dummy_inputs(tokenizer):
   batch = next(iter(pipeline.batches(source, table, tokenizer, 6, train=False, prep=PREP)))
   white = preprocess.image_to_pixels(preprocess.white_image(32, 32), preprocess.ImageProcessing.clip(32))
   empty_ids, _ = pipeline.tokenize(tokenizer, [""], PREP)
-  pixel_values = np.asarray(jax.jit(pipeline.model_inputs, static_argnums=1)(batch, PREP)["pixel_values"])
+  pixel_values = np.asarray(jax.jit(pipeline.normalize, static_argnums=1)(batch["inputs"], PREP).pixel_values)
   for row, code in enumerate(table):
-    assert batch["missing"][row] == code
+    assert batch["inputs"].missing[row] == code
     assert np.array_equal(pixel_values[row], white) == (code == missing.IMAGE_MISSING)
-    assert np.array_equal(batch["input_ids"][row], empty_ids[0]) == (code == missing.TEXT_MISSING)
+    assert np.array_equal(batch["inputs"].input_ids[row], empty_ids[0]) == (code == missing.TEXT_MISSING)
   ones = dataclasses.replace(PREP, missing_image="ones_after_norm")
   batch = next(iter(pipeline.batches(source, table, tokenizer, 6, train=False, prep=ones)))
-  pixel_values = np.asarray(jax.jit(pipeline.model_inputs, static_argnums=1)(batch, ones)["pixel_values"])
+  pixel_values = np.asarray(jax.jit(pipeline.normalize, static_argnums=1)(batch["inputs"], ones).pixel_values)
   assert (pixel_values[[2, 5]] == 1).all() and not (pixel_values[[0, 1, 3, 4]] == 1).any()
 
 
@@ -139,8 +142,9 @@ def test_device_normalisation_equals_the_host_float_path_bit_for_bit():
   for image_processing in processing:
     prep = dataclasses.replace(PREP, image=image_processing)
     host = np.stack([preprocess.normalize(image, image_processing) for image in images])
-    device = jax.jit(pipeline.model_inputs, static_argnums=1)(
-        {"pixels": images, "missing": np.zeros(4, np.int8)}, prep)["pixel_values"]
+    tokens = np.zeros((4, 16), np.int32)
+    device = jax.jit(pipeline.normalize, static_argnums=1)(
+        inputs.Decoded(images, tokens, tokens, np.zeros(4, np.int8)), prep).pixel_values
     assert device.dtype == np.float32
     np.testing.assert_array_equal(np.asarray(device), host)
 
@@ -163,9 +167,9 @@ def test_decoding_workers_and_the_pixel_store_give_identical_batches(tokenizer, 
     resumed = make(**options)
     resumed.set_state(state)
     for a, b in zip(reference, got + take(resumed, 5)):
-      assert a.keys() == b.keys()
-      for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{options} {key}")
+      assert jax.tree.structure(a) == jax.tree.structure(b)
+      for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y, err_msg=f"{options} {jax.tree_util.keystr(path)}")
   assert any(b["corrupt"].any() for b in reference)
 
 

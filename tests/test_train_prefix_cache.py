@@ -104,9 +104,10 @@ def test_disk_cache_equals_memory_cache_and_is_reused(disk_job):
   table = np.zeros(len(ds.source), np.int8)
   table[0], table[1] = data.missing.IMAGE_MISSING, data.missing.TEXT_MISSING
   batch = disk.rows(np.array([0, 1, -1]), table)
-  np.testing.assert_array_equal(batch["vision_hidden"][0], disk.arrays["vision_hidden"][-1])
-  np.testing.assert_array_equal(batch["text_hidden"][1], disk.arrays["text_hidden"][-1])
-  np.testing.assert_array_equal(batch["text_hidden"][0], disk.arrays["text_hidden"][0])
+  prefix = batch["inputs"]
+  np.testing.assert_array_equal(prefix.vision_hidden[0], disk.arrays["vision_hidden"][-1])
+  np.testing.assert_array_equal(prefix.text_hidden[1], disk.arrays["text_hidden"][-1])
+  np.testing.assert_array_equal(prefix.text_hidden[0], disk.arrays["text_hidden"][0])
   assert batch["valid"].tolist() == [True, True, False]
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mora_jax import adapters, clip
+from mora_jax.data.inputs import Normalized
 from mora_jax.train import step as step_lib
 from tests import helpers
 
@@ -30,16 +31,16 @@ def batch_of(rows: int, valid: int, multi_label: bool, seed: int = 0) -> dict:
   pixels, ids, mask = (np.concatenate(parts) for parts in zip(*halves))
   rng = np.random.RandomState(seed + 1)
   label = rng.randint(0, 2, (rows, 5)) if multi_label else rng.randint(0, 5, rows)
-  return {"pixel_values": pixels, "input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
-          "missing": np.zeros(rows, np.int8), "label": label, "valid": np.arange(rows) < valid}
+  return {"inputs": Normalized(pixels, ids.astype(np.int32), mask.astype(np.int32), np.zeros(rows, np.int8)),
+          "label": label, "valid": np.arange(rows) < valid}
 
 
 def micro_batches(batch: dict, count: int) -> dict:
-  return {k: np.asarray(v).reshape(count, -1, *np.shape(v)[1:]) for k, v in batch.items()}
+  return jax.tree.map(lambda v: np.asarray(v).reshape(count, -1, *np.shape(v)[1:]), batch)
 
 
 def first_rows(batch: dict, rows: int) -> dict:
-  return {k: v[:rows] for k, v in batch.items()}
+  return jax.tree.map(lambda v: v[:rows], batch)
 
 
 def assert_same(a, b):
@@ -90,10 +91,9 @@ def test_bfloat16_backbone_step_tracks_float32():
   cfg = tiny_config()
   pixels, ids, mask = random_inputs(cfg, batch=8, length=12)
   mesh = sharding.make_mesh((jax.device_count(), 1), ("data", "fsdp"))
-  batch = {"pixel_values": pixels[None], "input_ids": ids[None].astype(np.int32),
-           "attention_mask": mask[None].astype(np.int32), "missing": np.zeros((1, 8), np.int8),
-           "label": np.arange(8, dtype=np.int32)[None] % 3,
-           "valid": np.ones((1, 8), bool)}
+  batch = {"inputs": Normalized(pixels[None], ids[None].astype(np.int32), mask[None].astype(np.int32),
+                               np.zeros((1, 8), np.int8)),
+           "label": np.arange(8, dtype=np.int32)[None] % 3, "valid": np.ones((1, 8), bool)}
   losses = {}
   for dtype in (jnp.float32, jnp.bfloat16):
     clf = adapters.build_classifier(clip.init(cfg, seed=0, dtype=dtype), adapters.MoRAConfig(start_layer=1), 3)
@@ -110,3 +110,30 @@ def test_bfloat16_backbone_step_tracks_float32():
     losses[dtype] = float(metrics["loss"])
     assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
   assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=2e-2)
+
+
+def test_every_input_form_reaches_the_classifier_with_the_same_logits():
+  """One batch through the evaluation step in each form of mora_jax.data.inputs gives the same logits: decoded
+  uint8 pixels (normalised on the devices into the float form: the reference), the fill step's activations (the
+  towers' inputs at the start layer, and their final features), and row numbers into activations on the devices."""
+  from mora_jax import sharding  # pylint: disable=import-outside-toplevel
+  from mora_jax.data import inputs, pipeline, preprocess  # pylint: disable=import-outside-toplevel
+  from mora_jax.train import prefix_cache  # pylint: disable=import-outside-toplevel
+  graphdef, frozen, params = tiny_mora(multi_label=False)  # start layer 0: the prefix is the towers' embeddings
+  mesh = sharding.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1])
+  shardings = sharding.state_shardings(frozen["backbone"], mesh, sharding.REPLICATED_RULES)
+  prep = pipeline.Preprocessing(image=preprocess.ImageProcessing.clip(32))
+  _, ids, mask = helpers.random_inputs(helpers.tiny_config(), batch=4, length=16)
+  pixels = np.random.RandomState(0).randint(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+  decoded = inputs.Decoded(pixels, ids.astype(np.int32), mask.astype(np.int32), np.zeros(4, np.int8))
+  fill = lambda layer: prefix_cache.make_fill_step(graphdef, layer, mesh, shardings, prep)(
+      params, frozen["backbone"], decoded)
+  prefix = inputs.Prefix(**fill(0))
+  # The rows reversed, then as they are: the vision rows come from the first half, the text rows from the second.
+  cache = jax.tree.map(lambda x: jnp.concatenate([x[::-1], x]), prefix)
+  rows = inputs.Rows(np.arange(3, -1, -1, dtype=np.int32), np.arange(4, 8, dtype=np.int32))
+  eval_step = step_lib.make_eval_step(graphdef, mesh, shardings, prep)
+  expected = np.asarray(eval_step(params, frozen["backbone"], decoded))
+  for form in (prefix, inputs.Features(**fill(None))):
+    np.testing.assert_allclose(eval_step(params, frozen["backbone"], form), expected, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(eval_step(params, frozen["backbone"], rows, cache), expected, rtol=0, atol=1e-5)

@@ -20,8 +20,9 @@ What lives where:
 - partition.py: the partitioned parameter tree; optim.py: optimizers over it; peft.py: LoRA/DoRA <-> PEFT files.
 
 Imports: the adapters import mora_jax.models (the frozen backbones) and light leaves such as mora_jax.data.missing
-(the missing codes, numpy only), never mora_jax.train nor the data builders (TFDS, grain): importing the adapters
-stays cheap, and the trainer depends on them, not the other way round (tests/test_imports.py).
+(the missing codes, numpy only) and mora_jax.data.inputs (the batch forms, numpy and jax), never mora_jax.train
+nor the data builders (TFDS, grain): importing the adapters stays cheap, and the trainer depends on them, not the
+other way round (tests/test_imports.py).
 """
 
 from mora_jax.adapters.classifier import Classifier, build_classifier, count_parameters, merge, mergeable

@@ -8,13 +8,10 @@ from flax import nnx
 from mora_jax.adapters import common, partition
 from mora_jax.adapters.method import Attached, Method
 from mora_jax.data import missing as missing_lib
+from mora_jax.data.inputs import Features, Normalized, Prefix
 from mora_jax.models.modeling import CLIP, Call
 
 HEADS = ("linear", "mlp")
-# The batch forms `Classifier.logits` reads besides the model inputs: the towers' inputs at the adapters' first
-# layer (text pooled at text_pool), and the towers' final features (for frozen towers: the linear probe).
-PREFIX_INPUTS = ("vision_hidden", "text_hidden", "text_mask", "text_pool")
-FEATURE_INPUTS = ("vision_features", "text_features")
 
 
 class HeadLinear(nnx.Module):
@@ -83,14 +80,13 @@ class Classifier(nnx.Module):
       text = jnp.where((missing == missing_lib.TEXT_MISSING)[:, None], 0.0, text)
     return jnp.concatenate([image, text], axis=-1)
 
-  def features_from_layer(self, layer: int, inputs: dict, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """`features` continued from the input of layer `layer` of both towers: `inputs` holds PREFIX_INPUTS, the
-    frozen layers' output computed beforehand (mora_jax.train.prefix_cache)."""
-    call = Call(rngs=rngs, text_mask=inputs["text_mask"])
+  def features_from_layer(self, layer: int, prefix: Prefix, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """`features` continued from the input of layer `layer` of both towers: `prefix` holds the frozen layers'
+    output computed beforehand (mora_jax.train.prefix_cache)."""
+    call = Call(rngs=rngs, text_mask=prefix.text_mask)
     image, text = self._towers(
-        lambda: self.backbone.image_features_from(inputs["vision_hidden"], layer, call),
-        lambda: self.backbone.text_features_from(inputs["text_hidden"], layer, inputs["text_pool"],
-                                                 inputs["text_mask"], call))
+        lambda: self.backbone.image_features_from(prefix.vision_hidden, layer, call),
+        lambda: self.backbone.text_features_from(prefix.text_hidden, layer, prefix.text_pool, prefix.text_mask, call))
     return jnp.concatenate([image, text], axis=-1)
 
   def _towers(self, image_features, text_features) -> tuple[jax.Array, jax.Array]:
@@ -107,15 +103,19 @@ class Classifier(nnx.Module):
     each sample's missing code, which the prompt methods need (and the others ignore)."""
     return self.head(self.features(pixel_values, input_ids, attention_mask, rngs, missing))
 
-  def logits(self, inputs: dict, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Logits of a batch in any of the forms the steps feed: model inputs (float pixel_values, the tokens and the
-    missing codes: pipeline.model_inputs of pipeline.MODEL_INPUTS), the towers'
-    inputs at their first adapted layer (PREFIX_INPUTS), or the towers' final features (FEATURE_INPUTS)."""
-    if "pixel_values" in inputs:
-      return self(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], rngs, inputs["missing"])
-    if "vision_hidden" in inputs:
-      return self.head(self.features_from_layer(self.adapter.start_layer, inputs, rngs))
-    return self.head(jnp.concatenate([inputs["vision_features"], inputs["text_features"]], axis=-1))
+  def logits(self, batch: Normalized | Prefix | Features, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Logits of a batch in any of the forms the steps feed (mora_jax.data.inputs): the whole towers' inputs, the
+    towers' inputs at their first adapted layer, or the towers' final features (frozen towers: the linear probe)."""
+    match batch:
+      case Normalized():
+        return self(batch.pixel_values, batch.input_ids, batch.attention_mask, rngs, batch.missing)
+      case Prefix():
+        return self.head(self.features_from_layer(self.adapter.start_layer, batch, rngs))
+      case Features():
+        return self.head(jnp.concatenate([batch.vision_features, batch.text_features], axis=-1))
+    raise TypeError(f"the classifier reads Normalized, Prefix or Features inputs, not {type(batch).__name__}: "
+                    "normalise decoded pixels first (pipeline.normalize), gather a device cache's rows "
+                    "(prefix_cache.gather).")
 
 
 def build_classifier(backbone: CLIP, adapter: Method | None, num_classes: int,

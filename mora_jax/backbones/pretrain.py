@@ -41,12 +41,11 @@ def _decay_mask(params):
 def make_step(graphdef, tx, mesh, param_shardings, prep: pipeline.Preprocessing):
   replicated = NamedSharding(mesh, PartitionSpec())
 
-  def step(params, opt_state, batch):
-    inputs = pipeline.model_inputs(batch, prep)
+  def step(params, opt_state, decoded):
+    inputs = pipeline.normalize(decoded, prep)
 
     def loss_fn(params):
-      logits_per_image, _ = nnx.merge(graphdef, params)(inputs["pixel_values"], inputs["input_ids"],
-                                                        inputs["attention_mask"])
+      logits_per_image, _ = nnx.merge(graphdef, params)(inputs.pixel_values, inputs.input_ids, inputs.attention_mask)
       return contrastive_loss(logits_per_image)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -87,7 +86,7 @@ def train(model: CLIP, source, tokenizer, prep: pipeline.Preprocessing, *, epoch
   for epoch in range(epochs):
     step_losses = []  # device scalars, read once per epoch: no host sync inside the step loop
     for _ in console.bar(range(steps_per_epoch), desc=f"pre-training epoch {epoch + 1}/{epochs}", unit="step"):
-      batch = sharding.global_batch(next(batches), pipeline.MODEL_INPUTS, target, False)
+      batch = sharding.global_arrays(next(batches)["inputs"], target, False)
       params, opt_state, loss = step(params, opt_state, batch)
       step_losses.append(loss)
     losses.append(float(np.mean([np.asarray(loss.addressable_data(0)) for loss in step_losses])))

@@ -2,11 +2,11 @@
 
     from mora_jax import data
     ds = data.load("mm_imdb", split="train", data_dir=..., manual_dir=..., missing=data.Missing(rate=0.7, type="both"))
-    it = iter(data.batches(ds, 256, tokenizer, train=True, seed=42))   # dicts of numpy arrays
+    it = iter(data.batches(ds, 256, tokenizer, train=True, seed=42))   # dicts: "inputs" (inputs.Decoded), labels...
     test_views = {kind: ds.scenario(kind) for kind in data.SCENARIOS}  # complete / text / image missing / mix
     own = data.load(data.MANIFEST, "train", data_dir=..., manifest=data.Manifest("my_data.jsonl"))  # your own data
 
-The names below load their module on first use, so that importing one light module (preprocess, missing; what a
+The names below load their module on first use, so that importing one light module (preprocess, missing, inputs; what a
 decoding worker process or the adapters import) does not load TFDS and the dataset builders.
 """
 
@@ -17,7 +17,7 @@ _EXPORTS = {
     **dict.fromkeys(("BUILDERS", "MANIFEST", "SCENARIOS", "Classes", "Dataset", "batches", "classes", "is_prepared",
                      "load", "prepare"), "datasets"),
     "Missing": "missing",
-    **dict.fromkeys(("MODEL_INPUTS", "Preprocessing", "tokenize"), "pipeline"),
+    **dict.fromkeys(("Preprocessing", "tokenize"), "pipeline"),
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,12 +1,13 @@
 """The Grain input pipeline: seeded per-epoch shuffling, per-process sharding of the index space, batches of
 numpy arrays with the missing modality replaced by its dummy input, and checkpointable iterator state. Images
 travel as uint8 "pixels" (from a pixel store, or decoded per sample in worker processes) and are normalised on
-the devices (`model_inputs`).
+the devices (`normalize`).
 
 A source is any random-access sequence of records (a TFDS data source, or a list in tests) whose records are
 dicts with "id", "image" (uint8 HWC array, or encoded bytes), "text" (str or bytes) and "label" (int, or a
 multi-hot vector). Every epoch, in training as in evaluation, sees every sample exactly once: its last batch
-is padded with rows that a `valid` mask marks as padding.
+is padded with rows that a `valid` mask marks as padding. A batch is a dict: the model inputs under "inputs" (an
+`inputs.Decoded`), beside each row's label, index, valid, corrupt and group, which stay on the host.
 """
 
 import atexit
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from mora_jax.data import inputs
 from mora_jax.data import missing as missing_lib
 from mora_jax.data import preprocess
 
@@ -60,22 +62,18 @@ class Preprocessing:
     return preprocess.image_to_array(preprocess.white_image(*self.image.output_size), self.image, self.transparency)
 
 
-def model_inputs(batch: dict, prep: Preprocessing) -> dict:
-  """A batch with uint8 "pixels" [B, H, W, 3] -> the same batch with the float32 "pixel_values" [B, 3, H, W] a
-  CLIP forward reads (other batch forms pass through). Meant for inside a jitted step, so that 1 byte per value
-  crosses to the devices instead of 4: each value is looked up in `preprocess.normalize_table`, which equals
-  the host's float path bit for bit; with missing_image="ones_after_norm" a missing image's row is all ones."""
-  if "pixels" not in batch:
-    return batch
-  out = {k: v for k, v in batch.items() if k != "pixels"}
+def normalize(decoded: inputs.Decoded, prep: Preprocessing) -> inputs.Normalized:
+  """uint8 pixels [B, H, W, 3] -> the float32 pixel_values [B, 3, H, W] a CLIP forward reads. Meant for inside a
+  jitted step, so that 1 byte per value crosses to the devices instead of 4: each value is looked up in
+  `preprocess.normalize_table`, which equals the host's float path bit for bit; with
+  missing_image="ones_after_norm" a missing image's row is all ones."""
   table = jnp.asarray(preprocess.normalize_table(prep.image))
-  pixels = batch["pixels"].astype(jnp.int32)
+  pixels = decoded.pixels.astype(jnp.int32)
   values = jnp.stack([table[channel][pixels[..., channel]] for channel in range(table.shape[0])], axis=1)
   if prep.missing_image == "ones_after_norm":
-    image_missing = batch["missing"] == missing_lib.IMAGE_MISSING
+    image_missing = decoded.missing == missing_lib.IMAGE_MISSING
     values = jnp.where(image_missing[:, None, None, None], jnp.ones_like(values), values)
-  out["pixel_values"] = values
-  return out
+  return inputs.Normalized(values, decoded.input_ids, decoded.attention_mask, decoded.missing)
 
 
 def tokenize(tokenizer, texts: Sequence[str], prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
@@ -94,10 +92,6 @@ def tokenize(tokenizer, texts: Sequence[str], prep: Preprocessing) -> tuple[np.n
 
 
 GROUP_FEATURE = "question_type"
-# The batch keys a forward reads: uint8 images (normalised on the devices, `model_inputs`), the tokens, and each
-# sample's missing code (by which the devices put the all-ones dummy in a missing image's place when that is the
-# dummy, and the prompt methods pick their prompts).
-MODEL_INPUTS = ("pixels", "input_ids", "attention_mask", "missing")
 
 
 @contextlib.contextmanager
@@ -226,9 +220,8 @@ class _Batch:
     groups = [int(records[int(i)][GROUP_FEATURE]) if ok and GROUP_FEATURE in records[int(i)] else -1
               for i, ok in zip(indices, present)]
     # A corrupt image's row is kept masked (like padding) and counted, so batches and evaluation stay aligned.
-    return {"pixels": pixels, "input_ids": input_ids, "attention_mask": attention_mask, "label": np.stack(labels),
-            "missing": codes, "index": indices, "valid": present & ~corrupt, "corrupt": corrupt,
-            "group": np.asarray(groups, np.int8)}
+    return {"inputs": inputs.Decoded(pixels, input_ids, attention_mask, codes), "label": np.stack(labels),
+            "index": indices, "valid": present & ~corrupt, "corrupt": corrupt, "group": np.asarray(groups, np.int8)}
 
 
 def eval_indices(num_samples: int, batch_size: int, process_index: int, process_count: int) -> np.ndarray:
@@ -295,8 +288,7 @@ def batches(source, table: np.ndarray, tokenizer, batch_size: int, *, train: boo
                                                                  prefetch_buffer_size=max(num_threads, 2)))
 
 
-def missing_inputs(tokenizer, prep: Preprocessing) -> dict:
+def missing_inputs(tokenizer, prep: Preprocessing) -> inputs.Decoded:
   """The model inputs of a sample whose image and text are both missing (one row): each tower's dummy."""
   ids, mask = tokenize(tokenizer, [""], prep)
-  return {"pixels": prep.white_array()[None], "input_ids": ids, "attention_mask": mask,
-          "missing": np.array([missing_lib.IMAGE_MISSING], np.int8)}
+  return inputs.Decoded(prep.white_array()[None], ids, mask, np.array([missing_lib.IMAGE_MISSING], np.int8))

@@ -7,6 +7,7 @@ stage on a dataset's train split, validated every epoch, tested per missing scen
 import dataclasses
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from mora_jax import adapters, data, sharding
@@ -98,16 +99,19 @@ class Classification:
                                  accum_steps=stage.accum_steps, cache=self.caches.get("train")))
 
   def device_batch(self, micro: list[dict]) -> tuple[dict, int]:
-    keys = step_lib.input_keys(micro[0]) + step_lib.TARGET_KEYS
-    host = {k: np.stack([m[k] for m in micro]) for k in keys}
+    keys = ("inputs", *step_lib.TARGET_KEYS)
+    host = jax.tree.map(lambda *parts: np.stack(parts), *[{k: m[k] for k in keys} for m in micro])
     target = sharding.batch_sharding(self.mesh, micro_axis=True)
-    return sharding.global_batch(host, keys, target, True), sum(int(np.sum(m["corrupt"])) for m in micro)
+    return sharding.global_arrays(host, target, True), sum(int(np.sum(m["corrupt"])) for m in micro)
 
-  def device_arrays(self, split: str) -> dict:
+  def device_arrays(self, split: str):
+    """The split's prefix cache on the devices (an inputs.Prefix or inputs.Features), or {} for none."""
     cache = self.caches.get(split)
     return cache.device if cache is not None and cache.device is not None else {}
 
-  expand = staticmethod(prefix_cache.gather)
+  @staticmethod
+  def expand(batch: dict, device_arrays) -> dict:
+    return {**batch, "inputs": prefix_cache.gather(batch["inputs"], device_arrays)}
 
   def meta(self) -> dict:
     return {"data": self.train_ds.name,

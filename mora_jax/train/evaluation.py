@@ -40,8 +40,7 @@ def evaluate_split(job: Job, eval_step, params, backbone_state, ds: data.Dataset
   for host_batch in console.bar(job.batches(ds, batch_size, train=False, cache=cache), desc=desc, total=steps,
                                  leave=False):
     corrupt += int(np.sum(host_batch["corrupt"]))
-    keys = step_lib.input_keys(host_batch)
-    logits = eval_step(params, backbone_state, sharding.global_batch(host_batch, keys, target, False),
+    logits = eval_step(params, backbone_state, sharding.global_arrays(host_batch["inputs"], target, False),
                        cache.device if cache is not None else None)
     outputs.append({"logits": sharding.process_rows(logits),
                     **{k: host_batch[k] for k in ("label", "valid", "group")}})

@@ -33,8 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mora_jax import adapters, backbones, data, console, sharding
-from mora_jax.adapters.classifier import FEATURE_INPUTS, PREFIX_INPUTS
-from mora_jax.data import array_files
+from mora_jax.data import array_files, inputs
 from mora_jax.data import missing as missing_lib
 from mora_jax.data import pipeline
 
@@ -51,7 +50,8 @@ SPACE_FIXES = ("free space, point --config.data_dir at a larger disk, halve the 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What a run caches: tower inputs at `layer` (PREFIX_INPUTS), or the final features when `layer` is None."""
+  """What a run caches: tower inputs at `layer` (inputs.Prefix), or the final features (inputs.Features) when
+  `layer` is None."""
   layer: int | None
   dtype: np.dtype
   memory_bytes: float
@@ -59,8 +59,8 @@ class Plan:
   device_bytes: float = 0.0  # the budget for caches kept on the devices (before host memory and disk)
 
   @property
-  def inputs(self) -> tuple[str, ...]:
-    return FEATURE_INPUTS if self.layer is None else PREFIX_INPUTS
+  def form(self) -> type:
+    return inputs.Features if self.layer is None else inputs.Prefix
 
 
 def check(config, adapter) -> None:
@@ -106,14 +106,20 @@ def device_budget(gigabytes: float) -> float:
 
 @dataclasses.dataclass
 class Cache:
-  """One split's stored rows: activation arrays with n + 1 rows (row n: the dummy) and ROW_KEYS with n."""
+  """One split's stored rows: activation arrays with n + 1 rows (row n: the dummy), named by the fields of `form`
+  (inputs.Prefix or inputs.Features), and ROW_KEYS with n."""
   arrays: dict[str, np.ndarray]
+  form: type
   num_samples: int
   directory: Path | None = None  # None: in host memory
   build_seconds: float = 0.0  # what computing it took this run (0: reused from disk)
-  # The activation arrays on the devices (replicated), when the cache lives there: a batch then carries row
-  # numbers (ROW_INPUTS) and the step gathers the rows (`gather`); `arrays` keeps only ROW_KEYS.
-  device: dict[str, jax.Array] | None = None
+  # The activations on the devices (replicated), when the cache lives there: a batch then carries row numbers
+  # (inputs.Rows) and the step gathers the rows (`gather`); `arrays` keeps only ROW_KEYS.
+  device: inputs.Prefix | inputs.Features | None = None
+
+  def activations(self) -> inputs.Prefix | inputs.Features:
+    """The activation arrays (host memory or files) as a `form`."""
+    return self.form(**{field.name: self.arrays[field.name] for field in dataclasses.fields(self.form)})
 
   def rows(self, indices: np.ndarray, table: np.ndarray) -> dict:
     """The batch of record `indices` (-1: padding) under missing `table`: each tower's row of the sample, or the
@@ -128,35 +134,26 @@ class Cache:
     text_rows = np.where(has_text, safe, self.num_samples)
     corrupt = has_image & self.arrays["corrupt"][safe]
     if self.device is not None:
-      batch = {"vision_rows": vision_rows.astype(np.int32), "text_rows": text_rows.astype(np.int32)}
+      batch_inputs = inputs.Rows(vision_rows.astype(np.int32), text_rows.astype(np.int32))
     else:
-      batch = {k: np.asarray(self.arrays[k][vision_rows if k.startswith("vision") else text_rows])
-               for k in self.arrays if k not in ROW_KEYS}
+      batch_inputs = jax.tree.map(np.asarray, self.activations().take(vision_rows, text_rows))
     label = self.arrays["label"][safe]
-    batch.update(label=np.where(present.reshape((-1,) + (1,) * (label.ndim - 1)), label, 0),
-                 group=np.where(present, self.arrays["group"][safe], -1).astype(np.int8), missing=codes,
-                 index=indices, valid=present & ~corrupt, corrupt=corrupt)
-    return batch
+    return {"inputs": batch_inputs, "label": np.where(present.reshape((-1,) + (1,) * (label.ndim - 1)), label, 0),
+            "group": np.where(present, self.arrays["group"][safe], -1).astype(np.int8), "index": indices,
+            "valid": present & ~corrupt, "corrupt": corrupt}
 
 
-ROW_INPUTS = ("vision_rows", "text_rows", "missing")  # the model inputs of a batch of a cache on the devices
-
-
-def gather(batch: dict, device_arrays: dict) -> dict:
-  """Inside a jitted step: a batch of row numbers (ROW_INPUTS) -> the rows of a cache on the devices, in the
-  form `Classifier.logits` reads (other batch forms pass through)."""
-  if "vision_rows" not in batch:
-    return batch
-  out = {k: v for k, v in batch.items() if k not in ("vision_rows", "text_rows")}
-  for name, array in device_arrays.items():
-    out[name] = array[batch["vision_rows"] if name.startswith("vision") else batch["text_rows"]]
-  return out
+def gather(batch_inputs, device_activations):
+  """Inside a jitted step: row numbers of a cache on the devices (inputs.Rows) -> those rows of its activations
+  (`Cache.device`), in the form `Classifier.logits` reads; the other forms pass through."""
+  if not isinstance(batch_inputs, inputs.Rows):
+    return batch_inputs
+  return device_activations.take(batch_inputs.vision_rows, batch_inputs.text_rows)
 
 
 def to_device(cache: Cache, mesh) -> Cache:
   """`cache` (in host memory) with its activations replicated on every device of `mesh` (multi-host safe)."""
-  activations = {k: v for k, v in cache.arrays.items() if k not in ROW_KEYS}
-  device = sharding.replicate(activations, mesh)
+  device = sharding.replicate(cache.activations(), mesh)
   return dataclasses.replace(cache, arrays={k: cache.arrays[k] for k in ROW_KEYS}, device=device)
 
 
@@ -229,19 +226,19 @@ def layout(job, layer: int | None, num_samples: int) -> dict:
 
 
 def make_fill_step(graphdef, layer: int | None, mesh, backbone_shardings, prep: data.Preprocessing):
-  """(params, backbone, model inputs) -> the cached arrays of those rows, sharded like the batch: the towers'
+  """(params, backbone, inputs.Decoded) -> the cached arrays of those rows, sharded like the batch: the towers'
   inputs at `layer` (frozen layers only), or the final features (layer None) of the model as it stands."""
   replicated = NamedSharding(mesh, PartitionSpec())
   rows = sharding.batch_sharding(mesh, False)
 
-  def fill(params, backbone, batch):
+  def fill(params, backbone, decoded):
     clip = adapters.join(graphdef, {"backbone": backbone, **params}).backbone
-    batch = pipeline.model_inputs(batch, prep)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    normalized = pipeline.normalize(decoded, prep)
+    ids, mask = normalized.input_ids, normalized.attention_mask
     if layer is None:
-      return {"vision_features": clip.get_image_features(batch["pixel_values"]),
+      return {"vision_features": clip.get_image_features(normalized.pixel_values),
               "text_features": clip.get_text_features(ids, mask)}
-    return {"vision_hidden": clip.vision_model.hidden_at(batch["pixel_values"], layer),
+    return {"vision_hidden": clip.vision_model.hidden_at(normalized.pixel_values, layer),
             "text_hidden": clip.text_model.hidden_at(ids, mask, layer), "text_mask": mask.astype(jnp.int32),
             "text_pool": clip.text_model.eos_positions(ids).astype(jnp.int32)}
 
@@ -291,13 +288,13 @@ def build(job, ds: data.Dataset, params, plan_: Plan, fill_step, *, memory: bool
     arrays = {name: np.zeros(shape, array_files.array_dtype(kind, plan_.dtype))
               for name, (shape, kind) in shapes.items()}
     _fill(job, ds, params, fill_step, arrays, None, cache_key, 0, desc)
-    return Cache(arrays, len(ds.source), build_seconds=time.perf_counter() - begin)
+    return Cache(arrays, plan_.form, len(ds.source), build_seconds=time.perf_counter() - begin)
   digest = hashlib.sha256(json.dumps(cache_key, sort_keys=True).encode()).hexdigest()[:16]
   layer_name = "features" if plan_.layer is None else f"layer{plan_.layer}"
   files = array_files.Files(plan_.root / f"{ds.name}-{ds.split}-{layer_name}-{digest}", "prefix cache")
   if files.intact(cache_key, shapes, log):
     log(f"prefix cache of {ds.name}/{ds.split}: reusing {files.directory}")
-    return Cache(files.open(shapes, plan_.dtype, "r"), len(ds.source), files.directory)
+    return Cache(files.open(shapes, plan_.dtype, "r"), plan_.form, len(ds.source), files.directory)
   done = files.batches_done(cache_key, job.config.eval.batch_size)
   if done:
     log(f"prefix cache of {ds.name}/{ds.split}: completing the build in {files.directory}, left off after {done} "
@@ -313,7 +310,8 @@ def build(job, ds: data.Dataset, params, plan_: Plan, fill_step, *, memory: bool
     files.finish(cache_key, shapes)
   _sync(f"prefix cache {files.directory} finished")
   log(f"prefix cache of {ds.name}/{ds.split}: written to {files.directory}")
-  return Cache(files.open(shapes, plan_.dtype, "r"), len(ds.source), files.directory, time.perf_counter() - begin)
+  return Cache(files.open(shapes, plan_.dtype, "r"), plan_.form, len(ds.source), files.directory,
+               time.perf_counter() - begin)
 
 
 def _fill(job, ds, params, fill_step, arrays, files, cache_key, done, desc) -> None:
@@ -323,13 +321,13 @@ def _fill(job, ds, params, fill_step, arrays, files, cache_key, done, desc) -> N
   rows_target = sharding.batch_sharding(job.mesh, micro_axis=False)
   activations = [k for k in arrays if k not in ROW_KEYS]
 
-  def run(host):
-    out = fill_step(params, job.params["backbone"], sharding.global_batch(host, data.MODEL_INPUTS, rows_target, False))
+  def run(decoded: inputs.Decoded) -> dict:
+    out = fill_step(params, job.params["backbone"], sharding.global_arrays(decoded, rows_target, False))
     return {k: sharding.process_rows(out[k]) for k in activations}
 
   dummy = pipeline.missing_inputs(job.backbone.tokenizer, job.prep)
   # A whole batch of it: the shape of every other batch, so the towers compile once.
-  dummy_rows = run({k: np.repeat(v, batch_size // jax.process_count(), axis=0) for k, v in dummy.items()})
+  dummy_rows = run(jax.tree.map(lambda v: np.repeat(v, batch_size // jax.process_count(), axis=0), dummy))
   for k in activations:
     arrays[k][n] = dummy_rows[k][0]
   # Every image is decoded and a corrupt one recorded (its rows are masked where used), whatever the table says.
@@ -340,7 +338,7 @@ def _fill(job, ds, params, fill_step, arrays, files, cache_key, done, desc) -> N
   pending = []
   total = -(-n // batch_size) if jax.process_count() == 1 else None
   for count, host in enumerate(console.bar(it, desc=desc, total=total, initial=done, leave=False), done + 1):
-    values = {**run(host), **{k: host[k] for k in ("index", *ROW_KEYS)}}
+    values = {**run(host["inputs"]), **{k: host[k] for k in ("index", *ROW_KEYS)}}
     if gather:
       pending.append(values)
       continue

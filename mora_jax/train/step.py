@@ -4,7 +4,8 @@ The train state is {"params": the trained partitions, "opt": optimizer state, "s
 the frozen partitions (the backbone, and what a stage does not train) are a separate argument, never
 differentiated, never updated, never checkpointed.
 Batches are global arrays sharded along their batch dimension over every mesh axis; the train batch has a
-leading micro-batch axis (gradient accumulation).
+leading micro-batch axis (gradient accumulation). A classifier's train batch is {"inputs": one of the forms of
+mora_jax.data.inputs, "label", "valid"}; its evaluation step takes the inputs alone.
 """
 
 from collections.abc import Callable
@@ -16,21 +17,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mora_jax import adapters, sharding
-from mora_jax.adapters import classifier, partition
-from mora_jax.data import pipeline
+from mora_jax.adapters import partition
+from mora_jax.data import inputs, pipeline
 from mora_jax.train import prefix_cache
 
-TARGET_KEYS = ("label", "valid")
-
-
-def input_keys(batch: dict) -> tuple[str, ...]:
-  """The keys of a host batch that go to the devices as model inputs: decoded records' (pipeline.MODEL_INPUTS:
-  uint8 pixels, tokens and each sample's missing code), or cached activations' (classifier.PREFIX_INPUTS /
-  FEATURE_INPUTS; mora_jax.train.prefix_cache), or the row numbers of a prefix cache on the devices (ROW_INPUTS)."""
-  for keys in (pipeline.MODEL_INPUTS, classifier.PREFIX_INPUTS, classifier.FEATURE_INPUTS, prefix_cache.ROW_INPUTS):
-    if keys[0] in batch:
-      return keys
-  raise KeyError(f"a batch with keys {sorted(batch)} holds no model inputs.")
+TARGET_KEYS = ("label", "valid")  # what goes to the devices beside a train batch's inputs
 
 
 DECAYS = ("cosine", "linear")
@@ -55,11 +46,14 @@ def per_sample_loss(logits: jax.Array, labels: jax.Array, multi_label: bool) -> 
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def model_inputs(batch: dict, prep: pipeline.Preprocessing | None) -> dict:
-  """`pipeline.model_inputs` (uint8 pixels normalised on the devices) when the batch holds pixels."""
-  if "pixels" in batch and prep is None:
+def model_inputs(batch_inputs, prep: pipeline.Preprocessing | None):
+  """The inputs `Classifier.logits` reads: decoded uint8 pixels normalised on the devices (pipeline.normalize),
+  the other forms as they are."""
+  if not isinstance(batch_inputs, inputs.Decoded):
+    return batch_inputs
+  if prep is None:
     raise ValueError("a batch of uint8 pixels needs the run's preprocessing (prep=job.prep) to normalise them.")
-  return pipeline.model_inputs(batch, prep) if prep is not None else batch
+  return pipeline.normalize(batch_inputs, prep)
 
 
 # A task's loss on one micro-batch: (model, micro-batch, rngs) -> (the sum of its per-item losses, their count).
@@ -73,7 +67,7 @@ def classifier_loss(multi_label: bool, prep: pipeline.Preprocessing | None = Non
   the preprocessing that normalises uint8 pixels (batches of float pixel_values or cached activations need none)."""
 
   def loss(model, micro, rngs):
-    logits = model.logits(model_inputs(micro, prep), rngs=rngs)
+    logits = model.logits(model_inputs(micro["inputs"], prep), rngs=rngs)
     weight = micro["valid"].astype(jnp.float32)
     return jnp.sum(per_sample_loss(logits.astype(jnp.float32), micro["label"], multi_label) * weight), jnp.sum(weight)
 
@@ -109,9 +103,9 @@ def make_loss_and_grads(graphdef: nnx.GraphDef, loss: LossFn, micro_key=fold_key
                                                                            micro_key(key, 0, 1))
       return value, grads, count
 
-    def accumulate(carry, inputs):
+    def accumulate(carry, scanned):
       grad_sum, loss_sum, count_sum = carry
-      micro, index = inputs
+      micro, index = scanned
       (value, count), grads = jax.value_and_grad(micro_loss, has_aux=True)(
           params, frozen, micro, micro_key(key, index, micro_steps))
       if mean_loss:
@@ -182,13 +176,14 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, backbone_shardings,
                    prep: pipeline.Preprocessing | None = None) -> Callable:
   """(params, backbone, model inputs, device cache arrays = {}) -> float32 logits, sharded like the batch: each
   process reads the rows of its own samples (sharding.process_rows), whose labels never left the host. Inputs in
-  any form `Classifier.logits` reads, or row numbers of a prefix cache on the devices (prefix_cache.gather)."""
+  any form of mora_jax.data.inputs: decoded (with `prep`), normalised, cached activations, or row numbers of the
+  prefix cache on the devices, `cache_arrays` (prefix_cache.gather)."""
   replicated = NamedSharding(mesh, PartitionSpec())
   rows = sharding.batch_sharding(mesh, False)
 
-  def step(params, backbone, batch, cache_arrays):
+  def step(params, backbone, batch_inputs, cache_arrays):
     model = adapters.join(graphdef, {"backbone": backbone, **params})
-    return model.logits(model_inputs(prefix_cache.gather(batch, cache_arrays), prep)).astype(jnp.float32)
+    return model.logits(model_inputs(prefix_cache.gather(batch_inputs, cache_arrays), prep)).astype(jnp.float32)
 
   jitted = jax.jit(step, in_shardings=(replicated, backbone_shardings, rows, replicated), out_shardings=rows)
   return lambda params, backbone, batch, cache_arrays=None: jitted(params, backbone, batch, cache_arrays or {})
