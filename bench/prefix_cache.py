@@ -95,7 +95,7 @@ def run_config(name: str, manifest: Path, workdir: Path, data_dir: Path, args, c
 
 def peer_step(name: str, run: loop.Run):
   """A no-argument call running one step of the PyTorch peer (the run's batch size, start layer and targets)."""
-  cfg = run.task.job.backbone.model.config
+  cfg = run.task.backbone.model.config
   batch = run.config.batch_size
   recipe = adapters.MoRAConfig(targets=("q_proj", "v_proj"), start_layer=run.config.adapter.start_layer, rank=4)
   torch.manual_seed(0)
@@ -134,7 +134,7 @@ def timed_result(fn):
 
 def per_scenario_test(run: loop.Run):
   """The test as it ran before shared tower passes: the merged model, each scenario a full pass."""
-  job = run.task.job
+  job = run.task
   clf = adapters.join(job.graphdef, {"backbone": job.params["backbone"], **run.state["params"]})
   graphdef, params = adapters.split(adapters.merge(clf))
   shardings = sharding.state_shardings(params["backbone"], job.mesh, job.rules)
@@ -169,7 +169,7 @@ def bench(name: str, manifest: Path, workdir: Path, data_dir: Path, args) -> dic
 
 def test_timings(run: loop.Run, workdir: Path, repeats: int) -> dict:
   """The best of `repeats` timings of the test scenario by scenario and with shared tower passes."""
-  job = run.task.job
+  job = run.task
   writer = MetricWriter(workdir / "test_writer")
   missing = data.Missing(**run.config.missing)
   test_times = {"per scenario": [], "shared passes": []}

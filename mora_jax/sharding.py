@@ -138,8 +138,3 @@ def global_arrays(host_tree, target: NamedSharding, micro_axis: bool):
     return jax.make_array_from_process_local_data(target, local, tuple(shape))
 
   return jax.tree.map(place_rows, host_tree)
-
-
-def global_batch(host_batch: dict, keys, target: NamedSharding, micro_axis: bool) -> dict:
-  """`global_arrays` of the entries `keys` of a host batch."""
-  return global_arrays({key: host_batch[key] for key in keys}, target, micro_axis)

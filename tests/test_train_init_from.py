@@ -71,7 +71,7 @@ def test_init_from_a_peft_export_restores_adapters_and_head(memes, one_device_ru
   trained = jax.tree.map(lambda x: x + 0.5, run.state["params"])
   run.ckpt.close()
   run.writer.close()
-  evaluation.export_peft_adapter(run.task.job, trained, tmp_path / "peft")
+  evaluation.export_peft_adapter(run.task, trained, tmp_path / "peft")
   lora.init_from = str(tmp_path / "peft")
   params, record = start(lora, tmp_path / "run")
   assert record == {"source": str(tmp_path / "peft"), "kind": "peft", "step": None, "head": True}

@@ -181,7 +181,7 @@ class Answering:
               "text_valid": host["text_valid"], "prompt": host["prompt"],
               "answer": host["answer"] & host["valid"][..., None]}
     target = sharding.batch_sharding(self.mesh, micro_axis=micro_axis)
-    return mllm_lib.Batch(**sharding.global_batch(arrays, list(arrays), target, micro_axis))
+    return sharding.global_arrays(mllm_lib.Batch(**arrays), target, micro_axis)
 
   def exact_match(self, trained: dict, frozen: dict, split: vqa.VQASplit, limit: int = 0) -> dict:
     """Greedy answers of the split (its first `limit` samples when > 0) scored against the true answers:

@@ -21,10 +21,9 @@ from mora_jax.train.job import Job, check_writable
 from mora_jax.train.tasks import Stage, epoch_steps
 
 
-@dataclasses.dataclass
-class Classification:
+@dataclasses.dataclass(kw_only=True)
+class Classification(Job):
   """A Job's classifier with its train and validation splits and their prefix caches (mora_jax.train.tasks.Task)."""
-  job: Job
   train_ds: data.Dataset
   val_ds: data.Dataset
   caches: dict = dataclasses.field(default_factory=dict)  # split -> prefix_cache.Cache ({}: the cache is off)
@@ -33,36 +32,12 @@ class Classification:
   mean_loss = False
 
   @property
-  def config(self):
-    return self.job.config
-
-  @property
-  def mesh(self):
-    return self.job.mesh
-
-  @property
-  def graphdef(self):
-    return self.job.graphdef
-
-  @property
-  def params(self) -> dict:
-    return self.job.params
-
-  @params.setter
-  def params(self, value: dict) -> None:
-    self.job.params = value
-
-  @property
   def identity(self) -> dict:
-    return self.job.backbone.identity
-
-  @property
-  def metric(self) -> str:
-    return self.job.metric
+    return self.backbone.identity
 
   @property
   def loss(self):
-    return step_lib.classifier_loss(self.job.multi_label, self.job.prep)
+    return step_lib.classifier_loss(self.multi_label, self.prep)
 
   def stages(self) -> list[Stage]:
     c = self.config
@@ -76,27 +51,27 @@ class Classification:
                   patience=c.eval.patience)]
 
   def summary_lines(self) -> list[str]:
-    return job_lib.summary_lines(self.job)
+    return job_lib.summary_lines(self)
 
   def initialize(self, stage: Stage) -> dict | None:
     del stage
     if not self.config.init_from:
       return None
-    self.job.params, record = init_from.initial_params(self.job, self.config.init_from)
+    self.params, record = init_from.initial_params(self, self.config.init_from)
     return record
 
   def frozen_shardings(self, frozen: dict):
-    return {"backbone": sharding.state_shardings(frozen["backbone"], self.mesh, self.job.rules)}
+    return {"backbone": sharding.state_shardings(frozen["backbone"], self.mesh, self.rules)}
 
   def start_stage(self, stage: Stage, trained: dict, frozen_shardings) -> None:
     uses = stage.stop_step / stage.steps_per_epoch
-    self.caches = prefix_cache.prepare(self.job, trained, frozen_shardings["backbone"],
+    self.caches = prefix_cache.prepare(self, trained, frozen_shardings["backbone"],
                                        {"train": self.train_ds, "validation": self.val_ds}, uses=uses, log=say)
-    self.eval_step = step_lib.make_eval_step(self.graphdef, self.mesh, frozen_shardings["backbone"], self.job.prep)
+    self.eval_step = step_lib.make_eval_step(self.graphdef, self.mesh, frozen_shardings["backbone"], self.prep)
 
   def train_batches(self, stage: Stage):
-    return iter(self.job.batches(self.train_ds, stage.batch_size // stage.accum_steps, train=True,
-                                 accum_steps=stage.accum_steps, cache=self.caches.get("train")))
+    return iter(self.batches(self.train_ds, stage.batch_size // stage.accum_steps, train=True,
+                             accum_steps=stage.accum_steps, cache=self.caches.get("train")))
 
   def device_batch(self, micro: list[dict]) -> tuple[dict, int]:
     keys = ("inputs", *step_lib.TARGET_KEYS)
@@ -115,18 +90,18 @@ class Classification:
 
   def meta(self) -> dict:
     return {"data": self.train_ds.name,
-            "class_names": list(self.job.class_names)}  # whether another run's init_from may take the head
+            "class_names": list(self.class_names)}  # whether another run's init_from may take the head
 
   def check_resume(self, meta: dict, where: str) -> None:
     checkpoint_lib.check_data(meta, self.train_ds.name, where)
 
   def validate(self, trained: dict, frozen: dict) -> dict:
-    return evaluation.evaluate_split(self.job, self.eval_step, trained, frozen["backbone"], self.val_ds, "validation",
+    return evaluation.evaluate_split(self, self.eval_step, trained, frozen["backbone"], self.val_ds, "validation",
                                      self.caches.get("validation"))
 
   def test(self, trained: dict, step: int, writer, record, train_seconds: float | None) -> tuple[dict, str]:
     del train_seconds  # the classifier's eval.json has none (metrics.jsonl has the rates)
-    c, job = self.config, self.job
+    c, job = self.config, self
     results = {"dataset": c.dataset, "method": c.adapter.method, "adapter": c.adapter.to_dict(), "metric": job.metric,
                "checkpoint_step": step, "best_validation": record.best_metric, "missing": c.missing.to_dict(),
                "merged": adapters.mergeable(job.settings.adapter),
@@ -149,4 +124,5 @@ def build(config, workdir: Path) -> Classification:
   train_ds, val_ds = job.load("train"), job.load("validation")
   if len(train_ds.source) == 0:
     raise ValueError(f"{c.dataset} has no train samples in {c.data_dir}.")
-  return Classification(job, train_ds, val_ds)
+  return Classification(**{f.name: getattr(job, f.name) for f in dataclasses.fields(Job)}, train_ds=train_ds,
+                        val_ds=val_ds)

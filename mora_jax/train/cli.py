@@ -212,17 +212,17 @@ def check_eval_overrides(config_overrides) -> None:
 
 def check_outputs(args, workdir: Path) -> None:
   """Every file and folder eval.py will write, checked before the test, whose results would otherwise be lost."""
-  from mora_jax.train.job import check_writable  # pylint: disable=import-outside-toplevel
+  from mora_jax.train.job import check_creatable  # pylint: disable=import-outside-toplevel
   if args.output:
     output = Path(args.output)
     if output.is_dir():
       raise ArgumentError(f"--output {output} is a folder; give a file path for the results JSON.")
-    check_writable(output.parent.absolute(), "--output")
+    check_creatable(output.parent, "--output")
   elif not args.no_test and workdir.is_dir():  # a missing workdir is evaluate_run's error to report
-    check_writable(workdir, "--output")
+    check_creatable(workdir, "--output")
   for flag, directory in (("--export_hf", args.export_hf), ("--export_peft", args.export_peft)):
     if directory is not None:
-      check_writable(Path(directory), flag)
+      check_creatable(Path(directory), flag)
 
 
 def eval_main(argv=None) -> int:

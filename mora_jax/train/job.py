@@ -45,6 +45,22 @@ def check_writable(directory: Path, flag: str) -> None:
                       f"writable, or pass another {flag}.") from e
 
 
+def check_creatable(directory: Path, flag: str) -> None:
+  """Whether `directory` is a writable folder or could be made one (its nearest existing ancestor is a writable
+  folder), creating nothing: a refusal that comes later leaves no empty folder behind."""
+  existing = directory.absolute()
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise NotWritable(f"{directory} cannot be a folder: {existing} is a file; pass another {flag}.")
+  try:
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    raise NotWritable(f"{directory} cannot be written ({existing}: {e.strerror or e}); make it writable, or pass "
+                      f"another {flag}.") from e
+
+
 def mesh_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
   """(data, fsdp) sizes of config.mesh over all devices (data=-1 takes what fsdp leaves)."""
   count = jax.device_count()
