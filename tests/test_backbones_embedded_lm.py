@@ -10,6 +10,7 @@ import transformers
 from mora_jax.backbones import embedded_lm
 from mora_jax.data import missing as missing_lib
 from mora_jax.data import vqa
+from mora_jax.models import llama, llama_hf
 
 STEPS = 40  # of the shipped 300: enough for the loss to fall by more than half
 
@@ -48,3 +49,26 @@ def test_transformers_loads_it_with_our_logits_and_tokens(built):
   got = np.asarray(ours(ids, mask)[0])
   valid = mask.astype(bool)
   np.testing.assert_allclose(got[valid], expected.numpy()[valid], atol=1e-4, rtol=0)
+
+
+@pytest.fixture(name="lm_dir")
+def fixture_lm_dir(tmp_path):
+  """A tiny random Llama's config.json (a 600-token vocabulary) and model.safetensors, no tokenizer."""
+  config = llama.LlamaConfig(vocab_size=600, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2)
+  return llama_hf.save_pretrained(llama.init(config), tmp_path / "lm")
+
+
+def test_a_folder_without_tokenizer_files_is_refused_in_one_line(lm_dir):
+  with pytest.raises(FileNotFoundError) as refused:
+    embedded_lm.load(lm_dir)
+  message = str(refused.value)
+  assert message.startswith(f"{lm_dir} is an incomplete checkpoint: it lacks tokenizer files (tokenizer.json or "
+                            "vocab.json + merges.txt or tokenizer.model). Copy them") and "\n" not in message
+
+
+def test_a_tokenizer_far_smaller_than_the_vocabulary_is_refused(lm_dir):
+  tokenizer = embedded_lm.train_tokenizer(["a red circle"], lm_dir, vocab_size=280)
+  with pytest.raises(ValueError, match=rf"lm: its tokenizer has {len(tokenizer)} tokens but the model's vocab_size "
+                                       r"in config\.json is 600"):
+    embedded_lm.load(lm_dir)

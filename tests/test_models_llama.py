@@ -137,14 +137,100 @@ def test_loading_is_strict_and_names_keys(tmp_path):
     llama_hf.from_pretrained(tmp_path)
 
 
-def test_unsupported_settings_are_refused(tmp_path):
-  config = llama.LlamaConfig(**TINY).to_hf_dict()
-  config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
-  (tmp_path / "config.json").write_text(json.dumps(config))
-  with pytest.raises(hf.WeightsError, match="config.json.*rotary scaling"):
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+# config.json contents (over TINY, as transformers reads them) whose every field changes the logits: each must load
+# with transformers' logits.
+VARIANTS = {
+    # Both keys: transformers takes rope_scaling whole (and, as it has no rope_theta, the top-level 500).
+    "llama-rope_scaling-over-rope_parameters": ("llama", {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 50.0}, "rope_scaling": LLAMA3}),
+    "llama-linear": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 3.0, "rope_theta": 500.0}}),
+    # max_position_embeddings 8 < the prompts' 9 tokens: the dynamic base rescales.
+    "llama-dynamic": ("llama", {"max_position_embeddings": 8,
+                                "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500.0}}),
+    # The top-level original_max_position_embeddings wins over the dict's.
+    "llama-yarn": ("llama", {"original_max_position_embeddings": 16, "rope_parameters": {
+        "rope_type": "yarn", "factor": 4.0, "rope_theta": 500.0, "original_max_position_embeddings": 32,
+        "beta_fast": 8.0}}),
+    # original length 4 < 9 tokens: the long factors.
+    "llama-longrope": ("llama", {"rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 500.0, "original_max_position_embeddings": 4,
+        "short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [3.0, 5.0, 7.0, 9.0]}}),
+    "llama-biases-head_dim": ("llama", {"mlp_bias": True, "attention_bias": True, "head_dim": 16}),
+    "qwen2-mlp_bias-head_dim": ("qwen2", {"mlp_bias": True, "head_dim": 16}),  # Qwen2's MLP ignores mlp_bias
+    # Sliding windows from layer max_window_layers 2 on: none of the 2 layers; legacy rope_scaling ("type") takes
+    # the top-level rope_theta.
+    "qwen2-full-layers-legacy-rope": ("qwen2", {
+        "use_sliding_window": True, "max_window_layers": 2, "rope_theta": 300.0,
+        "rope_scaling": {"type": "linear", "factor": 2.0}}),
+}
+
+
+def saved_variant(kind: str, fields: dict, directory):
+  """transformers' model of config.json TINY + `fields`, and `directory` holding its weights and that config.json
+  (written as given: save_pretrained would rewrite it in transformers' normal form)."""
+  raw = {**TINY, "model_type": kind, **fields}
+  (directory / "config.json").write_text(json.dumps(raw))
+  config = transformers.AutoConfig.from_pretrained(directory, attn_implementation="eager")
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config).eval()
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if name.endswith("bias"):
+        param.normal_(0.0, 0.5)
+  model.save_pretrained(directory)
+  (directory / "config.json").write_text(json.dumps(raw))
+  return model
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_config_variants_load_with_transformers_logits(name, tmp_path):
+  kind, fields = VARIANTS[name]
+  model = saved_variant(kind, fields, tmp_path)
+  ours = llama_hf.from_pretrained(tmp_path)
+  ids, mask = prompts()
+  with torch.no_grad():
+    expected = model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(ours(ids, mask)[0])[valid], expected[valid], atol=TOLERANCE, rtol=0)
+  assert llama.LlamaConfig.from_hf_dict(ours.config.to_hf_dict()) == ours.config
+
+
+# config.json fields (over TINY) that transformers accepts and this decoder does not compute: refused in one line
+# that names the field.
+REFUSED = {
+    "rope-type": ({"rope_parameters": {"rope_type": "proportional", "rope_theta": 10.0}},
+                  r"rope_parameters rope_type='proportional' is not implemented"),
+    "partial-rotary": ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
+                       r"partial_rotary_factor=0.5: partial rotary embeddings are not implemented"),
+    "llama3-key": ({"rope_scaling": {k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}},
+                   r"rope_scaling of rope_type 'llama3' lacks low_freq_factor"),
+    "longrope-length": ({"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
+                        r"short_factor has 1 values; longrope needs one per rotated pair, head_dim // 2 = 4"),
+    "per-layer-rope": ({"model_type": "qwen2", "rope_parameters": {"full_attention": {"rope_type": "default"}}},
+                       r"rope_parameters .* is per layer type"),
+    "sliding-layers": ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1},
+                       r"use_sliding_window / layer_types: .*'sliding_attention'"),
+    "sliding-layer-types": ({"model_type": "qwen2", "layer_types": ["full_attention", "sliding_attention"]},
+                            r"use_sliding_window / layer_types: .*'sliding_attention'"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_unsupported_configs_are_refused_naming_the_field(name, tmp_path):
+  fields, message = REFUSED[name]
+  (tmp_path / "config.json").write_text(json.dumps({**TINY, **fields}))
+  with pytest.raises(hf.WeightsError, match="config.json.*" + message) as refused:
     llama_hf.read_config(tmp_path)
+  assert "\n" not in str(refused.value)
+
+
+def test_inconsistent_configs_are_refused():
   with pytest.raises(ValueError, match="num_key_value_heads"):
     llama.LlamaConfig(**{**TINY, "num_key_value_heads": 3})
+  with pytest.raises(ValueError, match="mlp_bias and attention_bias are Llama settings"):
+    llama.LlamaConfig(**TINY, model_type="qwen2", mlp_bias=True)
 
 
 def test_logical_axes_cover_every_weight():

@@ -94,16 +94,19 @@ def load(cfg: ml_collections.ConfigDict, max_length: int, data_dir: str | Path, 
       directory = embedded.ensure(cfg.cache_dir, data_dir, cfg.seed, log=log)
     else:
       directory = hf.resolve(cfg.path)
-    tensors, source = hf.read_weights(directory)
+    # Everything that can be refused is checked before the weights are read.
+    hf.check_complete(directory, hf.CLIP_TOKENIZER_FILES)
     clip_config = hf.read_config(directory)
     processing = image_processing(directory, clip_config.vision.image_size, log)
-    abstract = nnx.eval_shape(lambda: clip_lib.CLIP(clip_config, dtype=dtype, rngs=nnx.Rngs(0)))
-    model = hf.load_state_into(abstract, tensors, source, mesh=mesh, rules=rules)
     try:
       tokenizer = transformers.CLIPTokenizer.from_pretrained(str(directory))
     except (OSError, TypeError, ValueError) as e:
       raise FileNotFoundError(f"{directory} has no usable CLIP tokenizer ({e}); it needs the vocab.json and "
                               "merges.txt that CLIPTokenizer.save_pretrained writes.") from e
+    hf.check_tokenizer_size(tokenizer, clip_config.text.vocab_size, directory)
+    tensors, source = hf.read_weights(directory)
+    abstract = nnx.eval_shape(lambda: clip_lib.CLIP(clip_config, dtype=dtype, rngs=nnx.Rngs(0)))
+    model = hf.load_state_into(abstract, tensors, source, mesh=mesh, rules=rules)
     return Backbone(model, tokenizer, {"source": str(cfg.path), "sha256": weights_hash(tensors)}, processing,
                     storage_dtype(tensors))
   if not cfg.random_preset:

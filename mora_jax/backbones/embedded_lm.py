@@ -23,7 +23,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from mora_jax import data, console
 from mora_jax.data import vqa
-from mora_jax.models import llama, llama_hf
+from mora_jax.models import hf, llama, llama_hf
 
 NAME = "embedded"  # the lm.path value that selects this LM
 VERSION = 1  # part of the cache directory name: bump it when the recipe or the architecture changes
@@ -168,11 +168,16 @@ def build(directory: str | Path, data_dir: str | Path, seed: int = 0, recipe: di
 
 def load(directory: str | Path, dtype=jnp.float32
          ) -> tuple[llama.LlamaForCausalLM, transformers.PreTrainedTokenizerFast]:
-  """The LM and its tokenizer from a directory `build` wrote (or any Llama checkpoint with a fast tokenizer)."""
+  """The LM and its tokenizer from a directory `build` wrote (or any Llama or Qwen2 checkpoint directory with its
+  tokenizer); an incomplete directory or a tokenizer that does not fit the config is refused before the weights
+  are read."""
   directory = Path(directory)
+  hf.check_complete(directory, hf.LM_TOKENIZER_FILES)
+  config = llama_hf.read_config(directory)
   try:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
   except (OSError, ValueError) as e:
     raise FileNotFoundError(f"{directory} has no usable tokenizer ({e}); it needs the tokenizer.json that "
                             "save_pretrained writes.") from e
+  hf.check_tokenizer_size(tokenizer, config.vocab_size, directory)
   return llama_hf.from_pretrained(directory, dtype), tokenizer

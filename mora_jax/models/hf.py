@@ -28,8 +28,12 @@ SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 _WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX_FILE, TORCH_FILE)
 PREPROCESSOR_FILE = "preprocessor_config.json"
-PROCESSOR_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   PREPROCESSOR_FILE)
+PROCESSOR_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", PREPROCESSOR_FILE)
+# The file sets from which transformers 5 builds a model's tokenizer, any one of them enough: CLIPTokenizer reads
+# tokenizer.json or vocab.json + merges.txt (as Qwen2's does); Llama's also reads a sentencepiece tokenizer.model.
+CLIP_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+LM_TOKENIZER_FILES = (*CLIP_TOKENIZER_FILES, ("tokenizer.model",))
 
 # Our leaf name -> Hugging Face's. Leaves not listed (class_embedding, logit_scale) keep their name.
 _HF_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
@@ -105,6 +109,32 @@ def _download(repo_id: str) -> Path:
         pass
     return directory
   raise FileNotFoundError(f"Hub repo {repo_id!r} has none of {_WEIGHT_FILES}.")
+
+
+def check_complete(directory: Path, tokenizer_files: Sequence[Sequence[str]]) -> None:
+  """Refuses, before anything is read, a checkpoint directory without config.json, weights, or tokenizer files:
+  transformers builds a near-empty tokenizer from a directory without the latter instead of failing, which would
+  turn every text into nothing."""
+  def has(names: Sequence[str]) -> bool:
+    return all((directory / name).is_file() for name in names)
+
+  missing = [CONFIG_FILE] if not has([CONFIG_FILE]) else []
+  if not any(has([name]) for name in _WEIGHT_FILES):
+    missing.append(" or ".join(_WEIGHT_FILES))
+  if not any(has(names) for names in tokenizer_files):
+    missing.append("tokenizer files (" + " or ".join(" + ".join(names) for names in tokenizer_files) + ")")
+  if missing:
+    raise FileNotFoundError(f"{directory} is an incomplete checkpoint: it lacks {'; '.join(missing)}. Copy them from "
+                            "the checkpoint it came from (save_pretrained of the model and of its tokenizer writes "
+                            "them), or pass the Hub id.")
+
+
+def check_tokenizer_size(tokenizer, vocab_size: int, directory: Path) -> None:
+  """Refuses a tokenizer with fewer than half the model's vocab_size tokens (real ones differ by padding only)."""
+  if 2 * len(tokenizer) < vocab_size:
+    raise ValueError(f"{directory}: its tokenizer has {len(tokenizer)} tokens but the model's vocab_size in "
+                     f"{CONFIG_FILE} is {vocab_size}: the tokenizer files are damaged or not this model's. Copy them "
+                     "from the checkpoint the weights came from.")
 
 
 def read_config(directory: Path) -> CLIPConfig:

@@ -1,6 +1,9 @@
 """A decoder-only LM of the Llama family in Flax NNX, computing what Hugging Face's `LlamaForCausalLM` and
-`Qwen2ForCausalLM` compute: RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query attention, tied or
-untied input/output embeddings, and Qwen2's biases on the q/k/v projections.
+`Qwen2ForCausalLM` compute: RMSNorm, rotary position embeddings (transformers' default, linear, dynamic, yarn,
+longrope and llama3 types), SwiGLU MLP, grouped-query attention, tied or untied input/output embeddings, Llama's
+optional attention and MLP biases and Qwen2's fixed q/k/v biases. `LlamaConfig.from_hf_dict` reads config.json
+as transformers 5 does and refuses, naming the field, what this model does not compute (sliding windows, partial
+or per-layer rotary embeddings, other activations).
 
 Names follow Hugging Face (`model/layers/0/self_attn/q_proj/kernel` is `model.layers.0.self_attn.q_proj.weight`
 transposed), so `mora_jax.models.hf` maps checkpoints mechanically and adapter targets read as in PEFT. Every
@@ -12,6 +15,7 @@ token per step; positions count valid tokens only, so padding never shifts the r
 """
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -21,6 +25,47 @@ from flax import nnx
 from mora_jax.models.modeling import Linear, _normal
 
 MODEL_TYPES = ("llama", "qwen2")
+# transformers' Qwen2Config defaults where they differ from LlamaConfig's: what a config.json that omits the key means.
+QWEN2_DEFAULTS = dict(vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
+                      max_position_embeddings=32768, bos_token_id=None, eos_token_id=None)
+# transformers' rotary types (ROPE_INIT_FUNCTIONS) that `inverse_frequencies` implements, each with the
+# `rope_parameters` keys transformers' validation requires of it (rope_theta and the original length have defaults).
+ROPE_REQUIRED_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+                      "longrope": ("short_factor", "long_factor"),
+                      "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+# Types whose frequencies depend on the pre-training length; transformers fills it in (see `RopeScaling`).
+_ORIGINAL_LENGTH_TYPES = ("yarn", "longrope", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """A scaled rotary embedding: transformers' `rope_parameters` other than rope_theta, names as there (None: a key
+  this type does not read). Factors left implicit in config.json are resolved by `LlamaConfig.from_hf_dict`."""
+  rope_type: str
+  factor: float | None = None
+  original_max_position_embeddings: int | None = None
+  low_freq_factor: float | None = None  # llama3
+  high_freq_factor: float | None = None  # llama3
+  attention_factor: float | None = None  # yarn, longrope: None means the paper's value for `factor`
+  beta_fast: float | None = None  # yarn
+  beta_slow: float | None = None  # yarn
+  mscale: float | None = None  # yarn
+  mscale_all_dim: float | None = None  # yarn
+  truncate: bool | None = None  # yarn
+  short_factor: tuple[float, ...] | None = None  # longrope
+  long_factor: tuple[float, ...] | None = None  # longrope
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_REQUIRED_KEYS or self.rope_type == "default":
+      raise ValueError(f"rope_type={self.rope_type!r} is not implemented; this decoder implements "
+                       f"{tuple(ROPE_REQUIRED_KEYS)}.")
+    for key in ROPE_REQUIRED_KEYS[self.rope_type] + (("original_max_position_embeddings",)
+                                                     if self.rope_type in _ORIGINAL_LENGTH_TYPES else ()):
+      if getattr(self, key) is None:
+        raise ValueError(f"rope_parameters of rope_type {self.rope_type!r} need {key}.")
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +82,10 @@ class LlamaConfig:
   max_position_embeddings: int = 2048
   rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None  # None: rope_type "default"
   tie_word_embeddings: bool = False
   attention_bias: bool = False  # Llama: bias on q, k, v and o; Qwen2 always has q/k/v biases and no o bias
-  mlp_bias: bool = False
+  mlp_bias: bool = False  # Llama only: Qwen2's MLP has no biases
   initializer_range: float = 0.02
   bos_token_id: int | None = 1
   eos_token_id: int | None = 2
@@ -57,6 +103,14 @@ class LlamaConfig:
                        f"{self.num_key_value_heads}.")
     if self.head_dim % 2:
       raise ValueError(f"head_dim {self.head_dim} must be even (rotary embeddings rotate pairs).")
+    if self.model_type == "qwen2" and (self.mlp_bias or self.attention_bias):
+      raise ValueError("mlp_bias and attention_bias are Llama settings: Qwen2's biases are fixed (q/k/v only).")
+    scaling = self.rope_scaling
+    if scaling is not None and scaling.rope_type == "longrope":
+      for key in ("short_factor", "long_factor"):
+        if len(getattr(scaling, key)) != self.head_dim // 2:
+          raise ValueError(f"rope_parameters {key} has {len(getattr(scaling, key))} values; longrope needs one per "
+                           f"rotated pair, head_dim // 2 = {self.head_dim // 2}.")
 
   @property
   def qkv_bias(self) -> bool:
@@ -70,33 +124,87 @@ class LlamaConfig:
     """The `config.json` content that transformers' LlamaConfig / Qwen2Config reads."""
     values = dataclasses.asdict(self)
     values.pop("rope_theta")
+    values.pop("rope_scaling")
     if self.model_type == "qwen2":
       values.pop("attention_bias")
       values.pop("mlp_bias")
     architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+    rope = {"rope_type": "default"} if self.rope_scaling is None else self.rope_scaling.to_hf_dict()
     return {"architectures": [architecture], "hidden_act": "silu",
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta}, **values}
+            "rope_parameters": {**rope, "rope_theta": self.rope_theta}, **values}
 
   @classmethod
   def from_hf_dict(cls, hf: dict[str, Any]) -> "LlamaConfig":
-    """Reads a transformers Llama or Qwen2 `config.json` dict. Settings that change the computation and that
-    this model does not implement (scaled rotary embeddings, sliding windows, other activations) are errors."""
+    """Reads a transformers Llama or Qwen2 `config.json` dict as transformers 5 reads it. Settings that change the
+    computation and that this model does not implement (sliding windows, other activations or rotary types) are
+    errors naming the field; settings transformers ignores for the model type are ignored here too."""
     model_type = hf.get("model_type", "llama")
     if model_type not in MODEL_TYPES:
       raise ValueError(f"model_type is {model_type!r}; this decoder implements {MODEL_TYPES}.")
     if hf.get("hidden_act", "silu") != "silu":
       raise ValueError(f"hidden_act={hf['hidden_act']!r}; the Llama-family MLP here is SwiGLU (silu).")
-    if hf.get("use_sliding_window"):
-      raise ValueError("use_sliding_window=true (Qwen2 sliding-window attention) is not implemented.")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-      raise ValueError(f"rotary scaling {rope} is not implemented; only rope_type 'default' is.")
-    theta = rope.get("rope_theta", hf.get("rope_theta", cls.rope_theta))
-    names = {f.name for f in dataclasses.fields(cls)} - {"model_type", "rope_theta"}
-    values = {k: hf[k] for k in names if k in hf}
+    defaults = QWEN2_DEFAULTS if model_type == "qwen2" else {}
+    names = {f.name for f in dataclasses.fields(cls)} - {"model_type", "rope_theta", "rope_scaling"}
+    if model_type == "qwen2":  # Qwen2's modules read neither (its biases are fixed)
+      names -= {"attention_bias", "mlp_bias"}
+      _refuse_sliding_layers(hf, hf.get("num_hidden_layers", cls.num_hidden_layers))
+    values = {k: hf[k] if k in hf else defaults[k] for k in names if k in hf or k in defaults}
     if isinstance(values.get("eos_token_id"), list):  # several stop ids: the first one ends our generations
       values["eos_token_id"] = values["eos_token_id"][0]
-    return cls(model_type=model_type, rope_theta=float(theta), **values)
+    config = cls(model_type=model_type, **values)
+    theta, scaling = _rope_from_hf_dict(hf, config)
+    return dataclasses.replace(config, rope_theta=theta, rope_scaling=scaling)
+
+
+def _refuse_sliding_layers(hf: dict[str, Any], num_layers: int) -> None:
+  """Qwen2Config's layer types: sliding-window attention from layer max_window_layers on, when use_sliding_window
+  and a sliding_window are set."""
+  layer_types = hf.get("layer_types")
+  if layer_types is None:
+    sliding = hf.get("use_sliding_window") and hf.get("sliding_window", 4096) is not None
+    first_sliding = hf.get("max_window_layers", 28) if sliding else num_layers
+    layer_types = ["full_attention"] * min(first_sliding, num_layers) + ["sliding_attention"] * (
+        num_layers - first_sliding)
+  if set(layer_types) - {"full_attention"}:
+    raise ValueError(f"use_sliding_window / layer_types: layers {layer_types} include sliding-window attention, "
+                     "which this decoder does not implement (only full_attention).")
+
+
+def _rope_from_hf_dict(hf: dict[str, Any], config: LlamaConfig) -> tuple[float, RopeScaling | None]:
+  """rope_theta and the scaling, resolved as transformers 5's RotaryEmbeddingConfigMixin does: a non-empty
+  legacy rope_scaling replaces rope_parameters whole (its rope_theta too), rope_theta falls back to the top-level
+  key, then 10000; "type" is the legacy name of "rope_type"; a top-level original_max_position_embeddings wins
+  over the dict's, which defaults to max_position_embeddings."""
+  rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+  source = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+  if any(isinstance(v, dict) for v in rope.values()):
+    raise ValueError(f"{source} {rope} is per layer type; this decoder has one rotary embedding for all layers.")
+  theta = float(rope.get("rope_theta", hf.get("rope_theta", LlamaConfig.rope_theta)))
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ROPE_REQUIRED_KEYS:
+    raise ValueError(f"{source} rope_type={rope_type!r} is not implemented; this decoder implements "
+                     f"{tuple(ROPE_REQUIRED_KEYS)}.")
+  missing = [k for k in ROPE_REQUIRED_KEYS[rope_type] if k not in rope]
+  if missing:
+    raise ValueError(f"{source} of rope_type {rope_type!r} lacks {', '.join(missing)} (transformers requires it).")
+  partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  # Llama's and Qwen2's default rotary embedding ignore partial_rotary_factor; the scaled ones rotate a part
+  # that then does not fit the head (transformers fails at the first forward pass).
+  if rope_type != "default" and int(config.head_dim * partial) != config.head_dim:
+    raise ValueError(f"partial_rotary_factor={partial}: partial rotary embeddings are not implemented.")
+  if rope_type == "default":
+    return theta, None
+  fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in rope.items() if k in fields and v is not None}
+  if rope_type in _ORIGINAL_LENGTH_TYPES:
+    values["original_max_position_embeddings"] = hf.get(
+        "original_max_position_embeddings", rope.get("original_max_position_embeddings",
+                                                     config.max_position_embeddings))
+    if rope_type in ("yarn", "longrope") and values.get("factor") is None:  # implied by the two lengths
+      values["factor"] = config.max_position_embeddings / values["original_max_position_embeddings"]
+  if rope_type == "yarn":  # transformers truncates unless the key is there and false (or null)
+    values["truncate"] = bool(rope.get("truncate", True))
+  return theta, RopeScaling(rope_type, **values)
 
 
 @dataclasses.dataclass
@@ -136,12 +244,75 @@ def positions_from_mask(attention_mask: jax.Array, start: jax.Array | int = 0) -
   return start + jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def rotary(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def inverse_frequencies(config: LlamaConfig, length: jax.Array) -> tuple[jax.Array, float]:
+  """The rotary inverse frequencies float32 [head_dim // 2] and the cos/sin scale, computed as transformers'
+  rope init functions compute them (modeling_rope_utils, same float32 operations) for a pass whose positions
+  are below `length` (a scalar: the dynamic and longrope types depend on it)."""
+  dim, base, scaling = config.head_dim, config.rope_theta, config.rope_scaling
+  exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+  kind = "default" if scaling is None else scaling.rope_type
+  if kind == "default":
+    return 1.0 / base**exponents, 1.0
+  if kind == "linear":
+    return 1.0 / base**exponents / scaling.factor, 1.0
+  if kind == "dynamic":
+    # transformers rescales the base once positions pass max_position_embeddings. (Its module keeps the longest
+    # length it has seen across calls; a fresh one, as every pass here, uses the pass's own.)
+    factor, trained = scaling.factor, config.max_position_embeddings
+    length = jnp.maximum(length, trained).astype(jnp.float32)
+    return 1.0 / (base * (factor * length / trained - (factor - 1))**(dim / (dim - 2)))**exponents, 1.0
+  original = scaling.original_max_position_embeddings
+  if kind == "llama3":
+    inv_freq = 1.0 / base**exponents
+    low_wavelength, high_wavelength = original / scaling.low_freq_factor, original / scaling.high_freq_factor
+    wavelength = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelength > low_wavelength, inv_freq / scaling.factor, inv_freq)
+    smooth = (original / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelength < high_wavelength) & ~(wavelength > low_wavelength)
+    return jnp.where(medium, smoothed, scaled), 1.0
+  if kind == "longrope":
+    factor = scaling.factor
+    attention_factor = scaling.attention_factor
+    if attention_factor is None:
+      attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    extension = jnp.where(length > original, jnp.asarray(scaling.long_factor, jnp.float32),
+                          jnp.asarray(scaling.short_factor, jnp.float32))
+    return 1.0 / (extension * base**exponents), attention_factor
+  # yarn: interpolated (divided by factor) low frequencies, extrapolated high ones, a linear ramp between.
+  factor = scaling.factor
+  attention_factor = scaling.attention_factor
+  if attention_factor is None:
+    if scaling.mscale and scaling.mscale_all_dim:
+      attention_factor = _yarn_mscale(factor, scaling.mscale) / _yarn_mscale(factor, scaling.mscale_all_dim)
+    else:
+      attention_factor = _yarn_mscale(factor)
+
+  def correction_dim(rotations: float) -> float:
+    return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+  low, high = correction_dim(scaling.beta_fast or 32), correction_dim(scaling.beta_slow or 1)
+  if scaling.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001  # as transformers: no division by zero
+  ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+  frequencies = base**exponents
+  extrapolation = 1 - ramp
+  return 1.0 / (factor * frequencies) * (1 - extrapolation) + 1.0 / frequencies * extrapolation, attention_factor
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+  return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rotary(positions: jax.Array, config: LlamaConfig) -> tuple[jax.Array, jax.Array]:
   """cos, sin [B, L, head_dim] in float32, Hugging Face's non-interleaved layout (frequencies repeated)."""
-  inv_freq = 1.0 / theta**(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  inv_freq, scale = inverse_frequencies(config, positions.max() + 1)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq
   angles = jnp.concatenate([angles, angles], axis=-1)
-  return jnp.cos(angles), jnp.sin(angles)
+  return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -283,7 +454,7 @@ class LlamaForCausalLM(nnx.Module):
     else:
       positions = positions_from_mask(valid, cache.position[:, None])
       key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.end, axis=1)
-    cos, sin = rotary(positions, cfg.head_dim, cfg.rope_theta)
+    cos, sin = rotary(positions, cfg)
     x, ks, vs = inputs_embeds, [], []
     for index, layer in enumerate(self.model.layers):
       cached = None if cache is None else (cache.k[index], cache.v[index], cache.end)
