@@ -3,7 +3,7 @@ majority answer's accuracy, and a question-only classifier's (bag of words, logi
 
     python bench/easyvqa_priors.py --data_dir data
 
-These are the ceilings the README's default-run table is read against: with the text missing a model can do
+These are the ceilings the default-run table (README, docs/results.md) is read against: with the text missing a model can do
 no better than the answer prior, with the image missing no better than the question alone.
 """
 

@@ -29,7 +29,7 @@ class MoRAConfig(AdapterConfig):
   alpha: float = 0.01
   # "materialized" (W' then one matmul) or "fused" (low-rank, no d x d temporaries). Materialized is the
   # default: with more tokens per step than the width d, the fused form's activation-sized elementwise work
-  # costs more than the d x d weight it avoids (bench/adapters.py; README, "Adapter step time").
+  # costs more than the d x d weight it avoids (bench/adapters.py; docs/benchmarks.md).
   form: str = "materialized"
   # "published": m_c = m_p = ||W||_col at init, so W' = W + ||W|| (W + alpha S) / ||W + alpha S|| per column. At
   # the published alpha and rank alpha S is not small against W (docs/mora_init.md), so W' is near

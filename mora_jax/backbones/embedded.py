@@ -35,7 +35,7 @@ SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 IMAGE_SIZE = 64
 IMAGE_PROCESSING = preprocess.ImageProcessing.clip(IMAGE_SIZE)
 MAX_LENGTH = 24
-# The most zero-shot recall that fits the first run's few minutes on a 2-core CPU (README, "The embedded
+# The most zero-shot recall that fits the first run's few minutes on a 2-core CPU (docs/training.md, "The embedded
 # backbone", lists the alternatives measured).
 RECIPE = dict(epochs=12, batch_size=64, lr=5e-4, weight_decay=0.1)
 

@@ -59,7 +59,7 @@ def quiet_startup() -> None:
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-  group = parser.add_argument_group("multi-process (one process per host; see README)")
+  group = parser.add_argument_group("multi-process (one process per host; see docs/training.md)")
   group.add_argument("--distributed", action="store_true",
                      help="call jax.distributed.initialize() and let it detect the cluster (TPU pod, SLURM, MPI)")
   group.add_argument("--coordinator_address", default=None, help="host:port of process 0")
