@@ -6,6 +6,7 @@ import ml_collections
 import pytest
 
 from mora_jax import backbones, clip
+from mora_jax.data import tokenizers
 from tests import helpers
 
 
@@ -43,3 +44,13 @@ def test_a_tokenizer_far_smaller_than_the_vocabulary_is_refused(checkpoint_dir):
   with pytest.raises(ValueError, match=r"ckpt: its tokenizer has 2 tokens but the model's vocab_size in "
                                        r"config\.json is 128: the tokenizer files are damaged"):
     load_backbone(checkpoint_dir)
+
+
+def test_the_embedded_backbone_is_loadable_from_its_folder_not_its_name(checkpoint_dir, monkeypatch):
+  """What a PEFT export names as its base model: the folder transformers can load, not "embedded"."""
+  tokenizers.byte_level_clip_tokenizer(checkpoint_dir.parent / "tokenizer").save_pretrained(checkpoint_dir)
+  monkeypatch.setattr(backbones.embedded, "ensure", lambda *args, **kwargs: checkpoint_dir)
+  cfg = ml_collections.ConfigDict(dict(path="embedded", random_preset="", seed=0, dtype="float32", cache_dir=""))
+  backbone = backbones.load(cfg, 16, checkpoint_dir.parent, mesh=None, rules=(), log=lambda _: None)
+  assert backbone.identity["source"] == "embedded" and backbone.loadable == str(checkpoint_dir)
+  assert load_backbone(checkpoint_dir).loadable == str(checkpoint_dir)

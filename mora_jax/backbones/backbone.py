@@ -58,6 +58,9 @@ class Backbone:
   identity: dict  # {"source": path or "random:<preset>/seed<s>", "sha256": weights hash}
   image_processing: preprocess.ImageProcessing
   storage_dtype: str = "float32"  # the checkpoint's weights on disk; an export writes the same
+  # What transformers' from_pretrained loads these weights from (a Hub id, or a folder: the embedded backbone's is
+  # its cache folder, not "embedded"); None for a random preset, which nothing outside this run can load.
+  loadable: str | None = None
 
 
 def storage_dtype(tensors: dict[str, np.ndarray]) -> str:
@@ -108,7 +111,7 @@ def load(cfg: ml_collections.ConfigDict, max_length: int, data_dir: str | Path, 
     abstract = nnx.eval_shape(lambda: clip_lib.CLIP(clip_config, dtype=dtype, rngs=nnx.Rngs(0)))
     model = hf.load_state_into(abstract, tensors, source, mesh=mesh, rules=rules)
     return Backbone(model, tokenizer, {"source": str(cfg.path), "sha256": weights_hash(tensors)}, processing,
-                    storage_dtype(tensors))
+                    storage_dtype(tensors), str(directory) if cfg.path == embedded.NAME else str(cfg.path))
   if not cfg.random_preset:
     raise ValueError("config.backbone: set `path` (a Hugging Face id or checkpoint directory) or "
                      "`random_preset` (a randomly initialised CLIP, e.g. 'tiny').")

@@ -205,8 +205,8 @@ def export_peft_adapter(job: Job, trainable, out_dir: str | Path) -> Path:
   clf = adapters.join(job.graphdef, {"backbone": job.params["backbone"], **host})
   out = Path(out_dir)
   if sharding.is_main_process():
-    peft_io.save(clf, out, base_model=job.backbone.identity["source"])
+    peft_io.save(clf, out, base_model=job.backbone.loadable)
   export_lib.write_head(job, clf.head, out)
-  say(f"exported the adapters to {out} (PEFT: peft.PeftModel.from_pretrained(CLIPModel of "
-      f"{job.backbone.identity['source']}, {out}))")
+  base = job.backbone.loadable or f"the run's {job.backbone.identity['source']} backbone (this library's only)"
+  say(f"exported the adapters to {out} (PEFT: peft.PeftModel.from_pretrained(CLIPModel of {base}, {out}))")
   return out

@@ -17,6 +17,7 @@ class MetricWriter:
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel  (protobuf import cost)
       self.path.parent.mkdir(parents=True, exist_ok=True)
+      _drop_cut_last_line(self.path)
       self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
   def write(self, step: int, kind: str, values: dict) -> None:
@@ -43,6 +44,28 @@ def _numbers(values: dict, prefix: str = ""):
       yield f"{prefix}{name}", float(value)
 
 
+def _drop_cut_last_line(path: Path) -> None:
+  """A run killed while writing leaves a last line without its newline; appending after it would join the next
+  record to it. The cut record is dropped (the resumed run logs its step again)."""
+  if not path.exists():
+    return
+  text = path.read_text()
+  if text and not text.endswith("\n"):
+    path.write_text(text[:text.rfind("\n") + 1])
+
+
 def read_metrics(workdir: str | Path) -> list[dict]:
+  """The records of `workdir`'s metrics.jsonl; a last line cut by a kill (or still being written) is skipped, a
+  damaged line elsewhere is an error naming it."""
   path = Path(workdir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+  if not path.exists():
+    return []
+  lines = path.read_text().splitlines()
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number < len(lines):
+        raise ValueError(f"{path}, line {number}: not a JSON record ({e.msg}); delete that line.") from e
+  return records
