@@ -1,6 +1,7 @@
 """Evaluation of finished runs: re-tests, export, restores of the trained parameters alone."""
 
 import json
+import types
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -110,3 +111,23 @@ def test_a_run_with_a_frozen_head_re_evaluates_from_its_parameters_alone(memes):
   results = loop.train(memes_config(memes, {"max_steps": 2, "optim.lr_mults.head": 0}), workdir)
   again = evaluation.evaluate_run(workdir)
   assert again["checkpoint_step"] == results["checkpoint_step"] and again["test"] == results["test"]
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_the_model_cards_code_is_valid_python_and_its_prediction_runs(tmp_path, multi_label):
+  """The card's usage line ran as a SyntaxError for multi-label heads (a comment inside the print call); every
+  code block now compiles, and its prediction evaluates on logits of the head's shape."""
+  torch = pytest.importorskip("torch")
+  config = config_lib.from_json(config_lib.to_json(cli.default_config()))
+  job = types.SimpleNamespace(config=config, class_names=("cat", "dog", "bird"), multi_label=multi_label,
+                              backbone=types.SimpleNamespace(identity={"source": "embedded"}))
+  card = export_lib.card(job, tmp_path, tested=None)
+  blocks = [block.split("```", 1)[0] for block in card.split("```python\n")[1:]]
+  assert len(blocks) == 2
+  for block in blocks:
+    compile(block, "README.md", "exec")
+  printed = blocks[1].rsplit("print(", 1)[1].rsplit(")", 1)[0]
+  scores = torch.tensor([[2.0, -3.0, 0.5]])
+  expected = ["cat", "bird"] if multi_label else "cat"
+  names = {"torch": torch, "info": {"class_names": job.class_names}, "scores": scores}
+  assert eval(printed, names) == expected  # pylint: disable=eval-used

@@ -136,9 +136,9 @@ class Answering:
 
   def train_batches(self, stage: Stage):
     self.training = self.splits[stage.name]
-    return iter(vqa.train_batches(self.training, self.tokenizer, self.layout, _per_process(stage.batch_size), stage.seed,
-                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                  accum_steps=stage.accum_steps))
+    return iter(vqa.train_batches(self.training, self.tokenizer, self.layout, _per_process(stage.batch_size),
+                                  stage.seed, process_index=jax.process_index(),
+                                  process_count=jax.process_count(), accum_steps=stage.accum_steps))
 
   def device_batch(self, micro: list[dict]) -> tuple[mllm_lib.Batch, int]:
     host = {k: np.stack([v[k] for v in micro]) for k in micro[0]}

@@ -247,7 +247,8 @@ def eval_main(argv=None) -> int:
       if args.export_hf or args.export_peft:
         raise ArgumentError("--export_hf/--export_peft export CLIP runs; an MLLM run's adapters stay in its "
                             "checkpoints.")
-      results = answering.evaluate_run(args.workdir, args.checkpoint, missing=missing, config_overrides=config_overrides)
+      results = answering.evaluate_run(args.workdir, args.checkpoint, missing=missing,
+                                       config_overrides=config_overrides)
     else:
       results = evaluation.evaluate_run(args.workdir, args.checkpoint, missing=missing, export_hf=args.export_hf,
                                         export_peft=args.export_peft, config_overrides=config_overrides,

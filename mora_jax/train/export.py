@@ -112,8 +112,8 @@ def card(job: Job, out: Path, tested: str | None) -> str:
   adapter = ", ".join(f"{k}={v}" for k, v in sorted(c.adapter.to_dict().items()) if k != "method")
   tested = tested or ("Not tested at export (`eval.py --no_test`); `eval.py --workdir <run>` tests it per "
                       "missing scenario.")
-  predict = ("torch.sigmoid(scores) > 0.5  # multi-label: every class above 0.5" if job.multi_label else
-             "info[\"class_names\"][int(scores.argmax(-1)[0])]")
+  predict = ("[name for name, p in zip(info[\"class_names\"], torch.sigmoid(scores)[0]) if p > 0.5]"
+             if job.multi_label else "info[\"class_names\"][int(scores.argmax(-1)[0])]")
   tuned = ("A frozen CLIP (linear probe: no adapter)" if c.adapter.method == "linear" else
            f"A CLIP whose {c.adapter.method} adapters are merged into its weights")
   long_texts = ("\n- texts longer than 75 tokens: training set position 75 to the pad token (the MoRA authors' "
