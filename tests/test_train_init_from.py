@@ -84,11 +84,12 @@ def test_export_peft_refuses_mora_before_evaluating(one_device_run, tmp_path, ca
   assert not (tmp_path / "peft").exists()
 
 
-def test_a_different_adapter_is_refused_in_one_line(memes, one_device_run, tmp_path, capsys):
-  flags = memes_overrides(memes, init_from=one_device_run, **{"adapter.rank": 4})
+def test_a_different_adapter_is_refused_in_one_line_before_any_work(memes, one_device_run, tmp_path, capsys):
+  flags = memes_overrides(memes, init_from=one_device_run, **{"adapter.rank": 4, "data_dir": tmp_path / "data"})
   code = cli.train_main(["--config", str(ROOT / "configs" / "hateful_memes_mora.py"), "--workdir",
                          str(tmp_path / "run"), *flags])
   assert_one_line_error(capsys.readouterr().err, code, "init_from", "adapter.rank: 8 -> 4")
+  assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()  # no data prepared, no folder made
 
 
 def test_parameters_of_other_shapes_are_refused():

@@ -117,6 +117,7 @@ def build(config, workdir: Path) -> Classification:
   """Checks the config and the folders, then builds the job and reads its train and validation splits."""
   c = config
   settings = job_lib.validate(c)
+  init_from.check(c, workdir)
   check_writable(workdir / "checkpoints", "--workdir")
   if not data.is_prepared(c.dataset, c.data_dir, settings.manifest):
     check_writable(Path(c.data_dir).expanduser(), "--config.data_dir")

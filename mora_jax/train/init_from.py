@@ -45,6 +45,35 @@ def initial_params(job: Job, source: str) -> tuple[dict, dict]:
   return _from_run(job, path, source)
 
 
+def check(config, workdir: Path) -> None:
+  """config.init_from checked before the backbone, the data or any training, for a run without checkpoints of its
+  own (which would not use it): a PEFT directory's config reads, a run's checkpoints exist and trained this run's
+  adapter. What needs the weights (shapes, the head's classes) is checked when they are taken."""
+  if not config.init_from or any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
+    return
+  path = Path(config.init_from).expanduser().absolute()
+  if peft_io.is_peft_dir(path):
+    peft_io.read_config(path)
+    return
+  directory, step = _checkpoint_dir(path, config.init_from)
+  ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
+  try:
+    meta = _latest_meta(ckpt, directory, step, config.init_from)
+  finally:
+    ckpt.close()
+  _check_adapter(checkpoint_lib.saved_config(meta)["adapter"], json.loads(config_lib.to_json(config))["adapter"],
+                 directory)
+
+
+def _latest_meta(ckpt: checkpoint_lib.Checkpointer, directory: Path, step: int | None, source: str) -> dict:
+  """The meta of the newest readable checkpoint (config and backbone: the same in every one of a run)."""
+  steps = ckpt.all_steps()
+  if step is not None and step not in steps or not steps:
+    raise FileNotFoundError(f"config.init_from={source!r}: {directory} holds no finished checkpoint"
+                            + (f" of step {step}" if step is not None else "") + ".")
+  return ckpt.first_intact(steps[::-1], ckpt.meta)[1]
+
+
 def _load_head(clf: adapters.Classifier, job: Job, directory: Path) -> bool:
   """Sets `clf.head` from the head files an export writes beside the adapter (export.write_head), if they hold
   a head of the same classes, type and shapes; whether it did."""
@@ -96,11 +125,7 @@ def _from_run(job: Job, path: Path, source: str) -> tuple[dict, dict]:
   directory, step = _checkpoint_dir(path, source)
   ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
   try:
-    steps = ckpt.all_steps()
-    if step is not None and step not in steps or not steps:
-      raise FileNotFoundError(f"config.init_from={source!r}: {directory} holds no finished checkpoint"
-                              + (f" of step {step}" if step is not None else "") + ".")
-    _, meta, _ = ckpt.first_intact(steps[::-1], ckpt.meta)
+    meta = _latest_meta(ckpt, directory, step, source)
     # Both as JSON (lists, not tuples).
     saved, current = checkpoint_lib.saved_config(meta), json.loads(config_lib.to_json(job.config))
     _check_adapter(saved["adapter"], current["adapter"], directory)
