@@ -111,9 +111,10 @@ def start(config: ml_collections.ConfigDict, workdir: Path) -> Run:
   return start_stage(task, task.stages()[0], Path(workdir))
 
 
-def start_stage(task: Task, stage: Stage, workdir: Path) -> Run:
+def start_stage(task: Task, stage: Stage, workdir: Path, writer: MetricWriter | None = None) -> Run:
   """The stage's state (the task's current parameters, or config.init_from's), data, step and checkpointer,
-  restored from the stage's newest intact checkpoint if it holds any (a damaged one is moved to damaged/)."""
+  restored from the stage's newest intact checkpoint if it holds any (a damaged one is moved to damaged/); it
+  logs to `writer` (an earlier stage's), or to a new one once the checkpoints are found to be this config's."""
   ckpt = checkpoint_lib.Checkpointer(workdir / stage.directory, task.config.checkpoint.keep,
                                      metric=task.metric if stage.validates else None)
   record = Bookkeeping()
@@ -137,7 +138,7 @@ def start_stage(task: Task, stage: Stage, workdir: Path) -> Run:
   if run.ckpt.all_steps():
     _resume(run)
   run.step = int(sharding.replicated_value(run.state["step"]))
-  run.writer = MetricWriter(workdir)
+  run.writer = writer or MetricWriter(workdir)
   if sharding.is_main_process():  # once the workdir's checkpoints were found to be this config's
     (workdir / CONFIG_FILE).write_text(config_lib.to_json(task.config) + "\n")
   return run
@@ -289,7 +290,6 @@ def test(run: Run, params: dict, step: int, train_seconds: float | None = None) 
   if run.record.corrupt_skipped:
     say(f"warning: {run.record.corrupt_skipped} training samples had a corrupt image and were skipped")
   results, table = run.task.test(params, step, run.writer, run.record, train_seconds)
-  run.writer.close()
   if sharding.is_main_process():
     (run.workdir / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n")
   say(f"{table}\nwritten to {run.workdir / EVAL_FILE}")
@@ -305,9 +305,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
     say(line)
   sigterm = _Sigterm()
   started = time.perf_counter()
+  writer = None
   try:
     for stage in task.stages():
-      run = start_stage(task, stage, workdir)
+      run = start_stage(task, stage, workdir, writer)
+      writer = run.writer
       say(f"{stage.name + ': ' if stage.name else ''}{stage.samples} train samples, {run.steps_per_epoch} steps per "
           f"epoch of {stage.batch_size} ({stage.accum_steps} micro-batches), {run.stop_step} steps; devices: "
           f"{jax.device_count()} on {jax.process_count()} process(es), mesh {dict(task.mesh.shape)}")
@@ -315,6 +317,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
       step, params = best_params(run)
       task.params = partition.combine(task.params, params)
       run.ckpt.close()
+    return test(run, params, step, round(time.perf_counter() - started, 1))
   finally:
     sigterm.restore()
-  return test(run, params, step, round(time.perf_counter() - started, 1))
+    if writer is not None:  # also when a stage stops on SIGTERM or an error: its event files are complete
+      writer.close()

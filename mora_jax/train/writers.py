@@ -32,8 +32,10 @@ class MetricWriter:
     self._tensorboard.flush()
 
   def close(self) -> None:
+    """Idempotent: the loop closes a stage's writer when the stage ends, however it ends."""
     if self._tensorboard is not None:
       self._tensorboard.close()
+      self._tensorboard = None
 
 
 def _numbers(values: dict, prefix: str = ""):
