@@ -78,14 +78,24 @@ def test_a_bad_config_is_reported_before_any_backbone_is_built(tmp_path, overrid
   assert not cache.exists() and not (tmp_path / "data").exists() and not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("override", ["stage1.steps=0", "eval.test_samples=-1", "epochs=0"])
-def test_a_bad_mllm_count_is_reported_before_any_model_is_built(tmp_path, override, capsys):
+MLLM_BAD_CONFIGS = {
+    "stage1.steps=0": "config.stage1.steps=0: must be an integer >= 1",
+    "eval.test_samples=-1": "config.eval.test_samples=-1: must be an integer >= 0",
+    "epochs=0": "config.epochs=0: must be an integer >= 1",
+    "missing.type=audio": "missing type 'audio'",
+    "adapter.rank=0": "rank=0 must be >= 1",
+    "projector=mlp3": "config.projector='mlp3': use one of",
+}
+
+
+@pytest.mark.parametrize("override", list(MLLM_BAD_CONFIGS))
+def test_a_bad_mllm_config_is_reported_before_any_model_is_built(tmp_path, override, capsys):
   cache = tmp_path / "cache"
   code = cli.train_main(["--config", str(ROOT / "configs" / "easy_vqa_mllm_moka.py"), "--workdir", str(tmp_path / "w"),
                          f"--config.backbone.cache_dir={cache}", f"--config.lm.cache_dir={cache}",
                          f"--config.data_dir={tmp_path / 'data'}", f"--config.{override}"])
-  key, value = override.split("=")
-  assert_one_line_error(capsys.readouterr().err, code, f"config.{key}={value}: must be an integer >=")
+  assert_one_line_error(capsys.readouterr().err, code, MLLM_BAD_CONFIGS[override])
+  assert not cache.exists() and not (tmp_path / "data").exists() and not (tmp_path / "w").exists()
   assert not cache.exists() and not (tmp_path / "data").exists() and not (tmp_path / "w").exists()
 
 

@@ -84,6 +84,7 @@ class Answering:
   tokenizer: object
   prep: data.Preprocessing
   identity: dict
+  missing: data.Missing  # config.missing, read once
   splits: dict  # stage or split name -> vqa.VQASplit: "stage1" (captions), "stage2" (= "train"), "validation"
   encode_images: object  # float32 pixels [N, 3, H, W] -> the frozen vision tower's features [N, P, Dv], locally
   generate: object  # jitted (trained, frozen, Batch) -> greedy answer tokens [B, MAX_NEW_TOKENS]
@@ -208,7 +209,7 @@ class Answering:
 
   def test(self, trained: dict, step: int, writer, record, train_seconds: float | None) -> tuple[dict, str]:
     c = self.config
-    test_split = vqa.load("test", c.data_dir, data.Missing(**c.missing), log=say)
+    test_split = vqa.load("test", c.data_dir, self.missing, log=say)
     frozen = partition.rest(self.params, partition.MLLM[1:])
     trained = partition.combine(partition.select(self.params, partition.MLLM[1:]), trained)
     per_scenario = {kind: self.exact_match(trained, frozen, test_split.scenario(kind), c.eval.test_samples)
@@ -254,6 +255,13 @@ def build(config: ml_collections.ConfigDict, workdir: Path | None) -> Answering:
   and a projector; its tokenizer; the train and validation splits. `workdir` None: no folder is written (eval)."""
   c = config
   config_lib.check_minimums(c, MINIMUMS)
+  missing = data.Missing(**c.missing)
+  try:
+    method = adapters.from_config(c.adapter.to_dict())
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.adapter: {e}") from e
+  if c.projector not in mllm_lib.PROJECTORS:
+    raise ValueError(f"config.projector={c.projector!r}: use one of {mllm_lib.PROJECTORS}.")
   if workdir is not None:
     check_writable(workdir / "checkpoints", "--workdir")
   clip = backbone_lib.load(c.backbone, 77, c.data_dir, mesh=None, rules=sharding.REPLICATED_RULES, log=say)
@@ -261,7 +269,7 @@ def build(config: ml_collections.ConfigDict, workdir: Path | None) -> Answering:
       else hf.resolve(c.lm.path)
   lm, tokenizer = embedded_lm.load(lm_dir)
   lm_identity = {"source": str(c.lm.path), "sha256": backbone_lib.weights_hash(llama_hf.to_hf_tensors(lm))}
-  adapters.from_config(c.adapter.to_dict()).attach(lm, rngs=nnx.Rngs(c.seed))
+  method.attach(lm, rngs=nnx.Rngs(c.seed))
   model = mllm_lib.MLLM(clip.model.vision_model, lm, c.projector, rngs=nnx.Rngs(c.seed + 1))
   prep = data.Preprocessing(image=clip.image_processing, missing_image="white")
   identity = {"source": f"{clip.identity['source']} + {lm_identity['source']}",
@@ -272,10 +280,9 @@ def build(config: ml_collections.ConfigDict, workdir: Path | None) -> Answering:
   local_graphdef, local_state = nnx.split(model)
   encode = jax.jit(lambda state, pixels: nnx.merge(local_graphdef, state).image_features(pixels))
   graphdef, params = adapters.split(model)
-  missing = data.Missing(**c.missing)
   train, validation = (vqa.load(name, c.data_dir, missing, log=say) for name in ("train", "validation"))
   splits = {"stage1": train.captions(), "stage2": train, "validation": validation}
-  return Answering(c, mesh, graphdef, sharding.replicate(params, mesh), tokenizer, prep, identity, splits,
+  return Answering(c, mesh, graphdef, sharding.replicate(params, mesh), tokenizer, prep, identity, missing, splits,
                    lambda pixels: np.asarray(encode(local_state, pixels)), make_generate(graphdef, tokenizer))
 
 
