@@ -6,8 +6,14 @@
     test_views = {kind: ds.scenario(kind) for kind in data.SCENARIOS}  # complete / text / image missing / mix
     own = data.load(data.MANIFEST, "train", data_dir=..., manifest=data.Manifest("my_data.jsonl"))  # your own data
 
-The names below load their module on first use, so that importing one light module (preprocess, missing, inputs; what a
-decoding worker process or the adapters import) does not load TFDS and the dataset builders.
+What lives where: datasets.py (load, classes, scenarios), builders/ (TFDS builders: easy-VQA, the manual
+downloads, manifests), missing.py (missing tables and codes), preprocess.py (images), pipeline.py (the Grain batches),
+inputs.py (the typed model inputs a batch carries), pixel_store.py and array_files.py (decoded images and other
+arrays kept on disk), metrics.py, tokenizers.py, vqa.py (easy-VQA for the multimodal LLM).
+
+Imports: data imports neither mora_jax.adapters nor mora_jax.train; the names below load their module on first use,
+so that importing one light module (preprocess, missing, inputs; what a decoding worker process or the adapters
+import) does not load TFDS and the dataset builders.
 """
 
 import importlib
