@@ -6,11 +6,11 @@ allow 1e-5 (float32; the same matmuls in a different grouping differ by ~1e-7). 
 recomputation allows 2e-5 of the logits' scale instead: there every matmul has another shape (one row against the
 whole sequence) and the attention reduces over other lengths, so XLA picks other kernels, and which ones changes
 with its version; measured: up to 3e-6 absolute with jax 0.10, 2.7e-5 (8e-6 of the scale, |logit| <= 3.4) with
-jax 0.12. MokA with lambda 0 against per-modality LoRA allows 1e-4 of the logits' scale: with jax 0.10 the two
-are bitwise equal; with jax 0.12.0.1 they differ by up to 2.6e-5 (7.6e-6 of the scale, |logit| <= 3.4) with
-XLA's optimizations on and by 1.2e-4 (3.6e-5 of the scale) with most of them off, as the test suite compiles
-(docs/testing.md): its CPU kernels round the per-modality products differently. A wrong term moves the logits
-by > 1e-2, 30x the bound.
+jax 0.12. MokA with lambda 0 (or with decoder_masks="first_layer", whose layers past 0 are LoRA with A_text)
+against per-modality LoRA allows 1e-4 of the logits' scale: with jax 0.10 the two are bitwise equal; with jax
+0.12.0.1 they differ by up to 2.6e-5 (7.6e-6 of the scale, |logit| <= 3.4) with XLA's optimizations on and by
+1.2e-4 (3.6e-5 of the scale) with most of them off, as the test suite compiles (docs/testing.md): its CPU kernels
+round the per-modality products differently. A wrong term moves the logits by > 1e-2, 30x the bound.
 """
 
 import dataclasses
@@ -79,8 +79,8 @@ class PerModalityLoRA(nnx.Module):
     return jnp.where((call.modality == self.modalities[1])[..., None], self.loras[1](x), self.loras[0](x))
 
 
-def replace_projections(model, make):
-  for layer in model.model.layers:
+def replace_projections(model, make, start_layer: int = 0):
+  for layer in list(model.model.layers)[start_layer:]:
     for parent in (layer.self_attn, layer.mlp):
       for name in vars(parent):
         if isinstance(getattr(parent, name), moka.DecoderMokA):
@@ -101,6 +101,34 @@ def test_lambda_zero_equals_per_modality_lora():
   expected = logits(reference, embeds, call)
   np.testing.assert_allclose(got, expected, atol=LAMBDA_ZERO_RELATIVE_TOLERANCE * np.abs(expected).max(), rtol=0)
   assert np.abs(got - logits(adapted_lm(lam=1.0), embeds, call)).max() > 1e-2, "lambda has no effect"
+
+
+def adapted_projections(model):
+  """(layer index, DecoderMokA) of every adapted projection, in a fixed order."""
+  return [(i, getattr(parent, name)) for i, layer in enumerate(model.model.layers)
+          for parent in (layer.self_attn, layer.mlp) for name in sorted(vars(parent))
+          if isinstance(getattr(parent, name), moka.DecoderMokA)]
+
+
+def test_first_layer_masks_are_moka_in_layer_0_and_text_lora_past_it():
+  """decoder_masks="first_layer" transcribes the authors' visual-text code with a KV cache (docs/mllm.md): their
+  masks reach decoder layer 0, whose projections compute exactly the default MokA layer; every later layer gets no
+  masks and adds lora_B(lora_A['text'](x)) * scaling to every row, image rows included: PEFT LoRA with A_text (the
+  lambda-0 bound: the per-modality products round differently)."""
+  first = adapted_lm(lam=1.0, decoder_masks="first_layer")
+  every = adapted_lm(lam=1.0)
+  embeds, call = inputs()
+  text_rows = llama.TokenCall(modality=jnp.full_like(call.modality, lm_adapters.TEXT),
+                              key_mask=jnp.zeros_like(call.key_mask), padding=call.padding)
+  keys = iter(jax.random.split(jax.random.key(7), 100))
+  for (layer, got), (_, default) in zip(adapted_projections(first), adapted_projections(every), strict=True):
+    x = jax.random.normal(next(keys), (*call.modality.shape, default.moka.base.kernel.shape[0]))
+    np.testing.assert_array_equal(got(x, call), default(x, call if layer == 0 else text_rows))
+  got, default_logits = logits(first, embeds, call), logits(every, embeds, call)
+  reference = replace_projections(every, lambda p: PerModalityLoRA(p, (lm_adapters.TEXT,)), start_layer=1)
+  expected = logits(reference, embeds, call)
+  np.testing.assert_allclose(got, expected, atol=LAMBDA_ZERO_RELATIVE_TOLERANCE * np.abs(expected).max(), rtol=0)
+  assert np.abs(got - default_logits).max() > 1e-2, "the option changes nothing"
 
 
 def test_lora_method_is_peft_lora_with_one_a_for_every_token():

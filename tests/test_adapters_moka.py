@@ -297,6 +297,8 @@ def test_config_and_constructor_validation():
     moka.MokAConfig(temperature="sqrt_dim")
   with pytest.raises(ValueError, match="scale_placement='before_b'.*after_b"):
     moka.MokAConfig(scale_placement="before_b")
+  with pytest.raises(ValueError, match=r"decoder_masks='layer_0': use one of \('every_layer', 'first_layer'\)\.$"):
+    moka.MokAConfig(decoder_masks="layer_0")
   assert moka.MokAConfig(lambdas=[1, 2]).lambdas == (1.0, 2.0)
   with pytest.raises(ValueError, match="lambdas has 2 entries for 3 modalities"):
     layer(config(lambdas=(0.1, 0.2)))

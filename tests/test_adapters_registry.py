@@ -130,7 +130,7 @@ def test_switch_keeps_the_shared_fields_and_returns_the_dropped_ones():
   moka = registry.to_config(registry.from_config({"method": "moka", "rank": 8, "lam": 0.1}))
   dora, dropped = registry.switch(moka, "dora")
   assert dora == registry.to_config(registry.from_config({"method": "dora", "rank": 8, "dropout": 0.05}))
-  assert dropped == ["alpha", "lam", "lambdas", "scale_placement", "temperature"]
+  assert dropped == ["alpha", "decoder_masks", "lam", "lambdas", "scale_placement", "temperature"]
   assert registry.switch(moka, "linear")[0] == {"method": "linear"}
   with pytest.raises(ValueError, match="use one of"):
     registry.switch(moka, "vera")

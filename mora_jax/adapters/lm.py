@@ -8,9 +8,13 @@ MokA and LoRA attach to a decoder LM as to CLIP (`MokAConfig(...).attach(lm, rng
   one shared B. lambda 0 leaves per-modality A + shared B.
 - "lora": the same layer with a single A that every token uses (MokA with one modality is plain LoRA).
 
-Decoding follows the MokA authors: the prompt (image and question tokens) is prefilled with the full MokA path;
-each newly generated token is a text row with no key (`text_call`), i.e. delta = scale * B A_text x, while the
-cached keys and values of the prompt keep their MokA computation.
+Generation: the prompt (image and question tokens) is prefilled with the full MokA path; each newly generated
+token is a text row with no key (`text_call`), i.e. delta = scale * B A_text x, while the cached keys and values
+of the prompt keep their MokA computation. By default every adapted layer runs the full MokA path, in training and
+in the prefill. The MokA authors' visual-text code does so in decoder layer 0 only: a layer drops the masks once
+the KV cache holds layer 0's keys, and its training passes have a cache too (use_cache on), so in training as in
+the prefill its other layers run LoRA with the text A on every token; `MokAConfig(decoder_masks="first_layer")`
+computes that (docs/mllm.md). Their generated tokens take the text A in every layer, as here.
 """
 
 import jax
@@ -33,7 +37,7 @@ def text_call(ids: jax.Array, rngs: nnx.Rngs | None = None) -> TokenCall:
 def generate(lm: LlamaForCausalLM, inputs_embeds: jax.Array, attention_mask: jax.Array, call: TokenCall, *,
              max_new_tokens: int, temperature: float = 0.0, key: jax.Array | None = None,
              eos_token_id: int | None = None, pad_token_id: int = 0) -> jax.Array:
-  """Prefills left-padded prompt embeddings [B, L, D] with `call` (the full MokA path), then decodes new text
+  """Prefills left-padded prompt embeddings [B, L, D] with `call` (each layer's MokA path), then decodes new text
   tokens: int [B, max_new_tokens]."""
   b, length, _ = inputs_embeds.shape
   cache = llama.init_cache(lm.config, b, length + max_new_tokens, inputs_embeds.dtype)

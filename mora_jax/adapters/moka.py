@@ -11,7 +11,9 @@ K = W0^T [in, out], A [M, in, r] and B [r, out], an adapted linear computes, for
 
 A row whose sample has no valid key gets a zero cross term (a "safe" softmax), so MokA degenerates to
 per-modality A + shared B, and with one modality to plain LoRA. Options (`MokAConfig`): tau = sqrt(r) or
-sqrt(number of keys of the sample); `scale` after B (the authors' default) or on z before the attention.
+sqrt(number of keys of the sample); `scale` after B (the authors' default) or on z before the attention; on a
+decoder LM, whether every layer reads the tokens' modalities and keys or only layer 0, as the authors' visual-text
+code runs (`decoder_masks`, docs/mllm.md).
 
 No `merge`: the per-modality part K + scale * A_m B (`MokALinear.delta`) folds into the kernel for inference,
 but the cross term depends on the input, so the full layer cannot be folded.
@@ -31,6 +33,7 @@ from mora_jax.models.modeling import Call, Linear
 
 TEMPERATURES = ("sqrt_rank", "sqrt_num_keys")
 SCALE_PLACEMENTS = ("after_b", "before_attention")
+DECODER_MASKS = ("every_layer", "first_layer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,11 @@ class MokAConfig(AdapterConfig):
   lambdas: tuple[float, ...] = ()
   temperature: str = "sqrt_rank"  # tau = sqrt(rank), or "sqrt_num_keys": sqrt(valid keys of the sample)
   scale_placement: str = "after_b"  # or "before_attention": z *= scale before the attention, B z unscaled
+  # Which decoder layers read the tokens' modality ids and keys: "every_layer", or "first_layer": decoder layer 0
+  # only, the others LoRA with the text A for every token, as the authors' visual-text code computes whenever a KV
+  # cache exists, in its training as in its generation (docs/mllm.md). With start_layer > 0 no adapted layer reads
+  # them then.
+  decoder_masks: str = "every_layer"
 
   def __post_init__(self):
     super().__post_init__()
@@ -57,6 +65,8 @@ class MokAConfig(AdapterConfig):
       raise ValueError(f"MokAConfig.temperature={self.temperature!r}: use one of {TEMPERATURES}.")
     if self.scale_placement not in SCALE_PLACEMENTS:
       raise ValueError(f"MokAConfig.scale_placement={self.scale_placement!r}: use one of {SCALE_PLACEMENTS}.")
+    if self.decoder_masks not in DECODER_MASKS:
+      raise ValueError(f"MokAConfig.decoder_masks={self.decoder_masks!r}: use one of {DECODER_MASKS}.")
 
   @property
   def scale(self) -> float:
@@ -73,7 +83,8 @@ class MokAConfig(AdapterConfig):
 
   def adapt(self, base: Linear, target: Target, shared: nnx.Dict, model, *, rngs: nnx.Rngs) -> nnx.Module:
     if target.tower == DECODER:
-      return DecoderMokA(base, lm.NUM_MODALITIES, self, rngs=rngs)
+      reads_modalities = self.decoder_masks == "every_layer" or target.layer == 0
+      return DecoderMokA(base, lm.NUM_MODALITIES, self, reads_modalities=reads_modalities, rngs=rngs)
     if set(self.towers) != {"vision", "text"}:
       raise ValueError(f"MokA (two-tower) pairs the vision and text projections; towers={self.towers} lacks one.")
     return TowerLinear(base, target, self, rngs=rngs)
@@ -220,15 +231,25 @@ class MokALinear(nnx.Module):
 class DecoderMokA(nnx.Module):
   """A frozen decoder projection with a MokA layer, called as the decoder calls projections: proj(x, call), the
   call a `TokenCall` (mora_jax.adapters.lm's modality ids). With one modality every row takes the one A (LoRA);
-  a call without modality ids (text-only decoding) is text rows that are no keys."""
+  a call without modality ids (text-only decoding) is text rows that are no keys. A projection that does not
+  read the call's modalities and keys (`reads_modalities=False`: `MokAConfig.decoder_masks="first_layer"` past
+  layer 0) takes every row as a text row that is no key: LoRA with the text A, the other A's unused."""
 
-  def __init__(self, base: Linear, num_modalities: int, cfg: MokAConfig, *, rngs: nnx.Rngs):
+  def __init__(self, base: Linear, num_modalities: int, cfg: MokAConfig, *, reads_modalities: bool = True,
+               rngs: nnx.Rngs):
     self.moka = MokALinear(base, num_modalities, cfg, variable_type=partition.Decoder, rngs=rngs)
+    self.reads_modalities = reads_modalities
 
   def __call__(self, x: jax.Array, call: TokenCall | None = None) -> jax.Array:
     call = call if call is not None and call.modality is not None else lm.text_call(x[..., 0])
-    modality = call.modality if self.moka.num_modalities > 1 else jnp.zeros_like(call.modality)
-    return self.moka(x, modality, call.key_mask, call.padding, text_modality=lm.TEXT, rngs=call.rngs)
+    modality, key_mask = call.modality, call.key_mask
+    if not self.reads_modalities:
+      # The authors' layers past layer 0 get no masks and add scale * B A_text dropout(x) to every row; padding
+      # rows, which theirs update too, keep no update here: no valid row reads them.
+      modality, key_mask = jnp.full_like(modality, lm.TEXT), jnp.zeros(modality.shape, bool)
+    if self.moka.num_modalities == 1:
+      modality = jnp.zeros_like(modality)
+    return self.moka(x, modality, key_mask, call.padding, text_modality=lm.TEXT, rngs=call.rngs)
 
 
 class TowerLinear(nnx.Module):
