@@ -84,6 +84,17 @@ def test_a_checkpoint_saved_before_a_key_was_added_resumes_with_its_default():
     checkpoint.check_config({"config": old}, config, "runs/x")
 
 
+@pytest.mark.parametrize("config", [recipes.get("hateful_memes", "moka"), recipes.mllm("moka")], ids=["clip", "mllm"])
+def test_an_adapter_field_added_since_a_checkpoint_takes_its_default(config):
+  """MokA's decoder_masks came after runs that saved MokA checkpoints: theirs resume, a changed value is refused."""
+  old = json.loads(config_lib.to_json(config))
+  del old["adapter"]["decoder_masks"]
+  checkpoint.check_config({"config": old}, config, "runs/x")
+  config_lib.override(config, "adapter.decoder_masks", "first_layer")
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match="adapter.decoder_masks: 'every_layer' -> 'first_layer'"):
+    checkpoint.check_config({"config": old}, config, "runs/x")
+
+
 def test_a_checkpoint_over_other_backbone_weights_is_refused():
   meta = {"backbone": {"source": "openai/clip-vit-base-patch16", "sha256": "a" * 64}}
   checkpoint.check_backbone(meta, {"source": "elsewhere", "sha256": "a" * 64}, "runs/x")

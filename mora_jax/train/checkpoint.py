@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from mora_jax import adapters
 from mora_jax.train import config as config_lib
 from mora_jax.train import recipes
 
@@ -210,13 +211,18 @@ def _drop_failed_restore_reports() -> None:
 
 
 def saved_config(meta: dict) -> dict:
-  """The config a checkpoint was saved with (JSON form), the keys added to the classifier's config
-  (recipes.base) since then given their defaults, so that a run of an earlier version resumes and re-tests as it
-  ran. Adapter keys are the method's own, and a multimodal-LLM run's config (it has a `task`) has other keys:
-  neither is filled in."""
-  if "task" in meta["config"]:
-    return meta["config"]
-  return config_lib.fill_absent(meta["config"], json.loads(config_lib.to_json(recipes.base())), skip=("adapter",))
+  """The config a checkpoint was saved with (JSON form), the keys added since then given their defaults, so that a
+  run of an earlier version resumes and re-tests as it ran: the classifier config's (recipes.base), and the
+  adapter method's own fields (a multimodal-LLM run's config, which has a `task`, has other keys: only its
+  adapter is filled in)."""
+  saved = meta["config"]
+  if "task" not in saved:
+    saved = config_lib.fill_absent(saved, json.loads(config_lib.to_json(recipes.base())), skip=("adapter",))
+  try:
+    method = adapters.to_config(adapters.from_config(saved["adapter"]))
+  except (TypeError, ValueError):  # a field since removed: check_config names the difference
+    return saved
+  return {**saved, "adapter": config_lib.fill_absent(saved["adapter"], json.loads(json.dumps(method, default=list)))}
 
 
 def check_config(meta: dict, config, where: str) -> None:
