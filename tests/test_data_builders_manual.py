@@ -1,5 +1,6 @@
 """MM-IMDb, UPMC Food-101 and Hateful Memes builders on tiny raw layouts (and an Arrow file) the tests write."""
 
+import functools
 import io
 import json
 
@@ -220,14 +221,36 @@ def test_mmimdb_one_sample_per_plot_shares_the_movie_missing_flag(tmp_path):
                                                                                                      [2] * 4]
 
 
-def test_corrupt_image_error_names_sample_and_file(tmp_path):
+def test_corrupt_images_of_every_split_are_one_error_when_prepared_and_a_repaired_file_prepares_again(tmp_path):
   from mora_jax import data  # pylint: disable=import-outside-toplevel
   from mora_jax.data import tokenizers  # pylint: disable=import-outside-toplevel
   write_memes(tmp_path / "raw")
-  (tmp_path / "raw" / "img" / "00004.png").write_bytes(image_bytes((64, 52), "RGB", "PNG")[:60])
-  ds = data.load("hateful_memes", "test", tmp_path / "data", tmp_path / "raw", missing=data.Missing(rate=0.0))
+  good = (tmp_path / "raw" / "img" / "00004.png").read_bytes()
+  (tmp_path / "raw" / "img" / "00004.png").write_bytes(good[:60])  # a test image, truncated
+  (tmp_path / "raw" / "img" / "00002.png").write_bytes(b"not an image")  # a train one
+  load = functools.partial(data.load, "hateful_memes", "test", tmp_path / "data", tmp_path / "raw",
+                           missing=data.Missing(rate=0.0))
+  with pytest.raises(ValueError, match=r"^hateful_memes: 2 of 5 images do not decode .*: img/00002.png \(train\), "
+                     r"img/00004.png \(test\); .*Repair those files .* or pass --config.skip_corrupt=True") as error:
+    load()
+  assert "\n" not in str(error.value) and "BytesIO" not in str(error.value)
+  logged = []
+  ds = load(skip_corrupt=True, log=logged.append)  # the prepared files are kept: a warning, once per process
+  load(skip_corrupt=True, log=logged.append)
+  assert sum(line.startswith("warning: hateful_memes: 2 of 5 images do not decode") for line in logged) == 1
   tokenizer = tokenizers.byte_level_clip_tokenizer(tmp_path / "tok")
   with pytest.raises(ValueError, match=r"hateful_memes/test sample 4 \(img/00004.png\): corrupt or truncated"):
     list(data.batches(ds, 2, tokenizer, train=False))
   rows = list(data.batches(ds, 2, tokenizer, train=False, skip_corrupt=True))
   assert sum(int(b["corrupt"].sum()) for b in rows) == 1 and sum(int(b["valid"].sum()) for b in rows) == 1
+  for name, content in (("00002.png", image_bytes((64, 50), "RGB", "PNG")), ("00004.png", good)):
+    (tmp_path / "raw" / "img" / name).write_bytes(content)
+  logged.clear()
+  repaired = load(log=logged.append)
+  assert any("changed since hateful_memes was prepared from them; preparing it again" in line for line in logged)
+  assert all(b["valid"].all() for b in data.batches(repaired, 2, tokenizer, train=False))
+
+
+def test_a_corrupt_image_message_names_the_file_not_the_stream():
+  with pytest.raises(ValueError, match=r"^img/7.png: corrupt or truncated image \(cannot identify image file\)\.$"):
+    preprocess.decode_image(b"not an image", "img/7.png")

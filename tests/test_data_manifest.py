@@ -11,6 +11,7 @@ import pytest
 
 from mora_jax import data
 from mora_jax.data import preprocess, tokenizers
+from mora_jax.data.builders import manifest as manifest_lib
 from mora_jax.train import checkpoint
 from mora_jax.train import config as config_lib
 from mora_jax.train import job as job_lib
@@ -132,11 +133,14 @@ def run_config(tmp_path, path, **extra):
 
 
 @pytest.mark.parametrize("suffix,multi_label,metric", [(".jsonl", False, "accuracy"), (".csv", True, "f1_macro")])
-def test_a_short_run_tests_every_scenario_and_does_not_resume_on_an_edited_manifest(tmp_path, suffix, multi_label,
-                                                                                     metric):
+def test_a_short_run_tests_every_scenario_and_does_not_resume_on_an_edited_manifest(tmp_path, capsys, suffix,
+                                                                                     multi_label, metric):
   entries = manifest_rows(tmp_path, multi_label=multi_label)
+  entries[4]["text"] = "a square of one colour, described at length"  # validation: 38 byte-level tokens
   path = write_manifest(tmp_path / f"m{suffix}", entries)
   results = loop.train(run_config(tmp_path, path), tmp_path / "run")
+  assert re.search(r"warning: manifest_m_\w+/validation: .* longer than preprocessing.max_length=24 tokens and are "
+                   r"cut to it; --config.preprocessing.max_length=38 keeps them all.\n", capsys.readouterr().out)
   saved = json.loads((tmp_path / "run" / "eval.json").read_text())
   assert saved["metric"] == results["metric"] == metric and saved["dataset"] == "manifest"
   assert set(saved["test"]) == set(data.SCENARIOS)
@@ -198,3 +202,91 @@ def test_an_empty_split_is_an_error(tmp_path):
   path = write_manifest(tmp_path / "m.jsonl", entries)
   with pytest.raises(ValueError, match=rf"manifest {re.escape(path)}: split 'validation' has no rows. Give it some"):
     data.classes(data.MANIFEST, tmp_path / "prepared", manifest=data.Manifest(path))
+
+
+def relabel(entries, **labels_by_row):
+  for row, label in labels_by_row.items():
+    entries[int(row[1:])]["label"] = label
+  return entries
+
+
+# (edit of the valid rows, manifest suffix, options, what the error says after "<manifest>, ")
+LABEL_ERRORS = {
+    "number and string": (lambda e: relabel(e, r0=1, r6="1"), ".jsonl", {},
+                          r"lines 1 and 7: labels 1 \(a number\) and '1' are merged into one class '1'. Write every "
+                          r"label of a class the same way"),
+    "spaces at an end": (lambda e: relabel(e, r8="red "), ".csv", {},
+                         r"line 10: \"label\" holds 'red ', with spaces at an end. Remove them: .*'red ' and 'red' "
+                         r"would be two classes"),
+    "case": (lambda e: relabel(e, r2="Red"), ".jsonl", {},
+             r"lines 1 and 3: labels '(red|Red)' and '(red|Red)' differ only in case, spaces or Unicode form, so "
+             r"they would be two classes. .* list both in manifest.classes"),
+    "unicode form": (lambda e: relabel(e, r1="caf\u00e9", r2="cafe\u0301"), ".jsonl", {},
+                     r"lines 2 and 3: labels 'caf.+' and 'caf.+' differ only in case, spaces or Unicode form"),
+    "class only in test": (lambda e: relabel(e, r5="purple", r11="purple"), ".jsonl", {},
+                           r"1 class\(es\) appear in validation or test but in no train row, so no sample trains "
+                           r"them: 'purple' \(line 6\). Add train rows of them, or remove their validation and test "
+                           r"rows."),
+    "listed class only in test": (lambda e: relabel(e, r4="purple"), ".csv", {"classes": (*COLOURS, "purple")},
+                                  r".*no sample trains them: 'purple' \(line 6\)"),
+    "duplicate id": (lambda e: edit_line(e, 9, id="s02"), ".jsonl", {},
+                     r"lines 3 and 10: both have id 's02'. Give every row its own id"),
+}
+
+
+@pytest.mark.parametrize("case", list(LABEL_ERRORS))
+def test_label_and_id_mistakes_are_one_error_naming_the_lines_and_the_fix(tmp_path, case):
+  edit, suffix, options, message = LABEL_ERRORS[case]
+  path = write_manifest(tmp_path / f"m{suffix}", edit(manifest_rows(tmp_path, rows=12)))
+  with pytest.raises(ValueError, match=f"^{re.escape(path)}(, |: ){message}") as error:
+    manifest_lib.read(data.Manifest(path, **options))
+  assert "\n" not in str(error.value)
+
+
+def test_spellings_listed_as_classes_are_different_classes_and_multi_label_names_are_checked(tmp_path):
+  entries = relabel(manifest_rows(tmp_path, rows=12), r0="Red", r6="Red")
+  path = write_manifest(tmp_path / "m.jsonl", entries)
+  read = manifest_lib.read(data.Manifest(path, classes=("Red", *COLOURS)))
+  assert read.class_names == ("Red", *COLOURS)
+  entries = manifest_rows(tmp_path, rows=12, multi_label=True)
+  entries[7]["labels"] = ["GREEN", "blue"]
+  path = write_manifest(tmp_path / "multi.csv", entries)
+  with pytest.raises(ValueError, match=r"lines \d+ and 9: labels '(green|GREEN)' and '(green|GREEN)' differ only"):
+    manifest_lib.read(data.Manifest(path))
+
+
+def test_corrupt_images_are_one_error_when_prepared_and_a_repaired_image_prepares_again(tmp_path):
+  entries = manifest_rows(tmp_path)
+  entries[9]["image_base64"] = base64.b64encode(b"not an image").decode()  # line 10, train
+  (tmp_path / "img" / "s05.png").write_bytes((tmp_path / "img" / "s05.png").read_bytes()[:80])  # test
+  path = write_manifest(tmp_path / "m.jsonl", entries)
+  manifest = data.Manifest(path)
+  with pytest.raises(ValueError, match=r"^manifest_m_\w+: 2 of 36 images do not decode .*: m.jsonl line 10 \(train\), "
+                     rf"{re.escape(str(tmp_path / 'img' / 's05.png'))} \(test\); .*--config.skip_corrupt=True"):
+    data.classes(data.MANIFEST, tmp_path / "prepared", manifest=manifest)
+  logged = []
+  ds = data.load(data.MANIFEST, "test", tmp_path / "prepared", manifest=manifest, skip_corrupt=True,
+                 log=logged.append)
+  assert logged[0].startswith(f"warning: {ds.name}: 2 of 36 images do not decode")
+  entries[9]["image_base64"] = entries[3]["image_base64"]
+  write_manifest(tmp_path / "m.jsonl", entries)
+  with pytest.raises(ValueError, match=r"^manifest_m_\w+: 1 of 36 images do not decode .*img/s05.png \(test\)"):
+    data.classes(data.MANIFEST, tmp_path / "prepared", manifest=manifest)
+  (tmp_path / "img" / "s05.png").write_bytes((tmp_path / "img" / "s11.png").read_bytes())  # repaired in place
+  repaired = data.load(data.MANIFEST, "test", tmp_path / "prepared", manifest=manifest)
+  assert repaired.name != ds.name and len(repaired.source) == 6
+
+
+def test_truncated_texts_are_measured_with_the_max_length_that_keeps_them(tmp_path):
+  tokenizer = tokenizers.byte_level_clip_tokenizer(tmp_path / "tok")  # one token a character, and BOS and EOS
+  texts = ["x" * n for n in range(1, 201)]  # 3 to 202 tokens
+  ds = data.Dataset(name="manifest_m_0", split="train", source=[{"text": t.encode()} for t in texts],
+                    table=np.zeros(200, np.int8), class_names=("a",), multi_label=False, missing=data.Missing())
+  assert data.truncation_warning(ds, tokenizer, 202) is None
+  assert data.truncation_warning(ds, tokenizer, 77) == (
+      "warning: manifest_m_0/train: 62.5% of the texts (125 of 200) are longer than preprocessing.max_length=77 "
+      "tokens and are cut to it; --config.preprocessing.max_length=202 keeps them all; "
+      "--config.preprocessing.max_length=201 keeps 99%.")
+  assert data.truncation_warning(ds, tokenizer, 24, positions=77).endswith(
+      "; the backbone's text tower reads at most 77 tokens, which cuts 62.5%: a backbone that reads longer texts "
+      "keeps more.")

@@ -21,7 +21,7 @@ import importlib
 _EXPORTS = {
     "Manifest": "builders.manifest",
     **dict.fromkeys(("BUILDERS", "MANIFEST", "SCENARIOS", "Classes", "Dataset", "batches", "classes", "is_prepared",
-                     "load", "prepare"), "datasets"),
+                     "load", "prepare", "truncation_warning"), "datasets"),
     "Missing": "missing",
     **dict.fromkeys(("Preprocessing", "tokenize"), "pipeline"),
 }

@@ -144,13 +144,14 @@ def decode_stream(chunks, prep: Preprocessing, workers: int):
     yield from pending.popleft().get()
 
 
-def _text(value) -> str:
+def as_text(value) -> str:
+  """A record's text (TFDS gives bytes)."""
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def sample_name(record, source_name: str) -> str:
-  where = f" ({_text(record['file'])})" if "file" in record else ""
-  return f"{source_name} sample {_text(record['id'])}{where}"
+  where = f" ({as_text(record['file'])})" if "file" in record else ""
+  return f"{source_name} sample {as_text(record['id'])}{where}"
 
 
 def record_image(record, source_name: str) -> Image.Image:
@@ -212,7 +213,7 @@ class _Batch:
     pixels = np.broadcast_to(self.white, (len(indices), *self.white.shape)).copy()
     corrupt = np.zeros(len(indices), bool)
     pixels[with_image], corrupt[with_image] = self._images(indices[with_image], records)
-    texts = ["" if not ok or code == missing_lib.TEXT_MISSING else _text(records[int(i)]["text"])
+    texts = ["" if not ok or code == missing_lib.TEXT_MISSING else as_text(records[int(i)]["text"])
              for i, ok, code in zip(indices, present, codes)]
     input_ids, attention_mask = tokenize(self.tokenizer, texts, self.prep)
     labels = [np.asarray(records[int(i)]["label"]) if ok else self.padding_label for i, ok in zip(indices, present)]

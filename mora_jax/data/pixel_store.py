@@ -41,11 +41,13 @@ class PixelStore:
   build_seconds: float = 0.0  # what building it took this run (0: reused)
 
 
-def key(name: str, split: str, num_samples: int, prep: pipeline.Preprocessing) -> dict:
-  """Everything a store's values depend on (a different key is a different store)."""
-  return {"format": FORMAT_VERSION, "dataset": name, "split": split, "samples": num_samples,
-          "image": json.loads(json.dumps(dataclasses.asdict(prep.image), default=str)),
-          "transparency": prep.transparency}
+def key(name: str, split: str, num_samples: int, prep: pipeline.Preprocessing, sources: str = "") -> dict:
+  """Everything a store's values depend on (a different key is a different store). `sources`: the fingerprint of
+  the raw files a published dataset was prepared from (data.image_check), which its fixed name does not carry."""
+  store_key = {"format": FORMAT_VERSION, "dataset": name, "split": split, "samples": num_samples,
+               "image": json.loads(json.dumps(dataclasses.asdict(prep.image), default=str)),
+               "transparency": prep.transparency}
+  return {**store_key, "sources": sources} if sources else store_key  # the stores of before stay valid
 
 
 def layout(num_samples: int, prep: pipeline.Preprocessing) -> dict:
@@ -105,7 +107,7 @@ def open_or_build(source, name: str, split: str, prep: pipeline.Preprocessing, r
     raise ValueError(f"config.pixel_store={mode!r}: use one of {MODES}.")
   if mode == "off" or len(source) == 0:
     return None
-  store_key = key(name, split, len(source), prep)
+  store_key = key(name, split, len(source), prep, getattr(source, "sources", ""))
   shapes = layout(len(source), prep)
   folder = files(root, name, split, store_key, prep)
   store = open_existing(folder, store_key, shapes, log)

@@ -173,11 +173,13 @@ def image_to_pixels(image: Image.Image, processing: ImageProcessing = ImageProce
 
 def decode_image(data: bytes, source: str) -> Image.Image:
   """Decodes encoded image bytes fully (so truncation is caught here), naming `source` on failure."""
+  stream = io.BytesIO(data)
   try:
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(stream)
     image.load()
   except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError(f"{source}: corrupt or truncated image ({e}).") from e
+    # PIL names the stream it read ("cannot identify image file <_io.BytesIO object at 0x...>"); `source` is the file.
+    raise ValueError(f"{source}: corrupt or truncated image ({str(e).replace(f' {stream!r}', '')}).") from e
   return image
 
 

@@ -164,7 +164,13 @@ class Job:
     return selection_metric(self.config, self.multi_label)
 
   def load(self, split: str, missing: data.Missing | None = None) -> data.Dataset:
-    return load_split(self.config, self.settings, split, missing)
+    ds = load_split(self.config, self.settings, split, missing)
+    # A checkpoint fixes how many tokens its text tower reads; a random preset's is made max_length long.
+    positions = self.backbone.model.config.text.max_position_embeddings if self.config.backbone.path else None
+    truncation = data.truncation_warning(ds, self.backbone.tokenizer, self.prep.max_length, positions)
+    if truncation:
+      say(truncation)
+    return ds
 
   def batches(self, ds: data.Dataset, global_batch: int, train: bool, accum_steps: int = 1,
               cache: prefix_cache.Cache | None = None, skip_corrupt: bool | None = None):
@@ -247,7 +253,8 @@ def load_split(config: ml_collections.ConfigDict, settings: Settings, split: str
   """One split with its missing table (built, on first use, by process 0)."""
   return _main_process_first(
       lambda: data.load(config.dataset, split, config.data_dir, settings.manual_dir, missing or settings.missing,
-                        one_sample_per_text=config.one_sample_per_text, log=say, manifest=settings.manifest),
+                        one_sample_per_text=config.one_sample_per_text, log=say, manifest=settings.manifest,
+                        skip_corrupt=config.skip_corrupt),
       f"{config.dataset}/{split}")
 
 
@@ -260,7 +267,8 @@ def build_job(config: ml_collections.ConfigDict, settings: Settings | None = Non
                             rules=rules, log=say)
   prep = data.Preprocessing(image=backbone.image_processing, **config.preprocessing)
   classes = _main_process_first(
-      lambda: data.classes(config.dataset, config.data_dir, settings.manual_dir, log=say, manifest=settings.manifest),
+      lambda: data.classes(config.dataset, config.data_dir, settings.manual_dir, log=say, manifest=settings.manifest,
+                           skip_corrupt=config.skip_corrupt),
       config.dataset)
   if config.dataset == data.MANIFEST:
     check_metric(config, classes)

@@ -7,9 +7,10 @@ of class names, multi-label; in csv one cell with the names separated by "|"), a
 `split_fractions`.
 
 The prepared files live in `data_dir/manifest/<manifest stem>_<content hash>/`: the hash covers the
-manifest's bytes, the image root and the split options, so editing the manifest prepares it again and two
-manifests never share files. Records are those of builders/manual.py ("id", "row", "file", "image" bytes,
-"text", "label"), stored in manifest order within each split.
+manifest's bytes, the image root, the split options and each image file's size and modification time, so
+editing the manifest or replacing an image prepares it again and two manifests never share files. Records are
+those of builders/manual.py ("id", "row", "file", "image" bytes, "text", "label"), stored in manifest order
+within each split.
 """
 
 import base64
@@ -20,6 +21,7 @@ import hashlib
 import io
 import json
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +93,63 @@ def _csv_rows(path: Path, text: str):
 def _class_name(value, path: Path, line: int, key: str) -> str:
   if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
     raise _error(path, line, f'"{key}" holds {value!r}', "Class names are non-empty strings.")
+  if isinstance(value, str) and value != value.strip():
+    raise _error(path, line, f'"{key}" holds {value!r}, with spaces at an end', "Remove them: names are matched "
+                 f"exactly, so {value!r} and {value.strip()!r} would be two classes.")
   return str(value)
+
+
+def _spelling(value) -> str:
+  """A class name's spelling as written: a JSON number is not the string of its digits."""
+  return repr(value) if isinstance(value, str) else f"{value} (a number)"
+
+
+def _check_spellings(rows: list[tuple[int, dict]], path: Path, multi_label: bool, given: tuple[str, ...]) -> None:
+  """One class, one spelling: labels that differ only in type (1 and "1", merged into one class), case, inner
+  spaces or Unicode form ("Cat" and "cat", two classes) are an error naming a line of each, unless
+  manifest.classes lists them as different classes. The rows' labels are valid names (`_labels`)."""
+  spellings = {}  # normalised name -> {spelling: (first line, name)}
+  for line, fields in rows:
+    for value in _written_names(fields["labels" if multi_label else "label"], multi_label):
+      normal = " ".join(unicodedata.normalize("NFKC", str(value)).casefold().split())
+      spellings.setdefault(normal, {}).setdefault(_spelling(value), (line, str(value)))
+  for found in spellings.values():
+    names = {name for _, name in found.values()}
+    if len(found) < 2 or (len(names) == len(found) and names <= set(given)):
+      continue
+    (first, (line, name)), (second, (other_line, other_name)) = sorted(found.items(), key=lambda item: item[1][0])[:2]
+    where = f"{path}, line {line}" if line == other_line else f"{path}, lines {line} and {other_line}"
+    if name == other_name:
+      raise ValueError(f"{where}: labels {first} and {second} are merged into one class {name!r}. Write every label "
+                       "of a class the same way (all strings, or all numbers).")
+    raise ValueError(f"{where}: labels {first} and {second} differ only in case, spaces or Unicode form, so they "
+                     "would be two classes. Write every label of a class the same way, or, if they are different "
+                     "classes, list both in manifest.classes.")
+
+
+def _check_ids(samples: list[Sample], path: Path) -> None:
+  first_line = {}
+  for sample in samples:
+    if sample.id in first_line:
+      raise ValueError(f"{path}, lines {first_line[sample.id]} and {sample.line}: both have id {sample.id!r}. Give "
+                       "every row its own id (a row without one is named by its line number).")
+    first_line[sample.id] = sample.line
+
+
+def _check_trained(splits: dict[str, list[Sample]], path: Path, random_split: bool) -> None:
+  """Every class that a validation or test row has is trained by some train row."""
+  trained = {name for sample in splits["train"] for name in sample.labels}
+  untrained = {}  # class -> first line of it outside train
+  for sample in sorted(splits["validation"] + splits["test"], key=lambda s: s.line):
+    for name in sample.labels:
+      if name not in trained:
+        untrained.setdefault(name, sample.line)
+  if untrained:
+    named = ", ".join(f"{name!r} (line {line})" for name, line in list(untrained.items())[:5])
+    fix = ("Add train rows of them, or remove their validation and test rows" +
+           (", or change manifest.seed or manifest.split_fractions" if random_split else "") + ".")
+    raise ValueError(f"{path}: {len(untrained)} class(es) appear in validation or test but in no train row, so "
+                     f"no sample trains them: {named}. {fix}")
 
 
 def _labels(fields: dict, path: Path, line: int, multi_label: bool) -> tuple[str, ...]:
@@ -99,14 +157,18 @@ def _labels(fields: dict, path: Path, line: int, multi_label: bool) -> tuple[str
   if other in fields or key not in fields:
     raise _error(path, line, f'a "{other}" where the first row has "{key}"' if other in fields else f'no "{key}"',
                  f'Give every row "{key}" ("label": one class name; "labels": a list, for multi-label).')
-  value = fields[key]
+  if multi_label and not isinstance(fields[key], (str, list)):
+    raise _error(path, line, f'"labels" holds {fields[key]!r}', "Give a list of class names.")
+  return tuple(dict.fromkeys(_class_name(v, path, line, key) for v in _written_names(fields[key], multi_label)))
+
+
+def _written_names(value, multi_label: bool) -> list:
+  """The class names of a row's label field as written: one, a list, or a csv cell's names separated by "|"."""
   if not multi_label:
-    return (_class_name(value, path, line, key),)
+    return [value]
   if isinstance(value, str):  # a csv cell
-    value = [name.strip() for name in value.split(LABELS_SEPARATOR) if name.strip()]
-  if not isinstance(value, list):
-    raise _error(path, line, f'"labels" holds {value!r}', "Give a list of class names.")
-  return tuple(dict.fromkeys(_class_name(v, path, line, key) for v in value))
+    return [name.strip() for name in value.split(LABELS_SEPARATOR) if name.strip()]
+  return value
 
 
 def _image(fields: dict, path: Path, line: int, root: Path) -> Path | bytes:
@@ -126,6 +188,19 @@ def _sample(fields: dict, path: Path, line: int, root: Path, multi_label: bool) 
     raise _error(path, line, 'no "text" string', 'Give every row a "text" ("" for none).')
   return Sample(line=line, id=str(fields.get("id", line)), image=_image(fields, path, line, root),
                 text=fields["text"], labels=_labels(fields, path, line, multi_label))
+
+
+def _image_stats(samples: list[Sample], path: Path) -> str:
+  """Each image file's path, size and modification time, one line each."""
+  stats = []
+  for sample in samples:
+    if isinstance(sample.image, Path):
+      if not sample.image.is_file():
+        raise _error(path, sample.line, f"image {sample.image} not found", "Fix the path (relative paths are under "
+                     "the manifest's folder, or manifest.image_root).")
+      stat = sample.image.stat()
+      stats.append(f"{sample.image}\0{stat.st_size}\0{stat.st_mtime_ns}")
+  return "\n".join(stats)
 
 
 def _random_splits(samples: list[Sample], fractions, seed: int, path: Path) -> dict[str, list[Sample]]:
@@ -166,7 +241,7 @@ def _class_names(samples: list[Sample], given: tuple[str, ...], path: Path) -> t
 
 def read(manifest: Manifest) -> Contents:
   """The manifest's samples per split and classes; every row is checked, errors name the line and the fix.
-  Images are not opened here (the build reads them)."""
+  Image files are found here, not opened (the build reads them, `data.prepare` checks that they decode)."""
   path = Path(manifest.path).expanduser().absolute()
   if path.suffix not in (".jsonl", ".csv"):
     raise ValueError(f"manifest {path}: use a .jsonl or .csv file (one row per sample).")
@@ -185,16 +260,23 @@ def read(manifest: Manifest) -> Contents:
     raise ValueError(f"manifest {path} has no rows; write one row per sample.")
   multi_label = "labels" in rows[0][1]
   samples = [_sample(fields, path, line, root, multi_label) for line, fields in rows]
-  if any("split" in fields for _, fields in rows):
-    splits = _given_splits(rows, samples, path)
-  else:
+  _check_spellings(rows, path, multi_label, manifest.classes)
+  _check_ids(samples, path)
+  # The images' sizes and times join the digest, so that an image replaced in place (a corrupt one repaired) is
+  # prepared again rather than served from the prepared files.
+  digest = hashlib.sha256(f"{digest}{_image_stats(samples, path)}".encode()).hexdigest()[:12]
+  random_split = not any("split" in fields for _, fields in rows)
+  if random_split:
     splits = _random_splits(samples, manifest.split_fractions, manifest.seed, path)
+  else:
+    splits = _given_splits(rows, samples, path)
   for split, members in splits.items():
     if not members:
       raise ValueError(f"manifest {path}: split {split!r} has no rows. Give it some (\"split\": \"{split}\"), "
                        "or, for a manifest without splits, raise its manifest.split_fractions entry.")
-  return Contents(path=path, digest=digest, class_names=_class_names(samples, manifest.classes, path),
-                  multi_label=multi_label, splits=splits)
+  class_names = _class_names(samples, manifest.classes, path)
+  _check_trained(splits, path, random_split)
+  return Contents(path=path, digest=digest, class_names=class_names, multi_label=multi_label, splits=splits)
 
 
 def _config_name(contents: Contents) -> str:
@@ -244,10 +326,7 @@ class ManifestBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for row, sample in enumerate(self.contents.splits[split]):
       if isinstance(sample.image, bytes):
         image, file = sample.image, f"{path.name} line {sample.line}"
-      elif sample.image.is_file():
+      else:  # found by `read`
         image, file = sample.image.read_bytes(), str(sample.image)
-      else:
-        raise FileNotFoundError(f"{path}, line {sample.line}: image {sample.image} not found. Fix the path "
-                                "(relative paths are under the manifest's folder, or manifest.image_root).")
       yield row, {"id": sample.id, "row": row, "file": file, "image": image, "text": sample.text,
                   "label": self._label(sample)}
