@@ -200,13 +200,16 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def key(job, ds: data.Dataset, layer: int | None, dtype: np.dtype) -> dict:
-  """Everything a split's cached values depend on (a different key is a different cache)."""
-  return {"format": FORMAT_VERSION, "backbone": job.backbone.identity["sha256"],
-          "backbone_dtype": str(np.dtype(job.settings.backbone_dtype)),
-          "dataset": ds.name, "split": ds.split, "samples": len(ds.source),
-          "preprocessing": json.loads(json.dumps(dataclasses.asdict(job.prep), default=str)),
-          "tokenizer": tokenizer_hash(job.backbone.tokenizer), "layer": "features" if layer is None else layer,
-          "dtype": str(dtype)}
+  """Everything a split's cached values depend on (a different key is a different cache), the fingerprint of a
+  published dataset's raw files among them (a manifest's is in its name; easy-VQA has none: its caches stay)."""
+  cache_key = {"format": FORMAT_VERSION, "backbone": job.backbone.identity["sha256"],
+               "backbone_dtype": str(np.dtype(job.settings.backbone_dtype)),
+               "dataset": ds.name, "split": ds.split, "samples": len(ds.source),
+               "preprocessing": json.loads(json.dumps(dataclasses.asdict(job.prep), default=str)),
+               "tokenizer": tokenizer_hash(job.backbone.tokenizer), "layer": "features" if layer is None else layer,
+               "dtype": str(dtype)}
+  sources = getattr(ds.source, "sources", "")
+  return {**cache_key, "sources": sources} if sources else cache_key
 
 
 def layout(job, layer: int | None, num_samples: int) -> dict:
