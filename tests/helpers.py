@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +161,27 @@ def run_script(script, args, devices=1, timeout=300, check=True, env_extra=None,
   if check and proc.returncode != 0:
     raise AssertionError(f"{script} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
   return proc
+
+
+def two_processes(config, workdir, flags, script=None) -> list[tuple[int, str]]:
+  """(exit status, stdout + stderr) of train.py's two processes (or `script`, run as train.py is) with `config`, on
+  2 simulated devices each, coordinated on a free local port."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(ROOT)}
+  program = ["-c", script, "-"] if script else [str(ROOT / "train.py")]
+  procs = [subprocess.Popen([sys.executable, *program, "--config", str(config), "--workdir", str(workdir), *flags,
+                             "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+                             "--process_id", str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  return [(p.returncode, out + err) for p, (out, err) in zip(procs, outputs)]
 
 
 def train_losses(workdir) -> list[float]:

@@ -69,13 +69,19 @@ BAD_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("override", list(BAD_CONFIGS))
-def test_a_bad_config_is_reported_before_any_backbone_is_built(tmp_path, override, capsys):
+def assert_refused_before_any_work(tmp_path, capsys, flags, fragment) -> None:
+  """train.py with `flags` exits 2 with one error line holding `fragment`, having built no backbone or LM (in
+  tmp_path/cache), prepared no data and made no workdir."""
   cache = tmp_path / "cache"
   code = cli.train_main(["--workdir", str(tmp_path / "w"), f"--config.backbone.cache_dir={cache}",
-                         f"--config.data_dir={tmp_path / 'data'}", f"--config.{override}"])
-  assert_one_line_error(capsys.readouterr().err, code, BAD_CONFIGS[override])
+                         f"--config.data_dir={tmp_path / 'data'}", *flags])
+  assert_one_line_error(capsys.readouterr().err, code, fragment)
   assert not cache.exists() and not (tmp_path / "data").exists() and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("override", list(BAD_CONFIGS))
+def test_a_bad_config_is_reported_before_any_backbone_is_built(tmp_path, override, capsys):
+  assert_refused_before_any_work(tmp_path, capsys, [f"--config.{override}"], BAD_CONFIGS[override])
 
 
 MLLM_BAD_CONFIGS = {
@@ -90,13 +96,9 @@ MLLM_BAD_CONFIGS = {
 
 @pytest.mark.parametrize("override", list(MLLM_BAD_CONFIGS))
 def test_a_bad_mllm_config_is_reported_before_any_model_is_built(tmp_path, override, capsys):
-  cache = tmp_path / "cache"
-  code = cli.train_main(["--config", str(ROOT / "configs" / "easy_vqa_mllm_moka.py"), "--workdir", str(tmp_path / "w"),
-                         f"--config.backbone.cache_dir={cache}", f"--config.lm.cache_dir={cache}",
-                         f"--config.data_dir={tmp_path / 'data'}", f"--config.{override}"])
-  assert_one_line_error(capsys.readouterr().err, code, MLLM_BAD_CONFIGS[override])
-  assert not cache.exists() and not (tmp_path / "data").exists() and not (tmp_path / "w").exists()
-  assert not cache.exists() and not (tmp_path / "data").exists() and not (tmp_path / "w").exists()
+  flags = ["--config", str(ROOT / "configs" / "easy_vqa_mllm_moka.py"), f"--config.lm.cache_dir={tmp_path / 'cache'}",
+           f"--config.{override}"]
+  assert_refused_before_any_work(tmp_path, capsys, flags, MLLM_BAD_CONFIGS[override])
 
 
 @pytest.mark.parametrize("override", ["adapter.alpha=800", "adapter.method=lora", "head.type=mlp", "seed=1"])

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ import pytest
 
 from mora_jax.train import checkpoint, config as config_lib, loop
 from tests.helpers import (CONFIG, ROOT, final_state, memes_config, memes_overrides, run_script, saved_test_results,
-                           train_losses, write_memes)
+                           train_losses, two_processes, write_memes)
 
 
 def test_eight_devices_and_fsdp_give_the_one_device_losses(memes, one_device_run, eight_device_run):
@@ -30,12 +29,6 @@ def test_eight_devices_and_fsdp_give_the_one_device_losses(memes, one_device_run
   np.testing.assert_allclose(train_losses(eight_device_run), reference, atol=1e-5, rtol=0)
   np.testing.assert_allclose(train_losses(fsdp), reference, atol=1e-5, rtol=0)
   assert json.loads((fsdp / "config.json").read_text())["mesh"] == {"data": -1, "fsdp": 4}
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 # train.py with a SIGTERM sent to process 1 alone after step 1, and the processes agreeing on it every 2 steps.
@@ -60,24 +53,6 @@ sys.exit(train.main())
 """
 
 
-def _two_processes(workdir, flags, script=None) -> list[tuple[int, str]]:
-  """(exit status, stdout + stderr) of train.py's two processes on 2 simulated devices each."""
-  port = _free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(ROOT)}
-  program = ["-c", script, "-"] if script else [str(ROOT / "train.py")]
-  procs = [subprocess.Popen([sys.executable, *program, "--config", CONFIG, "--workdir", str(workdir), *flags,
-                             "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
-                             "--process_id", str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=240) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  return [(p.returncode, out + err) for p, (out, err) in zip(procs, outputs)]
-
-
 def test_two_processes_match_one_and_their_checkpoint_restores_in_one(memes, one_device_run):
   """1 process x 4 devices without the prefix cache, 2 x 2 with it: the train split's cache built on disk by both
   processes, the validation split's in memory (a budget that holds only it), the test from shared tower passes.
@@ -90,7 +65,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(memes, one
   straight, workdir = memes / "run_2x2", memes / "run_2x2_preempted"
   shutil.rmtree(memes / "data" / "prefix_cache", ignore_errors=True)
   cached = memes_overrides(memes, max_steps=3, prefix_cache="on", prefix_cache_memory_gb=0.0002)  # 0.2 MiB
-  outputs = _two_processes(straight, cached)
+  outputs = two_processes(CONFIG, straight, cached)
   for status, log in outputs:
     assert status == 0, log[-3000:]
   log = outputs[0][1]
@@ -100,10 +75,10 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(memes, one
   out = straight / "in_one.json"
   run_script("eval.py", ["--workdir", straight, "--output", out], devices=4)
   assert json.loads(out.read_text())["test"] == saved_test_results(straight)
-  for status, log in _two_processes(workdir, cached, PREEMPTED_TRAIN):
+  for status, log in two_processes(CONFIG, workdir, cached, PREEMPTED_TRAIN):
     assert status == 143 and "SIGTERM: saved a checkpoint at step 2" in log, log[-3000:]
   assert checkpoint.Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [2]
-  resumed = _two_processes(workdir, cached)
+  resumed = two_processes(CONFIG, workdir, cached)
   for status, log in resumed:
     assert status == 0, log[-3000:]
   assert "resumed from" in resumed[0][1], resumed[0][1][-3000:]

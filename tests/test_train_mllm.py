@@ -10,9 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,7 +22,7 @@ from mora_jax.data import missing as missing_lib
 from mora_jax.data import vqa
 from mora_jax.models import llama, llama_hf
 from mora_jax.train import checkpoint, cli, config as config_lib, loop, writers
-from tests.helpers import ROOT, final_state, saved_test_results
+from tests.helpers import ROOT, final_state, saved_test_results, two_processes
 
 CONFIG = "configs/easy_vqa_mllm_moka.py"
 STAGE1_STEPS, MAX_STEPS = 2, 4
@@ -183,12 +180,6 @@ def test_a_damaged_latest_stage_2_checkpoint_is_moved_aside_and_the_previous_one
   assert saved_test_results(workdir) == saved_test_results(reference)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_give_the_one_process_losses(setup_dirs, straight):
   """train.py on 2 processes x 2 simulated devices: both stages' losses are the straight run's (1 process x 8
   devices in this process: data parallelism changes only the order of the sums, to 1e-6 here, and a 1 x 4
@@ -196,21 +187,10 @@ def test_two_processes_give_the_one_process_losses(setup_dirs, straight):
   samples of each scenario, not one process's share."""
   reference, _ = straight
   _, data_dir, lm_dir = setup_dirs
-  workdir, port = setup_dirs[0] / "two_processes", _free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(ROOT)}
+  workdir = setup_dirs[0] / "two_processes"
   flags = overrides(data_dir, lm_dir, **{"checkpoint.every_steps": 0})  # only the stages' last steps: quicker
-  procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", CONFIG, "--workdir", str(workdir),
-                             *flags, "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
-                             "--process_id", str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=240) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, (out, err) in zip(procs, outputs):
-    assert p.returncode == 0, (out + err)[-3000:]
+  for status, log in two_processes(ROOT / CONFIG, workdir, flags):
+    assert status == 0, log[-3000:]
   for kind in ("stage1/train", "stage2/train"):
     expected = losses(reference, kind)
     assert len(expected) == {"stage1/train": STAGE1_STEPS, "stage2/train": MAX_STEPS}[kind]
