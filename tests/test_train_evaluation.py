@@ -29,7 +29,7 @@ def our_logits(workdir: Path, step: int, images, texts) -> np.ndarray:
   config = config_lib.from_json((workdir / job_lib.CONFIG_FILE).read_text())
   job = job_lib.build_job(config)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", read_only=True)
-  _, params = evaluation.restore_best_params(ckpt, job, [step])
+  _, params = ckpt.restore_first_intact_params([step], evaluation.abstract_params(job), print)
   ckpt.close()
   clf = adapters.join(job.graphdef, {"backbone": job.params["backbone"], **params})
   ids, mask = data.tokenize(job.backbone.tokenizer, texts, job.prep)

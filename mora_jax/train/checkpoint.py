@@ -152,6 +152,12 @@ class Checkpointer:
           f"checkpoint of step {step} instead")
     return step, result
 
+  def restore_first_intact_params(self, steps: Sequence[int], abstract_params, log: Callable[[str], None]):
+    """(step, trained parameters) of the first of `steps` whose parameters restore into `abstract_params`
+    (`restore_params`), warning of each one before it that does not; damaged ones are left in place."""
+    return self.restore_first_intact(steps, lambda step: self.restore_params(step, abstract_params),
+                                     move_damaged=False, log=log)
+
   def describe_failure(self, step: int, error: Exception) -> str:
     """What failed to restore: the file of checkpoint `step` the error names, else the error's first line."""
     files = re.findall(re.escape(str(self.directory / str(step))) + r"/[^\s\"'\\]*[^\s\"'\\.]", str(error))

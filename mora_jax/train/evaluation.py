@@ -101,13 +101,6 @@ def abstract_params(job: Job):
   return sharding.abstract(adapters.trainable(job.params), NamedSharding(job.mesh, PartitionSpec()))
 
 
-def restore_best_params(ckpt: checkpoint_lib.Checkpointer, job: Job, candidates) -> tuple[int, dict]:
-  """(step, trained parameters) of the first of `candidates` that restores; damaged ones are left in place."""
-  target = abstract_params(job)
-  return ckpt.restore_first_intact(candidates, lambda step: ckpt.restore_params(step, target), move_damaged=False,
-                                   log=say)
-
-
 def format_table(results: dict, metric: str) -> str:
   """A markdown table of per-scenario metrics in %: `metric` first, then the others (a nested group, such as
   the MLLM's per_question_type, by its members' names), then the sample count."""
@@ -166,7 +159,7 @@ def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | Non
   checkpoint_lib.check_backbone(meta, job.backbone.identity, str(directory))
   chosen = "the given checkpoint" if step is not None else f"the best intact checkpoint by validation {job.metric}"
   candidates = [step] if step is not None else ckpt.steps_best_first(job.metric, meta["loop"]["best_step"])
-  step, params = restore_best_params(ckpt, job, candidates)
+  step, params = ckpt.restore_first_intact_params(candidates, abstract_params(job), say)
   ckpt.close()
   results = {"dataset": config.dataset, "method": config.adapter.method, "adapter": config.adapter.to_dict(),
              "metric": job.metric,

@@ -139,8 +139,7 @@ def _from_run(job: Job, path: Path, source: str) -> tuple[dict, dict]:
     candidates = [step] if step is not None else ckpt.steps_best_first(metrics_lib.primary(saved["dataset"]),
                                                                        meta["loop"]["best_step"])
     try:
-      step, restored = ckpt.restore_first_intact(candidates, lambda s: ckpt.restore_params(s, target),
-                                                 move_damaged=False, log=say)
+      step, restored = ckpt.restore_first_intact_params(candidates, target, say)
     except checkpoint_lib.NoIntactCheckpoint as e:
       cause = e.__cause__ or e
       raise ValueError(f"config.init_from={source!r}: no checkpoint of {directory} (steps {candidates}) restores into "

@@ -130,8 +130,7 @@ def start_stage(task: Task, stage: Stage, workdir: Path, writer: MetricWriter | 
   run = Run(task=task, stage=stage, workdir=workdir,
             train_step=step_lib.make_train_step_on_leaves(
                 task.graphdef, stage.tx, stage.schedule, task.loss, task.mesh, frozen_shardings,
-                jax.tree.structure(state), frozen_treedef, expand=task.expand, micro_key=task.micro_key,
-                mean_loss=task.mean_loss),
+                jax.tree.structure(state), frozen_treedef, expand=task.expand, mean_loss=task.mean_loss),
             train_iter=task.train_batches(stage), ckpt=ckpt, writer=None, record=record,
             frozen_leaves=frozen_leaves, frozen=frozen)
   run.state = state
@@ -217,7 +216,7 @@ def train_epoch(run: Run, sigterm: _Sigterm, step_hook=None) -> None:
   epoch = run.step // run.steps_per_epoch
   epoch_start, epoch_end = epoch * run.steps_per_epoch, min(run.stop_step, (epoch + 1) * run.steps_per_epoch)
   bar = console.bar(total=run.steps_per_epoch, initial=run.step - epoch_start,
-                 desc=f"{stage.name + ' ' if stage.name else ''}epoch {epoch + 1}/{stage.epochs}", unit="step")
+                    desc=f"{stage.name + ' ' if stage.name else ''}epoch {epoch + 1}/{stage.epochs}", unit="step")
   window_start, window_samples, corrupt = time.perf_counter(), 0, 0
   while run.step < epoch_end:
     window_samples += min(stage.batch_size, stage.samples - (run.step - epoch_start) * stage.batch_size)
@@ -280,8 +279,7 @@ def best_params(run: Run) -> tuple[int, dict]:
   if ranked[0] == run.step:
     return run.step, run.state["params"]
   target = sharding.abstract(run.state["params"], NamedSharding(run.task.mesh, PartitionSpec()))
-  return run.ckpt.restore_first_intact(ranked, lambda step: run.ckpt.restore_params(step, target),
-                                       move_damaged=False, log=say)
+  return run.ckpt.restore_first_intact_params(ranked, target, say)
 
 
 def test(run: Run, params: dict, step: int, train_seconds: float | None = None) -> dict:
