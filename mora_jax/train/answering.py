@@ -63,15 +63,9 @@ def method_name(c: ml_collections.ConfigDict) -> str:
 
 def answer_loss(model: mllm_lib.MLLM, micro: mllm_lib.Batch, rngs: nnx.Rngs):
   """(the mean cross-entropy of a micro-batch's answer tokens, their count): step.LossFn with mean_loss, as this
-  task's runs always computed it (their numbers, docs/mllm.md, carry over bit for bit)."""
+  task's runs always computed it, dropout keys included (their numbers, docs/mllm.md, carry over bit for bit)."""
   logits, seq = model(micro, rngs=rngs)
   return mllm_lib.answer_loss(logits, seq)
-
-
-def step_key(key, index, micro_steps: int):
-  """A step of one micro-batch draws its dropout from the step key itself, as this task's runs always have (its
-  published numbers, docs/mllm.md); with several micro-batches, micro-batch i uses fold_in(key, i)."""
-  return key if micro_steps == 1 else step_lib.fold_key(key, index, micro_steps)
 
 
 @dataclasses.dataclass
@@ -93,7 +87,6 @@ class Answering:
   training: vqa.VQASplit | None = None  # the split of the stage being trained
   metric = METRIC
   loss = staticmethod(answer_loss)
-  micro_key = staticmethod(step_key)
   mean_loss = True
 
   @property

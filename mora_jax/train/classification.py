@@ -28,7 +28,6 @@ class Classification(Job):
   val_ds: data.Dataset
   caches: dict = dataclasses.field(default_factory=dict)  # split -> prefix_cache.Cache ({}: the cache is off)
   eval_step: object = None
-  micro_key = staticmethod(step_lib.fold_key)
   mean_loss = False
 
   @property

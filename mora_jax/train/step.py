@@ -74,22 +74,17 @@ def classifier_loss(multi_label: bool, prep: pipeline.Preprocessing | None = Non
   return loss
 
 
-def fold_key(key: jax.Array, index: jax.Array, micro_steps: int) -> jax.Array:
-  """Micro-batch `index`'s dropout key: fold_in(step key, index)."""
-  del micro_steps
-  return jax.random.fold_in(key, index)
-
-
-def make_loss_and_grads(graphdef: nnx.GraphDef, loss: LossFn, micro_key=fold_key,
-                        mean_loss: bool = False) -> Callable:
+def make_loss_and_grads(graphdef: nnx.GraphDef, loss: LossFn, mean_loss: bool = False) -> Callable:
   """(params, frozen, batch, key) -> (loss, gradients w.r.t. params, count) of a step's batch, whose arrays have a
   leading micro-batch axis; `frozen` holds the partitions that are not trained (the backbone at least).
 
   The loss is the sum of `loss`'s sums over all micro-batches divided by the sum of their counts: accumulation
   gives the gradient of the whole batch, and padding rows (an epoch's smaller last step) count for nothing.
-  `mean_loss`: `loss` returns a micro-batch's mean instead of its sum, whose gradient a one-micro-batch step takes
-  as it is, and which accumulation weighs by the micro-batches' counts (the same value, rounded otherwise).
-  Micro-batch i's dropout key is micro_key(key, i, number of micro-batches) (fold_in(key, i) by default).
+  Micro-batch i's dropout key is fold_in(key, i).
+  `mean_loss`: `loss` returns a micro-batch's mean instead of its sum. A step of one micro-batch then differentiates
+  that mean as it is, with `key` itself for dropout: the multimodal LLM's original step, whose runs this keeps bit
+  for bit (mora_jax.train.answering); accumulation weighs the means by their counts (the same value, rounded
+  otherwise).
   """
 
   def micro_loss(params, frozen, micro, key):
@@ -99,15 +94,14 @@ def make_loss_and_grads(graphdef: nnx.GraphDef, loss: LossFn, micro_key=fold_key
     micro_steps = jax.tree.leaves(batch)[0].shape[0]
     if mean_loss and micro_steps == 1:
       micro = jax.tree.map(lambda x: x[0], batch)
-      (value, count), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, frozen, micro,
-                                                                           micro_key(key, 0, 1))
+      (value, count), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, frozen, micro, key)
       return value, grads, count
 
     def accumulate(carry, scanned):
       grad_sum, loss_sum, count_sum = carry
       micro, index = scanned
       (value, count), grads = jax.value_and_grad(micro_loss, has_aux=True)(
-          params, frozen, micro, micro_key(key, index, micro_steps))
+          params, frozen, micro, jax.random.fold_in(key, index))
       if mean_loss:
         value, grads = value * count, jax.tree.map(lambda g: g * count, grads)
       return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + value, count_sum + count), None
@@ -122,9 +116,9 @@ def make_loss_and_grads(graphdef: nnx.GraphDef, loss: LossFn, micro_key=fold_key
 
 
 def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                  loss: LossFn, micro_key=fold_key, mean_loss: bool = False) -> Callable:
+                  loss: LossFn, mean_loss: bool = False) -> Callable:
   """The unjitted (state, frozen, batch) -> (state, metrics) of `make_train_step`."""
-  loss_and_grads = make_loss_and_grads(graphdef, loss, micro_key, mean_loss)
+  loss_and_grads = make_loss_and_grads(graphdef, loss, mean_loss)
 
   def step(state, frozen, batch):
     key = jax.random.fold_in(state["rng"], state["step"])
@@ -139,27 +133,26 @@ def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sche
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    loss: LossFn, mesh: Mesh, frozen_shardings, micro_key=fold_key) -> Callable:
+                    loss: LossFn, mesh: Mesh, frozen_shardings) -> Callable:
   """(state, frozen, batch) -> (state, metrics); `state` is donated; `frozen` is the partitioned tree of what is
   not trained ({"backbone": ...} for a classifier), placed by `frozen_shardings`. The loss is
   `make_loss_and_grads`'s. Dropout keys derive from (rng, step, micro-batch): with jax's partitionable threefry
   the masks do not depend on how the batch is split over devices/hosts."""
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(train_step_fn(graphdef, tx, schedule, loss, micro_key),
+  return jax.jit(train_step_fn(graphdef, tx, schedule, loss),
                  in_shardings=(replicated, frozen_shardings, sharding.batch_sharding(mesh, True)),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
 def make_train_step_on_leaves(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                               loss: LossFn, mesh: Mesh, frozen_shardings, state_treedef, frozen_treedef,
-                              expand=lambda batch, cache_arrays: batch, micro_key=fold_key,
-                              mean_loss: bool = False) -> Callable:
+                              expand=lambda batch, cache_arrays: batch, mean_loss: bool = False) -> Callable:
   """`make_train_step` over the flat leaf lists of the state and the frozen partitions: (state leaves, frozen
   leaves, device arrays the batch refers to ({} for none), batch) -> (state leaves, metrics). `expand(batch,
   device arrays)` completes the batch on the devices (a prefix cache's rows: prefix_cache.gather). A call then
   flattens plain lists; flattening their nnx Variables in Python instead costs ~20 us each, ~30 ms per step for
   the embedded CLIP's train state and backbone (bench/feed.py --loop), during which an accelerator waited."""
-  step = train_step_fn(graphdef, tx, schedule, loss, micro_key, mean_loss)
+  step = train_step_fn(graphdef, tx, schedule, loss, mean_loss)
 
   def on_leaves(state_leaves, frozen_leaves, device_arrays, batch):
     state, metrics = step(jax.tree.unflatten(state_treedef, state_leaves),

@@ -11,7 +11,6 @@ a stage names the partitions it trains, and the loop passes the others to the st
 """
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -68,8 +67,7 @@ class Task(Protocol):
   identity: dict  # the frozen weights' {"source", "sha256"}: checkpoints record it, a resume checks it
   metric: str  # what validation maximises
   loss: step_lib.LossFn
-  micro_key: Callable  # (step key, micro-batch index, micro-batches) -> dropout key (step.fold_key)
-  mean_loss: bool  # `loss` returns a micro-batch's mean, not its sum (step.make_loss_and_grads)
+  mean_loss: bool  # `loss` returns a micro-batch's mean, not its sum (step.make_loss_and_grads says what changes)
 
   def stages(self) -> list[Stage]: ...
   def summary_lines(self) -> list[str]: ...
