@@ -57,8 +57,9 @@ class Checkpointer:
     policies = [checkpoint_managers.preservation_policy.LatestN(n=keep)]
     score = None
     if metric is not None:
-      # A save without validation carries no value and ranks last.
-      score = lambda metrics: metrics.get(metric, -math.inf)  # noqa: E731
+      # A save without validation carries no value and ranks last; of equal values the earlier step ranks higher,
+      # as the loop's record of its best (orbax would keep the later one, and the log would name a deleted step).
+      score = lambda metrics: (metrics.get(metric, -math.inf), -metrics.get("step", 0))  # noqa: E731
       # BestN sorts ascending and keeps the last n: the highest value (every metric here is higher-better).
       policies.append(checkpoint_managers.preservation_policy.BestN(
           get_metric_fn=score, n=1, keep_checkpoints_without_metrics=False))
@@ -91,7 +92,7 @@ class Checkpointer:
     if step in self.all_steps():
       return
     self.manager.wait_until_finished()
-    self.manager.save(step, metrics=metrics or {}, force=True, args=ocp.args.Composite(
+    self.manager.save(step, metrics={**metrics, "step": step} if metrics else {}, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta)))
 
