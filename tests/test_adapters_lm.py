@@ -37,9 +37,13 @@ IMAGE_ROWS, QUESTION_ROWS = 4, 5
 
 def adapted_lm(**overrides) -> llama.LlamaForCausalLM:
   """The tiny LM with MokA (or `method`) on every projection of every layer (dropout off) whose B are random, so
-  that every adapter is active."""
-  cfg = adapters.from_config({"method": "moka", "targets": common.DECODER_TARGETS, "start_layer": 0, "alpha": 16.0,
-                              "dropout": 0.0, **overrides})
+  that every adapter is active; MokA reads the modalities and keys in every layer unless `decoder_masks` says
+  otherwise."""
+  values = {"method": "moka", "targets": common.DECODER_TARGETS, "start_layer": 0, "alpha": 16.0, "dropout": 0.0,
+            **overrides}
+  if values["method"] == "moka":
+    values.setdefault("decoder_masks", "every_layer")
+  cfg = adapters.from_config(values)
   model = llama.init(CONFIG, seed=0)
   cfg.attach(model, rngs=nnx.Rngs(1))
   state = nnx.state(model, partition.Decoder)
@@ -112,7 +116,7 @@ def adapted_projections(model):
 
 def test_first_layer_masks_are_moka_in_layer_0_and_text_lora_past_it():
   """decoder_masks="first_layer" transcribes the authors' visual-text code with a KV cache (docs/mllm.md): their
-  masks reach decoder layer 0, whose projections compute exactly the default MokA layer; every later layer gets no
+  masks reach decoder layer 0, whose projections compute exactly the full MokA layer; every later layer gets no
   masks and adds lora_B(lora_A['text'](x)) * scaling to every row, image rows included: PEFT LoRA with A_text (the
   lambda-0 bound: the per-modality products round differently)."""
   first = adapted_lm(lam=1.0, decoder_masks="first_layer")

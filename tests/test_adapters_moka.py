@@ -287,6 +287,7 @@ def test_dropout_changes_the_output_only_with_rngs():
 def test_defaults_are_the_moka_authors_and_reach_every_recipe():
   cfg = moka.MokAConfig()
   assert (cfg.rank, cfg.alpha, cfg.scale, cfg.dropout, cfg.lam) == (4, 16.0, 4.0, 0.05, 0.05)
+  assert cfg.decoder_masks == "first_layer"  # their visual-text code, behind its published numbers (docs/mllm.md)
   for dataset in recipes.PUBLISHED:
     assert recipes.get(dataset, "moka").adapter.dropout == 0.05, dataset
     assert recipes.get(dataset, "mora").adapter.dropout == 0.1, dataset  # docs/method.md's, unchanged

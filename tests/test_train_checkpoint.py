@@ -9,7 +9,7 @@ import pytest
 
 from mora_jax.train import checkpoint, cli, recipes
 from mora_jax.train import config as config_lib
-from tests.helpers import CONFIG, ROOT, assert_one_line_error, memes_overrides, run_script
+from tests.helpers import CONFIG, ROOT, assert_one_line_error, memes_overrides, run_script, two_processes
 
 
 def test_food101_mora_checkpoint_holds_only_trainables_and_two_adam_moments(tmp_path):
@@ -84,15 +84,22 @@ def test_a_checkpoint_saved_before_a_key_was_added_resumes_with_its_default():
     checkpoint.check_config({"config": old}, config, "runs/x")
 
 
-@pytest.mark.parametrize("config", [recipes.get("hateful_memes", "moka"), recipes.mllm("moka")], ids=["clip", "mllm"])
-def test_an_adapter_field_added_since_a_checkpoint_takes_its_default(config):
-  """MokA's decoder_masks came after runs that saved MokA checkpoints: theirs resume, a changed value is refused."""
-  old = json.loads(config_lib.to_json(config))
+def test_an_adapter_field_added_since_a_checkpoint_takes_the_value_it_ran_with():
+  """MokA's decoder_masks came after runs that saved MokA checkpoints. A CLIP run's resumes (the field is not read
+  there: it takes the default); an MLLM run's ran every layer's masks: it resumes with that value, and the new
+  default is refused, naming the difference."""
+  clip = recipes.get("hateful_memes", "moka")
+  old = json.loads(config_lib.to_json(clip))
   del old["adapter"]["decoder_masks"]
-  checkpoint.check_config({"config": old}, config, "runs/x")
-  config_lib.override(config, "adapter.decoder_masks", "first_layer")
+  checkpoint.check_config({"config": old}, clip, "runs/x")
+  mllm = recipes.mllm("moka")
+  old = json.loads(config_lib.to_json(mllm))
+  del old["adapter"]["decoder_masks"]
+  assert checkpoint.saved_config({"config": old})["adapter"]["decoder_masks"] == "every_layer"
   with pytest.raises(checkpoint.IncompatibleCheckpoint, match="adapter.decoder_masks: 'every_layer' -> 'first_layer'"):
-    checkpoint.check_config({"config": old}, config, "runs/x")
+    checkpoint.check_config({"config": old}, mllm, "runs/x")
+  config_lib.override(mllm, "adapter.decoder_masks", "every_layer")
+  checkpoint.check_config({"config": old}, mllm, "runs/x")
 
 
 def test_a_checkpoint_over_other_backbone_weights_is_refused():
@@ -112,3 +119,53 @@ def test_checkpoint_of_another_method_is_refused(memes, one_device_run, capsys):
   code = cli.train_main(["--config", CONFIG, "--workdir", str(workdir), *flags])
   assert_one_line_error(capsys.readouterr().err, code, "another config", "adapter.method: 'lora' -> 'mora'",
                         "new --workdir")
+
+
+# Two processes save steps 1-3 into one folder; process 1 alone cannot restore step 3 (a damaged file as it sees
+# it), then neither step 3 nor 2. Each prints the step it restored and the value, or the error it raised.
+AGREEING_PROCESSES = """
+import argparse, sys
+import grain, jax, numpy as np
+parser = argparse.ArgumentParser()
+for flag in ("--config", "--workdir", "--coordinator_address", "--num_processes", "--process_id"):
+  parser.add_argument(flag)
+args = parser.parse_args(sys.argv[2:])  # argv[1] is "-", the program read from the command line
+jax.distributed.initialize(args.coordinator_address, int(args.num_processes), int(args.process_id))
+from mora_jax.train import checkpoint
+ckpt = checkpoint.Checkpointer(args.workdir, keep=3)
+iterator = iter(grain.MapDataset.range(8).batch(2).to_iter_dataset())
+for step in (1, 2, 3):
+  ckpt.save(step, {"w": np.full(2, step, np.float32)}, iterator, {"step": step})
+ckpt.wait()
+replicated = jax.sharding.NamedSharding(jax.make_mesh((4,), ("data",)), jax.sharding.PartitionSpec())
+target = {"w": jax.ShapeDtypeStruct((2,), np.float32, sharding=replicated)}
+
+def restore_unless(unreadable):
+  def restore(step):
+    if jax.process_index() == 1 and step in unreadable:
+      raise OSError(f"{args.workdir}/{step}/state/damaged is unreadable")
+    return ckpt.restore_state(step, target)
+  return restore
+
+step, state = ckpt.restore_first_intact([3, 2, 1], restore_unless({3}), move_damaged=True, log=print)
+print("restored", step, np.asarray(state["w"].addressable_data(0)).tolist())
+try:
+  ckpt.first_intact([2, 1], restore_unless({2, 1}))
+except checkpoint.NoIntactCheckpoint as e:
+  print("refused:", e)
+ckpt.close()
+"""
+
+
+def test_processes_agree_on_the_checkpoint_to_restore(tmp_path):
+  """A checkpoint one process cannot restore makes every process fall back to the same earlier one (moved aside
+  once); when none restores on one process, all refuse together: never a hang or a split restore."""
+  outputs = two_processes(CONFIG, tmp_path, [], AGREEING_PROCESSES)
+  for status, log in outputs:
+    assert status == 0, log[-3000:]
+    assert "restored 2 [2.0, 2.0]" in log and "; step 1: " in log.split("refused:")[1], log[-3000:]
+  first, second = outputs[0][1], outputs[1][1]
+  assert "3 does not restore (RuntimeError: it failed to restore on another process); moved it to" in first, first
+  assert "3 does not restore (" + str(tmp_path / "3" / "state" / "damaged") + "); moved it to" in second, second
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "damaged"]
+  assert [p.name for p in (tmp_path / "damaged").iterdir()] == ["3"]

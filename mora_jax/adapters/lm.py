@@ -10,11 +10,12 @@ MokA and LoRA attach to a decoder LM as to CLIP (`MokAConfig(...).attach(lm, rng
 
 Generation: the prompt (image and question tokens) is prefilled with the full MokA path; each newly generated
 token is a text row with no key (`text_call`), i.e. delta = scale * B A_text x, while the cached keys and values
-of the prompt keep their MokA computation. By default every adapted layer runs the full MokA path, in training and
-in the prefill. The MokA authors' visual-text code does so in decoder layer 0 only: a layer drops the masks once
-the KV cache holds layer 0's keys, and its training passes have a cache too (use_cache on), so in training as in
-the prefill its other layers run LoRA with the text A on every token; `MokAConfig(decoder_masks="first_layer")`
-computes that (docs/mllm.md). Their generated tokens take the text A in every layer, as here.
+of the prompt keep their MokA computation. By default (`MokAConfig.decoder_masks="first_layer"`) only decoder layer
+0 runs the full MokA path, in training and in the prefill, as the MokA authors' visual-text code that produced
+their published numbers: a layer there drops the masks once the KV cache holds layer 0's keys, and its training
+passes have a cache too (use_cache on), so its other layers run LoRA with the text A on every token.
+`decoder_masks="every_layer"` runs the full path in every adapted layer, as their audio-visual-text code
+(docs/mllm.md). Generated tokens take the text A in every layer, as theirs.
 """
 
 import jax

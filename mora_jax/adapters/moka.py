@@ -52,11 +52,11 @@ class MokAConfig(AdapterConfig):
   lambdas: tuple[float, ...] = ()
   temperature: str = "sqrt_rank"  # tau = sqrt(rank), or "sqrt_num_keys": sqrt(valid keys of the sample)
   scale_placement: str = "after_b"  # or "before_attention": z *= scale before the attention, B z unscaled
-  # Which decoder layers read the tokens' modality ids and keys: "every_layer", or "first_layer": decoder layer 0
-  # only, the others LoRA with the text A for every token, as the authors' visual-text code computes whenever a KV
-  # cache exists, in its training as in its generation (docs/mllm.md). With start_layer > 0 no adapted layer reads
-  # them then.
-  decoder_masks: str = "every_layer"
+  # Which decoder layers read the tokens' modality ids and keys: "first_layer": decoder layer 0 only, the others
+  # LoRA with the text A for every token, as the authors' visual-text code computes whenever a KV cache exists, in
+  # its training as in its generation, behind its published numbers (docs/mllm.md); with start_layer > 0 no adapted
+  # layer reads them then. Or "every_layer", as their audio-visual-text code.
+  decoder_masks: str = "first_layer"
 
   def __post_init__(self):
     super().__post_init__()

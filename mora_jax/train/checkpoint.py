@@ -96,18 +96,26 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta)))
 
+  def _read(self, step: int, item: str, handler, args):
+    """One item of checkpoint `step`, read by this process alone. Orbax's own restore ends in a barrier of every
+    process, which a process whose read failed never reaches (a collective mismatch or a hang); `first_intact`
+    has the processes agree on the outcome instead."""
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+    return ocp.Checkpointer(handler, multiprocessing_options=alone).restore(self.directory / str(step) / item,
+                                                                            args=args)
+
   def meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return self._read(step, "meta", ocp.JsonCheckpointHandler(), ocp.args.JsonRestore())
 
   def restore_state(self, step: int, abstract_state):
     """`abstract_state`: jax.ShapeDtypeStruct leaves carrying the current mesh's shardings."""
-    return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+    return self._read(step, "state", ocp.StandardCheckpointHandler(), ocp.args.StandardRestore(abstract_state))
 
   def restore_params(self, step: int, abstract_params):
     """The trained parameters of `step` alone (the state's "params"): all that evaluation needs, whatever
     optimizer state was saved beside them. `abstract_params` as `abstract_state` above."""
     target = {"params": abstract_params}
-    return ocp.PyTreeCheckpointer().restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+    return self._read(step, "state", ocp.PyTreeCheckpointHandler(), ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)
     )["params"]
 
@@ -116,7 +124,7 @@ class Checkpointer:
     (each process saved its own position; the caller then repositions from the step)."""
     if (self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         ).exists():
-      self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      self._read(step, "data", grain.checkpoint.CheckpointHandler(), grain.checkpoint.CheckpointRestore(data_iterator))
       return True
     return False
 
@@ -229,6 +237,9 @@ def saved_config(meta: dict) -> dict:
     method = adapters.to_config(adapters.from_config(saved["adapter"]))
   except (TypeError, ValueError):  # a field since removed: check_config names the difference
     return saved
+  if "task" in saved and "decoder_masks" in method:
+    # Added with the default "first_layer" (the authors' visual-text code); decoder runs before it ran every layer's.
+    method["decoder_masks"] = "every_layer"
   return {**saved, "adapter": config_lib.fill_absent(saved["adapter"], json.loads(json.dumps(method, default=list)))}
 
 
