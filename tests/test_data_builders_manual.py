@@ -3,6 +3,7 @@
 import functools
 import io
 import json
+import types
 
 import numpy as np
 import pytest
@@ -249,6 +250,18 @@ def test_corrupt_images_of_every_split_are_one_error_when_prepared_and_a_repaire
   repaired = load(log=logged.append)
   assert any("changed since hateful_memes was prepared from them; preparing it again" in line for line in logged)
   assert all(b["valid"].all() for b in data.batches(repaired, 2, tokenizer, train=False))
+  # The decoded-pixel store and the prefix cache of the repaired files are other ones: both keys hold the
+  # fingerprint of the raw files the split was prepared from.
+  from mora_jax.data import pixel_store  # pylint: disable=import-outside-toplevel
+  from mora_jax.train import prefix_cache  # pylint: disable=import-outside-toplevel
+  before, after = ds.source.sources, repaired.source.sources
+  assert before and after and before != after
+  prep = data.Preprocessing()
+  assert pixel_store.key("hateful_memes", "test", 5, prep, before)["sources"] == before
+  assert pixel_store.key("hateful_memes", "test", 5, prep, after)["sources"] == after
+  job = types.SimpleNamespace(backbone=types.SimpleNamespace(identity={"sha256": "0"}, tokenizer=tokenizer),
+                              settings=types.SimpleNamespace(backbone_dtype="float32"), prep=prep)
+  assert [prefix_cache.key(job, d, 1, np.float32)["sources"] for d in (ds, repaired)] == [before, after]
 
 
 def test_a_corrupt_image_message_names_the_file_not_the_stream():
