@@ -54,3 +54,11 @@ def test_the_embedded_backbone_is_loadable_from_its_folder_not_its_name(checkpoi
   backbone = backbones.load(cfg, 16, checkpoint_dir.parent, mesh=None, rules=(), log=lambda _: None)
   assert backbone.identity["source"] == "embedded" and backbone.loadable == str(checkpoint_dir)
   assert load_backbone(checkpoint_dir).loadable == str(checkpoint_dir)
+
+
+def test_a_folder_without_a_preprocessor_config_warns_and_says_what_to_add(tmp_path):
+  logged = []
+  processing = backbones.backbone.image_processing(tmp_path, 64, log=logged.append)
+  assert processing.output_size == (64, 64)
+  assert len(logged) == 1 and logged[0].startswith(f"warning: {tmp_path} has no preprocessor_config.json: ")
+  assert "add the preprocessor_config.json of its image processor" in logged[0]

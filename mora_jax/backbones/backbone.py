@@ -74,8 +74,9 @@ def image_processing(directory: Path, image_size: int, log=print) -> preprocess.
   give the vision tower's input size."""
   path = directory / hf.PREPROCESSOR_FILE
   if not path.is_file():
-    log(f"{directory} has no {hf.PREPROCESSOR_FILE}: preprocessing images with OpenAI CLIP's mean, std and "
-        f"bicubic resize to {image_size} pixels.")
+    log(f"warning: {directory} has no {hf.PREPROCESSOR_FILE}: preprocessing images with OpenAI CLIP's mean, std "
+        f"and bicubic resize to {image_size} pixels; if the checkpoint was trained otherwise, add the "
+        f"{hf.PREPROCESSOR_FILE} of its image processor (its save_pretrained writes one).")
     return preprocess.ImageProcessing.clip(image_size)
   processing = preprocess.read_image_processing(path)
   if processing.output_size != (image_size, image_size):
