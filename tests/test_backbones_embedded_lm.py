@@ -72,3 +72,22 @@ def test_a_tokenizer_far_smaller_than_the_vocabulary_is_refused(lm_dir):
   with pytest.raises(ValueError, match=rf"lm: its tokenizer has {len(tokenizer)} tokens but the model's vocab_size "
                                        r"in config\.json is 600"):
     embedded_lm.load(lm_dir)
+
+
+def test_answer_tokens_take_the_answer_weight_and_a_changed_recipe_its_own_folder(tmp_path):
+  texts = ["a red circle question: what color is the shape? answer: red", "question: is it blue? answer: no",
+           "a red circle"]
+  tokenizer = embedded_lm.train_tokenizer(texts, tmp_path, vocab_size=280)
+  ids, mask = embedded_lm.encode(tokenizer, texts, 64)  # a tokenizer of 3 texts merges little
+  weights = embedded_lm.loss_weights(tokenizer, ids, mask, 5.0)
+  for row, text in enumerate(texts):
+    tokens = [tokenizer.decode([t]) for t in ids[row][mask[row] > 0]]
+    answer = len(tokenizer.encode(text.split(" answer:")[1], add_special_tokens=False)) + 1 if "answer:" in text \
+        else 0  # its tokens and </s>
+    expected = [1.0] * (len(tokens) - answer) + [5.0] * answer
+    assert weights[row][mask[row] > 0].tolist() == expected, tokens
+  assert not weights[mask == 0].any()
+  np.testing.assert_array_equal(embedded_lm.loss_weights(tokenizer, ids, mask, 1.0), mask)  # the recipe's default
+  assert embedded_lm.directory_name(0, dict(embedded_lm.RECIPE)) == embedded_lm.directory_name(0) == \
+      f"easy_vqa_llama-v{embedded_lm.VERSION}-seed0"
+  assert embedded_lm.directory_name(0, {"answer_weight": 5.0}).startswith(embedded_lm.directory_name(0) + "-")

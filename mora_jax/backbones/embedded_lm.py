@@ -7,6 +7,7 @@ Like the embedded CLIP (embedded.py), it is built once per cache directory on fi
 downloaded; the test split is never read. Deterministic given the seed.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,8 +31,11 @@ VERSION = 1  # part of the cache directory name: bump it when the recipe or the 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 MAX_LENGTH = 24  # tokens of one pre-training text with <s> and </s> (the longest is 20)
 # easy-VQA's text is templated (273 distinct question/answer texts, 35 captions), so a few hundred steps over
-# texts drawn in their natural frequencies learn it; more only costs first-build time.
-RECIPE = dict(steps=800, batch_size=64, lr=3e-3, weight_decay=0.0, vocab_size=384)
+# texts drawn in their natural frequencies learn it; more only costs first-build time. `answer_weight`: the
+# weight of the answer tokens (and </s>) in the loss, the other tokens' being 1 (docs/mllm.md, "What reads the
+# image").
+RECIPE = dict(steps=800, batch_size=64, lr=3e-3, weight_decay=0.0, vocab_size=384, answer_weight=1.0)
+ANSWER_MARKER = " answer:"  # what precedes the answer in every question text (vqa.prompt)
 
 
 def pretraining_texts(split: vqa.VQASplit) -> list[str]:
@@ -87,26 +91,38 @@ def encode(tokenizer, texts, max_length: int) -> tuple[np.ndarray, np.ndarray]:
   return ids, mask
 
 
-def causal_lm_loss(logits: jax.Array, ids: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy over the valid targets."""
-  targets, weights = ids[:, 1:], mask[:, 1:].astype(jnp.float32)
+def loss_weights(tokenizer, ids: np.ndarray, mask: np.ndarray, answer_weight: float) -> np.ndarray:
+  """float32 [N, L]: `answer_weight` for the tokens after ANSWER_MARKER (the answer and </s>), 1 for the other
+  valid tokens, 0 for padding."""
+  marker = tokenizer.encode(ANSWER_MARKER, add_special_tokens=False)
+  after = np.zeros(ids.shape, bool)
+  for start in range(ids.shape[1] - len(marker)):
+    ends_here = np.all(ids[:, start:start + len(marker)] == marker, axis=1)
+    after[ends_here, start + len(marker):] = True
+  return np.where(after, answer_weight, 1.0).astype(np.float32) * mask
+
+
+def causal_lm_loss(logits: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
+  """Next-token cross-entropy over the targets, weighted (`weights` [N, L] of the target tokens: the mask, or
+  `loss_weights`)."""
+  targets, weights = ids[:, 1:], weights[:, 1:].astype(jnp.float32)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
   return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
-def pretrain(model: llama.LlamaForCausalLM, ids: np.ndarray, mask: np.ndarray, *, steps: int, batch_size: int,
-             lr: float, weight_decay: float, seed: int) -> list[float]:
-  """Trains every parameter for `steps` batches of texts in shuffled passes (cosine schedule, 5% warm-up); the
-  mean loss of each tenth of the steps."""
+def pretrain(model: llama.LlamaForCausalLM, ids: np.ndarray, mask: np.ndarray, weights: np.ndarray, *, steps: int,
+             batch_size: int, lr: float, weight_decay: float, seed: int) -> list[float]:
+  """Trains every parameter for `steps` batches of texts in shuffled passes (cosine schedule, 5% warm-up) on the
+  loss weighted by `weights` (`loss_weights`); the mean loss of each tenth of the steps."""
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, lr * 0.05),
                    weight_decay=weight_decay)
   graphdef, params = nnx.split(model)
   opt_state = tx.init(params)
 
   @jax.jit
-  def step(params, opt_state, ids, mask):
+  def step(params, opt_state, ids, mask, weights):
     loss, grads = jax.value_and_grad(
-        lambda p: causal_lm_loss(nnx.merge(graphdef, p)(ids, mask)[0], ids, mask))(params)
+        lambda p: causal_lm_loss(nnx.merge(graphdef, p)(ids, mask)[0], ids, weights))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -115,27 +131,33 @@ def pretrain(model: llama.LlamaForCausalLM, ids: np.ndarray, mask: np.ndarray, *
   losses = []
   for i in console.bar(range(steps), desc="LM pre-training", unit="step"):
     rows = order[i * batch_size:(i + 1) * batch_size]
-    params, opt_state, loss = step(params, opt_state, ids[rows], mask[rows])
+    params, opt_state, loss = step(params, opt_state, ids[rows], mask[rows], weights[rows])
     losses.append(loss)
   nnx.update(model, params)
   return [float(np.mean(chunk)) for chunk in np.array_split(np.asarray(jax.device_get(losses)), 10)]
 
 
-def directory_name(seed: int) -> str:
-  return f"easy_vqa_llama-v{VERSION}-seed{seed}"
+def directory_name(seed: int, recipe: dict | None = None) -> str:
+  """The LM's folder in the cache: the version and seed, and a hash of the recipe's values where they differ from
+  RECIPE (an ablation's LM is built beside the default one)."""
+  changed = {k: v for k, v in sorted((recipe or {}).items()) if RECIPE.get(k) != v}
+  suffix = f"-{hashlib.sha256(json.dumps(changed).encode()).hexdigest()[:8]}" if changed else ""
+  return f"easy_vqa_llama-v{VERSION}-seed{seed}{suffix}"
 
 
 def is_built(directory: Path) -> bool:
   return (directory / "pretraining.json").is_file()
 
 
-def ensure(cache_dir: str | Path, data_dir: str | Path, seed: int = 0, log=print) -> Path:
-  """The embedded LM's directory under `cache_dir`, pre-training it first if it is not there yet."""
-  directory = Path(cache_dir).expanduser() / directory_name(seed)
+def ensure(cache_dir: str | Path, data_dir: str | Path, seed: int = 0, recipe: dict | None = None,
+           log=print) -> Path:
+  """The embedded LM's directory under `cache_dir` (`recipe`: values of RECIPE to change), pre-training it first
+  if it is not there yet."""
+  directory = Path(cache_dir).expanduser() / directory_name(seed, recipe)
   if not is_built(directory):
     log(f"building the embedded LM (first use of {directory}): pre-training a small Llama-style LM on easy-VQA "
         "train text; later runs load it from there")
-    build(directory, data_dir, seed=seed, log=log)
+    build(directory, data_dir, seed=seed, recipe=recipe, log=log)
   return directory
 
 
@@ -151,7 +173,9 @@ def build(directory: str | Path, data_dir: str | Path, seed: int = 0, recipe: di
   model = llama.init(small_config(tokenizer), seed=seed)
   ids, mask = encode(tokenizer, texts, MAX_LENGTH)
   log(f"pre-training the LM on {len(texts)} texts: {recipe}")
-  losses = pretrain(model, ids, mask, seed=seed, **{k: v for k, v in recipe.items() if k != "vocab_size"})
+  weights = loss_weights(tokenizer, ids, mask, recipe["answer_weight"])
+  losses = pretrain(model, ids, mask, weights, seed=seed,
+                    **{k: v for k, v in recipe.items() if k not in ("vocab_size", "answer_weight")})
   held_out = encode(tokenizer, pretraining_texts(vqa.load("validation", data_dir, data.Missing(rate=0.0),
                                                           log=log)), MAX_LENGTH)
   validation_loss = float(jax.jit(lambda i, m: causal_lm_loss(model(i, m)[0], i, m))(*held_out))
