@@ -1,11 +1,13 @@
 """PEFT interop: our LoRA/DoRA exported to PEFT and PEFT's imported into ours give the same CLIP features as
-transformers' CLIPModel under peft.PeftModel; MoRA and MokA are refused."""
+transformers' CLIPModel under peft.PeftModel; MoRA and MokA are refused, and so is a file cut short, by name."""
 
 import json
+import re
 import types
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from mora_jax import adapters, clip
 from mora_jax.adapters import peft as peft_io
@@ -116,3 +118,15 @@ def test_mismatched_import_is_refused(base_dir, tmp_path):
   (out / peft_io.CONFIG_FILE).write_text(json.dumps({**config, "bias": "all"}))
   with pytest.raises(ValueError, match="bias"):
     peft_io.read_config(out)
+
+
+@pytest.mark.parametrize("cut", [peft_io.CONFIG_FILE, peft_io.WEIGHTS_FILE])
+def test_a_file_cut_short_is_one_error_naming_it_and_the_fix(tmp_path, cut):
+  safetensors.numpy.save_file({f"{peft_io.PREFIX}vision_model.encoder.layers.0.self_attn.q_proj.lora_A.weight":
+                               np.zeros((2, 8), np.float32)}, tmp_path / peft_io.WEIGHTS_FILE)
+  (tmp_path / peft_io.CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+  path = tmp_path / cut
+  path.write_bytes(path.read_bytes()[:20])
+  with pytest.raises(ValueError, match=f"^{re.escape(str(path))} does not read as .*: cut short or damaged\\? Save "
+                     "the adapter again with PEFT's save_pretrained"):
+    peft_io.read_config(tmp_path)

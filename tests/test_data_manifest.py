@@ -231,6 +231,16 @@ LABEL_ERRORS = {
                                   r".*no sample trains them: 'purple' \(line 6\)"),
     "duplicate id": (lambda e: edit_line(e, 9, id="s02"), ".jsonl", {},
                      r"lines 3 and 10: both have id 's02'. Give every row its own id"),
+    "one class": (lambda e: relabel(e, **{f"r{i}": "red" for i in range(12)}), ".jsonl", {},
+                  r"the labels name 1 class\(es\) \['red'\], but a single-label classifier needs at least 2. .* "
+                  r"list every class in manifest.classes"),
+    "multi-label without classes": (lambda e: [{**edit_line(e, i, label=None)[i], "labels": []} for i in range(12)],
+                                    ".csv", {}, r"the labels name 0 class\(es\) \[\], but a multi-label classifier "
+                                    r"needs at least 1"),
+    "missing value in a csv": (lambda e: relabel(e, r2="NaN"), ".csv", {},
+                               r"line 4: label 'NaN' is how a missing value is written, not a class name. Give the "
+                               r"row its class, or, if 'NaN' is a class, list the classes in manifest.classes"),
+    "missing value as text": (lambda e: relabel(e, r5="None"), ".jsonl", {}, r"line 6: label 'None' is how a missing"),
 }
 
 
@@ -253,6 +263,33 @@ def test_spellings_listed_as_classes_are_different_classes_and_multi_label_names
   path = write_manifest(tmp_path / "multi.csv", entries)
   with pytest.raises(ValueError, match=r"lines \d+ and 9: labels '(green|GREEN)' and '(green|GREEN)' differ only"):
     manifest_lib.read(data.Manifest(path))
+
+
+def test_a_listed_missing_value_is_a_class_and_a_null_id_is_none_given(tmp_path):
+  entries = [dict(e, id=None) for e in relabel(manifest_rows(tmp_path, rows=12), r0="nan", r6="nan")]
+  read = manifest_lib.read(data.Manifest(write_manifest(tmp_path / "m.jsonl", entries), classes=(*COLOURS, "nan")))
+  assert read.class_names == (*COLOURS, "nan")
+  assert [sample.id for sample in read.splits["train"]] == [str(sample.line) for sample in read.splits["train"]]
+
+
+CSV_HEADERS = {  # (the manifest, its error after "<manifest>, line 1: ")
+    "semicolons": ("image;text;label\na.png;a text;red\n",
+                   "the header 'image;text;label' is one column: its columns are separated by ';'. Save the manifest "
+                   "with commas"),
+    "tabs": ("image\ttext\tlabel\na.png\ta text\tred\n",
+             "the header 'image\\ttext\\tlabel' is one column: its columns are separated by '\\t'"),
+    "a column twice": ("image,text,label,label\na.png,a text,red,blue\n",
+                       "the header names the column(s) ['label'] twice. Give every column its own name"),
+}
+
+
+@pytest.mark.parametrize("case", list(CSV_HEADERS))
+def test_a_csv_header_of_another_separator_or_a_repeated_column_is_refused(tmp_path, case):
+  text, message = CSV_HEADERS[case]
+  path = tmp_path / "m.csv"
+  path.write_text(text)
+  with pytest.raises(ValueError, match=f"^{re.escape(f'{path}, line 1: {message}')}"):
+    manifest_lib.read(data.Manifest(str(path)))
 
 
 def test_corrupt_images_are_one_error_when_prepared_and_a_repaired_image_prepares_again(tmp_path):

@@ -3,6 +3,7 @@ authors' convert("RGB") by default; preprocessor_config.json drives it."""
 
 import io
 import json
+import re
 
 import ml_collections
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mora_jax import backbones, clip
-from mora_jax.data import preprocess, tokenizers
+from mora_jax.data import image_check, preprocess, tokenizers
 from mora_jax.models import hf
 from tests import helpers
 
@@ -181,3 +182,28 @@ def test_truncated_image_names_its_source():
   Image.new("RGB", (64, 64), (10, 20, 30)).save(buffer, "JPEG")
   with pytest.raises(ValueError, match="sample 17 \\(img/17.jpg\\): corrupt or truncated image"):
     preprocess.decode_image(buffer.getvalue()[:100], "sample 17 (img/17.jpg)")
+
+
+def encoded(image: Image.Image, format_name: str) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, format_name)
+  return buffer.getvalue()
+
+
+def test_a_16_bit_image_is_rescaled_by_its_range_not_clipped():
+  ramp = np.arange(65536, dtype=np.uint32).reshape(256, 256).astype(np.uint16)  # 0..65535
+  png = encoded(Image.fromarray(ramp), "PNG")
+  assert Image.open(io.BytesIO(png)).mode == "I;16"
+  expected = np.repeat(np.round(ramp / 257).astype(np.uint8)[..., None], 3, axis=2)  # 65535 / 257 = 255
+  as_is = preprocess.ImageProcessing(do_resize=False, do_center_crop=False)
+  for image in (preprocess.decode_image(png, "ramp.png"), Image.open(io.BytesIO(png))):  # decoded, or given as PIL
+    np.testing.assert_array_equal(preprocess.image_to_array(image, as_is), expected)
+
+
+@pytest.mark.parametrize("mode, holds", [("I", "32-bit integer pixels (mode I"), ("F", "float pixels (mode F)")],
+                         ids=["I", "F"])
+def test_images_of_wider_pixels_are_refused_when_checked(mode, holds):
+  tiff = encoded(Image.new(mode, (8, 8), 1), "TIFF")
+  with pytest.raises(ValueError, match=re.escape(f"wide.tiff: {holds}") + ".*no fixed range.*8- or 16-bit"):
+    preprocess.decode_image(tiff, "wide.tiff")
+  assert image_check.corrupt_files([{"image": tiff, "file": "wide.tiff"}], "m/train") == ["wide.tiff"]

@@ -1,6 +1,7 @@
 """Evaluation of finished runs: re-tests, export, restores of the trained parameters alone."""
 
 import json
+import re
 import types
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from mora_jax import adapters, data
 from mora_jax.train import checkpoint, cli, config as config_lib, evaluation, export as export_lib
 from mora_jax.train import job as job_lib, loop
 from tests.helpers import ROOT, memes_config, memes_overrides, run_script, saved_test_results, train_losses
+from tests.test_train_init_from import saved_checkpoint
 
 EXPORT_FILES = {"config.json", "model.safetensors", "head.safetensors", "head.json", "README.md",
                 "preprocessor_config.json", "tokenizer_config.json"}
@@ -131,3 +133,43 @@ def test_the_model_cards_code_is_valid_python_and_its_prediction_runs(tmp_path, 
   expected = ["cat", "bird"] if multi_label else "cat"
   names = {"torch": torch, "info": {"class_names": job.class_names}, "scores": scores}
   assert eval(printed, names) == expected  # pylint: disable=eval-used
+
+
+@pytest.mark.parametrize("written, warning", [
+    (None, None),  # no config.json
+    ('{"adapter": {"rank": 4}, "seed": 0}', None),
+    ('{"adapter": {"rank": 8}, "seed": 0, "bogus": 1}',
+     "differs from the config saved with the checkpoints (saved -> config.json) in: adapter.rank: 4 -> 8; bogus: "
+     "'<absent>' -> 1. Evaluation uses the saved one, which the model was trained with;"),
+    ("", "is cut short or not a JSON object (Expecting value: line 1 column 1 (char 0)); evaluation does not need it"),
+], ids=["absent", "as saved", "edited", "cut short"])
+def test_a_config_json_other_than_the_checkpoints_config_is_a_warning_naming_the_keys(tmp_path, written, warning):
+  path = tmp_path / job_lib.CONFIG_FILE
+  if written is not None:
+    path.write_text(written)
+  line = evaluation.config_file_warning({"config": {"adapter": {"rank": 4}, "seed": 0}}, path)
+  assert line == warning if warning is None else line.startswith(f"warning: {path} {warning}"), line
+
+
+def test_a_manifest_whose_classes_changed_is_refused_naming_both_lists(tmp_path):
+  (tmp_path / "a.png").write_bytes(b"")  # found, not decoded
+  rows = [{"image": "a.png", "text": "", "label": label, "split": split}
+          for split in ("train", "validation", "test") for label in ("cat", "dog", "bird")]
+  (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+  manifest = data.Manifest(str(tmp_path / "m.jsonl"))
+  evaluation.check_classes({"class_names": ["bird", "cat", "dog"]}, manifest, tmp_path)  # unchanged
+  evaluation.check_classes({}, manifest, tmp_path)  # a checkpoint from before meta recorded them
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match=re.escape(
+      f"{tmp_path} holds a head trained on the classes ['cat', 'dog'], but the manifest {tmp_path / 'm.jsonl'} now "
+      "gives ['bird', 'cat', 'dog']: its classes changed since. Restore the labels")):
+    evaluation.check_classes({"class_names": ["cat", "dog"]}, manifest, tmp_path)
+
+
+def test_no_intact_checkpoint_to_evaluate_is_one_error_that_leaves_the_run_alone(tmp_path):
+  meta = saved_checkpoint(tmp_path / "checkpoints") / "meta" / "metadata"
+  meta.write_text(meta.read_text()[:5])
+  with pytest.raises(checkpoint.NoIntactCheckpoint) as error:
+    evaluation.evaluate_run(tmp_path)
+  assert str(error.value).startswith(f"no checkpoint in {tmp_path / 'checkpoints'} restores (step 1: ")
+  assert "Nothing was moved (they are only read here): restore the damaged files" in str(error.value)
+  assert "afresh" not in str(error.value)

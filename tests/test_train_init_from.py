@@ -2,13 +2,15 @@
 resumed run keeps its own; a different adapter is refused."""
 
 import json
+from pathlib import Path
 
+import grain
 import jax
 import numpy as np
 import pytest
 
 from mora_jax import sharding
-from mora_jax.train import cli, config as config_lib, evaluation, init_from, loop
+from mora_jax.train import checkpoint, cli, config as config_lib, evaluation, init_from, loop
 from tests.helpers import ROOT, assert_one_line_error, final_state, memes_config, memes_overrides
 
 
@@ -97,3 +99,38 @@ def test_parameters_of_other_shapes_are_refused():
   init_from.check_shapes({"adapter": {"lora_A": np.zeros((32, 4), np.float32)}}, target, "ckpt/3")
   with pytest.raises(ValueError, match=r"\['lora_A'\] \(64, 4\) \(this run: \(32, 4\)\)"):
     init_from.check_shapes({"adapter": {"lora_A": np.zeros((64, 4), np.float32)}}, target, "ckpt/3")
+
+
+def saved_checkpoint(directory: Path, step: int = 1) -> Path:
+  """`directory` holding one tiny checkpoint, as a run saves it (trained parameters {"w": 2 values}); its folder."""
+  ckpt = checkpoint.Checkpointer(directory)
+  ckpt.save(step, {"params": {"w": np.ones(2, np.float32)}}, iter(grain.MapDataset.range(2).to_iter_dataset()),
+            {"step": step})
+  ckpt.close()
+  return directory / str(step)
+
+
+@pytest.mark.parametrize("damaged", [True, False], ids=["damaged", "other shapes"])
+def test_a_checkpoint_that_does_not_restore_is_one_short_line_saying_why(tmp_path, damaged):
+  step_dir = saved_checkpoint(tmp_path / "checkpoints")
+  file = max((step_dir / "state" / "d").iterdir(), key=lambda f: f.stat().st_size)  # the arrays' data
+  if damaged:
+    with open(file, "r+b") as f:
+      f.truncate(file.stat().st_size // 2)
+  ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", read_only=True)
+  # With a sharding, as a run's target has: orbax then refuses other shapes (without, it restores the saved ones).
+  target = {"w": jax.ShapeDtypeStruct((2,) if damaged else (3,), np.float32,
+                                      sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+  with pytest.raises(ValueError) as error:
+    init_from.restore_params(ckpt, [1], target, "runs/x")
+  ckpt.close()
+  message = str(error.value)
+  assert "\n" not in message and len(message.replace(str(tmp_path), "")) < 300, message  # no tensorstore spec
+  if damaged:
+    assert message.startswith(f"config.init_from='runs/x': no checkpoint in {tmp_path / 'checkpoints'} restores "
+                              f"(step 1: {file}). Nothing was moved"), message
+    assert "architecture" not in message
+  else:
+    assert message == (f"config.init_from='runs/x': the parameters of {tmp_path / 'checkpoints'} have other shapes "
+                       "than this run's (one is (2,) where this run's is (3,)). Was it trained on another backbone "
+                       "architecture? init_from needs the same one.")

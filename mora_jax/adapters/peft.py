@@ -35,6 +35,7 @@ from mora_jax.adapters.lora import LoRAConfig
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+_RESAVE = "Save the adapter again with PEFT's save_pretrained (or eval.py --export_peft)."
 _KEY = re.compile(r"base_model\.model\.(vision|text)_model\.encoder\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
                   r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
 # adapter_config.json settings that change what the adapter computes and that our LoRA/DoRA do not have.
@@ -111,7 +112,15 @@ def _read(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
     if not path.is_file():
       raise FileNotFoundError(f"{path} not found: a PEFT adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE} "
                               "(as PeftModel.save_pretrained writes).")
-  return json.loads(config_path.read_text()), safetensors.numpy.load_file(str(weights_path))
+  try:
+    config = json.loads(config_path.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{config_path} does not read as JSON ({e}): cut short or damaged? {_RESAVE}") from e
+  try:
+    tensors = safetensors.numpy.load_file(str(weights_path))
+  except safetensors.SafetensorError as e:
+    raise ValueError(f"{weights_path} does not read as safetensors ({e}): cut short or damaged? {_RESAVE}") from e
+  return config, tensors
 
 
 def _modules(tensors: dict[str, np.ndarray], where: Path) -> dict[tuple[str, int, str], dict[str, np.ndarray]]:

@@ -51,7 +51,8 @@ def _file(record) -> str:
 
 def corrupt_files(source, where: str) -> list[str]:
   """The files (a record's "file": a path, a manifest line, an Arrow row) of the records of `source` whose image
-  does not decode; read and decoded in threads, one per core (PIL releases the GIL while it decodes)."""
+  does not decode, or decodes to pixels without an 8-bit meaning (`preprocess.eight_bit`); read and decoded in
+  threads, one per core (PIL releases the GIL while it decodes)."""
 
   def check(start: int) -> list[str]:
     corrupt = []
@@ -80,10 +81,12 @@ def message(result: dict, where: str, directory: str | Path, skip_corrupt: bool)
     return None
   total = sum(check["images"] for check in result["splits"].values())
   named = ", ".join(corrupt[:LISTED]) + (f" and {len(corrupt) - LISTED} more" if len(corrupt) > LISTED else "")
-  found = (f"{where}: {len(corrupt)} of {total} images do not decode (corrupt, truncated or not an image): {named}; "
-           f"all are listed in {Path(directory) / FILE}")
+  found = (f"{where}: {len(corrupt)} of {total} images do not decode (corrupt, truncated or not an image) or have "
+           f"32-bit integer or float pixels, which have no 8-bit meaning: {named}; all are listed in "
+           f"{Path(directory) / FILE}")
   if skip_corrupt:
     return (f"warning: {found}. skip_corrupt=True leaves their samples out of training and evaluation; repair the "
             "files to keep them.")
-  return (f"{found}. Repair those files or remove their samples (the dataset is prepared again when its files "
-          "change), or pass --config.skip_corrupt=True to train and test without them.")
+  return (f"{found}. Repair those files (save 32-bit ones as 8- or 16-bit images) or remove their samples (the "
+          "dataset is prepared again when its files change), or pass --config.skip_corrupt=True to train and test "
+          "without them.")

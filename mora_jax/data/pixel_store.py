@@ -27,7 +27,7 @@ from mora_jax.data import array_files
 from mora_jax.data import pipeline
 
 MODES = ("auto", "on", "off")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: 16-bit images are rescaled to 8 bits (clipped to 255 before)
 HEADROOM_BYTES = 1 << 30  # "auto" leaves this much of the disk free
 BUILD_CHUNK = 32  # images a worker decodes per task of the build
 

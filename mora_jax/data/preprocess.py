@@ -6,6 +6,9 @@ which normalise through `normalize_table`).
 
 Transparency: the authors call PIL's `convert("RGB")` before the processor, which drops alpha; transformers
 composites transparent images onto white. "drop" (default) follows the authors, "white" transformers.
+
+Bit depth: convert("RGB") clips pixels wider than 8 bits to 255; a 16-bit image is rescaled to 8 bits first, and
+32-bit integer and float images are refused (`eight_bit`).
 """
 
 import dataclasses
@@ -19,6 +22,9 @@ from PIL import Image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TRANSPARENCY = ("drop", "white")
+# Pixel modes wider than 16 bits, which `eight_bit` refuses: what each holds.
+WIDE_MODES = {"I": "32-bit integer pixels (mode I, as PIL reads 32-bit TIFFs and 16-bit PGM files)",
+              "F": "float pixels (mode F)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,11 +105,26 @@ def to_preprocessor_config(processing: ImageProcessing) -> dict:
           "image_std": list(processing.std)}
 
 
+def eight_bit(image: Image.Image) -> Image.Image:
+  """`image` with pixels of 8 bits whose values mean what the file's mean. PIL's convert("RGB") clips wider pixels
+  to 0..255, which turns a 16-bit image (0..65535) nearly all white: 16-bit ones are rescaled by their range
+  (value / 257, rounded). 32-bit integer and float pixels (modes I and F) have no range to rescale by (stretching
+  each image over its own minimum and maximum would give one value another meaning in every image): refused."""
+  if image.mode.startswith("I;16"):
+    pixels = np.asarray(image).astype(np.uint32)
+    return Image.fromarray(((pixels + 128) // 257).astype(np.uint8))
+  if image.mode in WIDE_MODES:
+    raise ValueError(f"{WIDE_MODES[image.mode]}, which have no fixed range to map to 8 bits; save it as an 8- or "
+                     "16-bit PNG or TIFF of the range you mean")
+  return image
+
+
 def to_rgb(image: Image.Image, transparency: str = "drop") -> Image.Image:
   """RGB. With "white", images with an alpha band or palette transparency are composited onto white first;
-  with "drop", alpha is discarded as PIL's convert("RGB") does."""
+  with "drop", alpha is discarded as PIL's convert("RGB") does. Wider pixels are made 8-bit first (`eight_bit`)."""
   if transparency not in TRANSPARENCY:
     raise ValueError(f"transparency={transparency!r}: use one of {TRANSPARENCY}.")
+  image = eight_bit(image)
   if image.mode == "RGB":
     return image
   if transparency == "white" and ("A" in image.getbands() or image.info.get("transparency") is not None):
@@ -172,7 +193,8 @@ def image_to_pixels(image: Image.Image, processing: ImageProcessing = ImageProce
 
 
 def decode_image(data: bytes, source: str) -> Image.Image:
-  """Decodes encoded image bytes fully (so truncation is caught here), naming `source` on failure."""
+  """Decodes encoded image bytes fully (so truncation is caught here) into 8-bit pixels (`eight_bit`, so that the
+  check of a dataset's images refuses the pixels it cannot use), naming `source` on failure."""
   stream = io.BytesIO(data)
   try:
     image = Image.open(stream)
@@ -180,7 +202,10 @@ def decode_image(data: bytes, source: str) -> Image.Image:
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     # PIL names the stream it read ("cannot identify image file <_io.BytesIO object at 0x...>"); `source` is the file.
     raise ValueError(f"{source}: corrupt or truncated image ({str(e).replace(f' {stream!r}', '')}).") from e
-  return image
+  try:
+    return eight_bit(image)
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}.") from e
 
 
 def decode_to_array(image, name: str, processing: ImageProcessing, transparency: str) -> np.ndarray | str:

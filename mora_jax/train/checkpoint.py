@@ -54,6 +54,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | Path, keep: int = 2, metric: str | None = None, read_only: bool = False):
     self.directory = Path(directory).absolute()
+    self.read_only = read_only
     policies = [checkpoint_managers.preservation_policy.LatestN(n=keep)]
     score = None
     if metric is not None:
@@ -145,9 +146,12 @@ class Checkpointer:
         return step, result, failures
       failures.append((step, error or RuntimeError("it failed to restore on another process")))
     tried = "; ".join(f"step {step}: {self.describe_failure(step, error)}" for step, error in failures)
-    raise NoIntactCheckpoint(
-        f"no checkpoint in {self.directory} restores ({tried or 'none found'}). Move that folder away to start "
-        "this run afresh, or use a new --workdir; --debug shows why the last one failed.") from error
+    # A read-only one (evaluation, init_from) only reads the run: starting it afresh is not what was asked.
+    fix = ("Nothing was moved (they are only read here): restore the damaged files from a copy, or use another run "
+           "or checkpoint"
+           if self.read_only else "Move that folder away to start this run afresh, or use a new --workdir")
+    raise NoIntactCheckpoint(f"no checkpoint in {self.directory} restores ({tried or 'none found'}). {fix}; --debug "
+                             "shows why the last one failed.") from error
 
   def restore_first_intact(self, steps: Sequence[int], restore: Callable[[int], object], *, move_damaged: bool,
                            log: Callable[[str], None]) -> tuple[int, object]:

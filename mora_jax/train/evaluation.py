@@ -20,12 +20,13 @@ from mora_jax import adapters, console, data, sharding
 from mora_jax.adapters import peft as peft_io
 from mora_jax.console import say
 from mora_jax.data import metrics as metrics_lib
+from mora_jax.data.builders import manifest as manifest_lib
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
 from mora_jax.train import export as export_lib
 from mora_jax.train import prefix_cache
 from mora_jax.train import step as step_lib
-from mora_jax.train.job import Job, build_job, validate
+from mora_jax.train.job import CONFIG_FILE, Job, build_job, validate
 from mora_jax.train.writers import MetricWriter
 
 
@@ -117,6 +118,40 @@ def _flat(metrics: dict) -> dict:
           for k, v in (value.items() if isinstance(value, dict) else [(key, value)])}
 
 
+def config_file_warning(meta: dict, path: Path) -> str | None:
+  """A warning line if the run's config.json (`path`) says other than the config saved with its checkpoints, which
+  is the one evaluation tests (the model as trained): an edit there changes nothing, and must not look applied."""
+  if not path.is_file():
+    return None
+  try:
+    written = json.loads(path.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    written = e
+  if not isinstance(written, dict):
+    return (f"warning: {path} is cut short or not a JSON object ({written}); evaluation does not need it: it uses "
+            "the config saved with the checkpoints.")
+  changed = config_lib.differences(meta["config"], written)
+  if not changed:
+    return None
+  return (f"warning: {path} differs from the config saved with the checkpoints (saved -> {CONFIG_FILE}) in: "
+          + "; ".join(changed) + ". Evaluation uses the saved one, which the model was trained with; what eval.py "
+          "may change, it takes as --config.KEY=VALUE flags.")
+
+
+def check_classes(meta: dict, manifest: data.Manifest | None, where: Path) -> None:
+  """Refuses, before the backbone is built, a manifest whose classes changed since the run trained: its head has
+  one output per class of then. (A published dataset's classes are fixed.)"""
+  saved = meta.get("class_names")  # None in checkpoints written before meta recorded them
+  if manifest is None or saved is None:
+    return
+  contents = manifest_lib.read(manifest)
+  if list(contents.class_names) != saved:
+    raise checkpoint_lib.IncompatibleCheckpoint(
+        f"{where} holds a head trained on the classes {saved}, but the manifest {contents.path} now gives "
+        f"{list(contents.class_names)}: its classes changed since. Restore the labels the run was trained on, or "
+        "train a new run on this manifest.")
+
+
 def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | None = None,
                  missing: dict | None = None, scenarios=data.SCENARIOS, export_hf: str | Path | None = None,
                  config_overrides=(), export_peft: str | Path | None = None, test: bool = True) -> dict:
@@ -140,11 +175,15 @@ def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | Non
   if not steps:
     raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
   _, meta, _ = ckpt.first_intact(steps[::-1], ckpt.meta)  # config and backbone: the same in every checkpoint
+  warning = config_file_warning(meta, directory.parent / CONFIG_FILE)
+  if warning:
+    say(warning)
   config = config_lib.from_json(json.dumps(checkpoint_lib.saved_config(meta)))
   config_lib.apply_overrides(config, config_overrides)
   for key, value in (missing or {}).items():
     config_lib.override(config, f"missing.{key}", str(value))
   settings = validate(config, train=False)
+  check_classes(meta, settings.manifest, directory)
   adapter = settings.adapter
   if export_peft is not None:  # before the evaluation that would precede the refusal
     peft_io.check_exportable(adapter)

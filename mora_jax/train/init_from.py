@@ -14,6 +14,7 @@ only from a run with the same class names and head (type, hidden size), or from 
 """
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -29,6 +30,9 @@ from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
 from mora_jax.train import evaluation, export
 from mora_jax.train.job import Job
+
+# How orbax refuses to restore an array of another shape: (this run's shape, the saved one).
+_SHAPES = re.compile(r"Requested shape: (\(.*?\)) is not compatible with the stored shape: (\(.*?\))")
 
 
 def initial_params(job: Job, source: str) -> tuple[dict, dict]:
@@ -121,6 +125,21 @@ def check_shapes(restored, target, where: Path) -> None:
                      + ". Was it trained on another backbone architecture? init_from needs the same one.")
 
 
+def restore_params(ckpt: checkpoint_lib.Checkpointer, candidates: list[int], target, source: str) -> tuple[int, dict]:
+  """(step, parameters) of the first of `candidates` whose parameters restore into `target`. None restoring is an
+  error naming what failed (`Checkpointer.describe_failure`); the backbone architecture only where the shapes
+  differ."""
+  try:
+    return ckpt.restore_first_intact_params(candidates, target, say)
+  except checkpoint_lib.NoIntactCheckpoint as e:
+    shapes = _SHAPES.search(str(e.__cause__))
+    if shapes is None:
+      raise ValueError(f"config.init_from={source!r}: {e}") from e
+    raise ValueError(f"config.init_from={source!r}: the parameters of {ckpt.directory} have other shapes than this "
+                     f"run's (one is {shapes[2]} where this run's is {shapes[1]}). Was it trained on another backbone "
+                     "architecture? init_from needs the same one.") from e
+
+
 def _from_run(job: Job, path: Path, source: str) -> tuple[dict, dict]:
   directory, step = _checkpoint_dir(path, source)
   ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
@@ -138,13 +157,7 @@ def _from_run(job: Job, path: Path, source: str) -> tuple[dict, dict]:
     target = {k: v for k, v in evaluation.abstract_params(job).items() if (k != "head" or head) and jax.tree.leaves(v)}
     candidates = [step] if step is not None else ckpt.steps_best_first(metrics_lib.primary(saved["dataset"]),
                                                                        meta["loop"]["best_step"])
-    try:
-      step, restored = ckpt.restore_first_intact_params(candidates, target, say)
-    except checkpoint_lib.NoIntactCheckpoint as e:
-      cause = e.__cause__ or e
-      raise ValueError(f"config.init_from={source!r}: no checkpoint of {directory} (steps {candidates}) restores into "
-                       "this run's adapters and head; was it trained on another backbone architecture? (last error: "
-                       f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from e
+    step, restored = restore_params(ckpt, candidates, target, source)
   finally:
     ckpt.close()
   say(f"init_from: the adapters{' and head' if head else ''} of {directory / str(step)}"

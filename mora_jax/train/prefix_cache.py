@@ -39,7 +39,7 @@ from mora_jax.data import pipeline
 
 MODES = ("auto", "on", "off")
 DTYPES = ("auto", "float32", "bfloat16")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: 16-bit images are rescaled to 8 bits (clipped to 255 before)
 META_FILE = array_files.META_FILE
 ROW_KEYS = ("label", "group", "corrupt")  # per-sample values stored beside the activations (no dummy row)
 CacheError = array_files.SpaceError  # a cache that cannot be built where configured; the message says the fix

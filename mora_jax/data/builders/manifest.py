@@ -29,6 +29,8 @@ import tensorflow_datasets as tfds
 
 SPLITS = ("train", "validation", "test")
 LABELS_SEPARATOR = "|"  # between the class names of a csv "labels" cell
+# How spreadsheets and pandas write a missing value into a cell (any case): as a label, a class only if listed.
+MISSING_VALUES = ("nan", "none", "null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +80,23 @@ def _jsonl_rows(path: Path, text: str):
     yield line, fields
 
 
+def _check_header(fields: list[str], path: Path, line: int) -> None:
+  """A header of distinct column names, separated by commas: csv.DictReader reads another separator as one
+  column and keeps the last of two columns of one name, and neither would be what the rows say."""
+  if len(fields) == 1 and (separator := next((s for s in (";", "\t") if s in fields[0]), None)):
+    raise _error(path, line, f"the header {fields[0]!r} is one column: its columns are separated by {separator!r}",
+                 "Save the manifest with commas between the cells (a .csv manifest's separator).")
+  twice = sorted({name for name in fields if fields.count(name) > 1})
+  if twice:
+    raise _error(path, line, f"the header names the column(s) {twice} twice",
+                 "Give every column its own name (only one is read).")
+
+
 def _csv_rows(path: Path, text: str):
   reader = csv.DictReader(io.StringIO(text))
   if reader.fieldnames is None:
     return
+  _check_header(reader.fieldnames, path, reader.line_num)
   for fields in reader:
     if None in fields or None in fields.values():  # more or fewer cells than the header has columns
       raise _error(path, reader.line_num, f"its cells do not match the {len(reader.fieldnames)} columns "
@@ -125,6 +140,16 @@ def _check_spellings(rows: list[tuple[int, dict]], path: Path, multi_label: bool
     raise ValueError(f"{where}: labels {first} and {second} differ only in case, spaces or Unicode form, so they "
                      "would be two classes. Write every label of a class the same way, or, if they are different "
                      "classes, list both in manifest.classes.")
+
+
+def _check_missing_values(samples: list[Sample], path: Path, given: tuple[str, ...]) -> None:
+  """A label "nan", "None" or "null" is a missing value exported as text, not a class, unless manifest.classes
+  lists it."""
+  for sample in samples:
+    for name in sample.labels:
+      if name.casefold() in MISSING_VALUES and name not in given:
+        raise _error(path, sample.line, f"label {name!r} is how a missing value is written, not a class name",
+                     f"Give the row its class, or, if {name!r} is a class, list the classes in manifest.classes.")
 
 
 def _check_ids(samples: list[Sample], path: Path) -> None:
@@ -186,8 +211,9 @@ def _image(fields: dict, path: Path, line: int, root: Path) -> Path | bytes:
 def _sample(fields: dict, path: Path, line: int, root: Path, multi_label: bool) -> Sample:
   if not isinstance(fields.get("text"), str):
     raise _error(path, line, 'no "text" string', 'Give every row a "text" ("" for none).')
-  return Sample(line=line, id=str(fields.get("id", line)), image=_image(fields, path, line, root),
-                text=fields["text"], labels=_labels(fields, path, line, multi_label))
+  sample_id = line if fields.get("id") is None else fields["id"]  # a null id is none given, as an empty csv cell
+  return Sample(line=line, id=str(sample_id), image=_image(fields, path, line, root), text=fields["text"],
+                labels=_labels(fields, path, line, multi_label))
 
 
 def _image_stats(samples: list[Sample], path: Path) -> str:
@@ -226,6 +252,17 @@ def _given_splits(rows: list[tuple[int, dict]], samples: list[Sample], path: Pat
   return splits
 
 
+def _check_class_count(class_names: tuple[str, ...], multi_label: bool, path: Path) -> None:
+  """A single-label head needs 2 classes (with one, every prediction is right), a multi-label head 1 (with none it
+  has no outputs)."""
+  needed = 1 if multi_label else 2
+  if len(class_names) < needed:
+    kind = "a multi-label" if multi_label else "a single-label"
+    raise ValueError(f"{path}: the labels name {len(class_names)} class(es) {list(class_names)}, but {kind} "
+                     f"classifier needs at least {needed}. Label the rows with their classes, or list every class "
+                     "in manifest.classes (e.g. --config.manifest.classes=cat,dog).")
+
+
 def _class_names(samples: list[Sample], given: tuple[str, ...], path: Path) -> tuple[str, ...]:
   if not given:
     return tuple(sorted({name for sample in samples for name in sample.labels}))
@@ -260,6 +297,7 @@ def read(manifest: Manifest) -> Contents:
     raise ValueError(f"manifest {path} has no rows; write one row per sample.")
   multi_label = "labels" in rows[0][1]
   samples = [_sample(fields, path, line, root, multi_label) for line, fields in rows]
+  _check_missing_values(samples, path, manifest.classes)
   _check_spellings(rows, path, multi_label, manifest.classes)
   _check_ids(samples, path)
   # The images' sizes and times join the digest, so that an image replaced in place (a corrupt one repaired) is
@@ -275,6 +313,7 @@ def read(manifest: Manifest) -> Contents:
       raise ValueError(f"manifest {path}: split {split!r} has no rows. Give it some (\"split\": \"{split}\"), "
                        "or, for a manifest without splits, raise its manifest.split_fractions entry.")
   class_names = _class_names(samples, manifest.classes, path)
+  _check_class_count(class_names, multi_label, path)
   _check_trained(splits, path, random_split)
   return Contents(path=path, digest=digest, class_names=class_names, multi_label=multi_label, splits=splits)
 
