@@ -71,8 +71,10 @@ class AdapterConfig:
   def attach(self, model: CLIP | LlamaForCausalLM, *, rngs: nnx.Rngs) -> Attached:
     """Replaces every target projection of `model` by its adapted form, in place, in `targets`' order (which
     fixes the order of the parameter draws)."""
+    chosen = list(targets(model, self))
+    _check_rank(self.rank, chosen)
     shared = nnx.Dict()
-    for target in targets(model, self):
+    for target in chosen:
       base = getattr(target.parent, target.name)
       setattr(target.parent, target.name, self.adapt(base, target, shared, model.config, rngs=rngs))
     return Attached(shared, prompts=None)
@@ -107,6 +109,15 @@ def _check_targets(cfg: AdapterConfig, valid: tuple[str, ...], model: str) -> No
   unknown = [t for t in cfg.targets if t not in valid]
   if unknown:
     raise ValueError(f"adapter.targets={cfg.targets}: {model} has no {unknown}; its projections are {valid}.")
+
+
+def _check_rank(rank: int, chosen: list[Target]) -> None:
+  """A rank beyond the smaller side of a projection adds parameters but no directions (its update's rank is bounded
+  by that side), and one far beyond it allocates factors that can exhaust the device's memory before any step."""
+  bound = min(min(getattr(t.parent, t.name).kernel.shape) for t in chosen)
+  if rank > bound:
+    raise ValueError(f"adapter.rank={rank} is more than {bound}, the smaller side of the narrowest projection it "
+                     f"adapts; use adapter.rank <= {bound}.")
 
 
 def _layer_targets(tower: str, layers: nnx.List, cfg: AdapterConfig, attention: tuple[str, ...],

@@ -28,13 +28,14 @@ from mora_jax import adapters, data, sharding
 from mora_jax.adapters import mllm as mllm_lib
 from mora_jax.adapters import optim, partition
 from mora_jax.backbones import backbone as backbone_lib
-from mora_jax.backbones import embedded_lm
+from mora_jax.backbones import embedded, embedded_lm
 from mora_jax.console import say
 from mora_jax.data import vqa
 from mora_jax.models import hf, llama_hf
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import config as config_lib
 from mora_jax.train import evaluation
+from mora_jax.train import job as job_lib
 from mora_jax.train import step as step_lib
 from mora_jax.train.job import CONFIG_FILE, check_writable
 from mora_jax.train.tasks import MLLM, Stage, epoch_steps
@@ -46,13 +47,19 @@ FEATURE_BATCH = 256  # images per call of the frozen vision tower when its featu
 # The smallest meaningful value of each count in an MLLM config (config.check_minimums).
 MINIMUMS = {"epochs": 1, "batch_size": 1, "max_steps": 0, "log_every_steps": 1, "seed": 0, "stage1.steps": 1,
             "stage1.batch_size": 1, "eval.batch_size": 1, "eval.validation_samples": 0, "eval.test_samples": 0,
-            "checkpoint.keep": 1, "checkpoint.every_steps": 0}
+            "checkpoint.keep": 1, "checkpoint.every_steps": 0, "missing.seed": 0}
 
 
 def is_run(workdir: str | Path) -> bool:
   """Whether `workdir` (a train.py workdir) holds an MLLM run."""
   path = Path(workdir) / CONFIG_FILE
-  return path.is_file() and json.loads(path.read_text()).get("task") == MLLM
+  if not path.is_file():
+    return False
+  try:
+    return json.loads(path.read_text()).get("task") == MLLM
+  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+    raise ValueError(f"{path} does not read as a JSON object ({e}): cut short or edited? eval.py reads it to know the "
+                     "run's task; restore it (every checkpoint keeps the run's config in its meta/ folder).") from e
 
 
 def method_name(c: ml_collections.ConfigDict) -> str:
@@ -248,6 +255,8 @@ def build(config: ml_collections.ConfigDict, workdir: Path | None) -> Answering:
   and a projector; its tokenizer; the train and validation splits. `workdir` None: no folder is written (eval)."""
   c = config
   config_lib.check_minimums(c, MINIMUMS)
+  for stage in ("stage1", "stage2"):
+    job_lib.check_optimizer(c[stage], stage)
   missing = data.Missing(**c.missing)
   try:
     method = adapters.from_config(c.adapter.to_dict())
@@ -257,6 +266,13 @@ def build(config: ml_collections.ConfigDict, workdir: Path | None) -> Answering:
     raise ValueError(f"config.projector={c.projector!r}: use one of {mllm_lib.PROJECTORS}.")
   if workdir is not None:
     check_writable(workdir / "checkpoints", "--workdir")
+  job_lib.check_embedded_cache(c.backbone, embedded, "backbone")
+  job_lib.check_embedded_cache(c.lm, embedded_lm, "lm")
+  # The splits before the models, whose first build pre-trains them (minutes): the batches are checked against them.
+  train, validation = (vqa.load(name, c.data_dir, missing, log=say) for name in ("train", "validation"))
+  splits = {"stage1": train.captions(), "stage2": train, "validation": validation}
+  job_lib.check_batch_size("stage1.batch_size", c.stage1.batch_size, len(splits["stage1"]), "easy_vqa/train captions")
+  job_lib.check_batch_size("batch_size", c.batch_size, len(train), "easy_vqa/train")
   clip = backbone_lib.load(c.backbone, 77, c.data_dir, mesh=None, rules=sharding.REPLICATED_RULES, log=say)
   lm_dir = embedded_lm.ensure(c.lm.cache_dir, c.data_dir, c.lm.seed, log=say) if c.lm.path == embedded_lm.NAME \
       else hf.resolve(c.lm.path)
@@ -273,8 +289,6 @@ def build(config: ml_collections.ConfigDict, workdir: Path | None) -> Answering:
   local_graphdef, local_state = nnx.split(model)
   encode = jax.jit(lambda state, pixels: nnx.merge(local_graphdef, state).image_features(pixels))
   graphdef, params = adapters.split(model)
-  train, validation = (vqa.load(name, c.data_dir, missing, log=say) for name in ("train", "validation"))
-  splits = {"stage1": train.captions(), "stage2": train, "validation": validation}
   return Answering(c, mesh, graphdef, sharding.replicate(params, mesh), tokenizer, prep, identity, missing, splits,
                    lambda pixels: np.asarray(encode(local_state, pixels)), make_generate(graphdef, tokenizer))
 

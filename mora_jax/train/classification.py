@@ -12,6 +12,7 @@ import numpy as np
 
 from mora_jax import adapters, data, sharding
 from mora_jax.adapters import optim, partition
+from mora_jax.backbones import embedded
 from mora_jax.console import say
 from mora_jax.train import checkpoint as checkpoint_lib
 from mora_jax.train import evaluation, init_from, prefix_cache
@@ -120,9 +121,12 @@ def build(config, workdir: Path) -> Classification:
   check_writable(workdir / "checkpoints", "--workdir")
   if not data.is_prepared(c.dataset, c.data_dir, settings.manifest):
     check_writable(Path(c.data_dir).expanduser(), "--config.data_dir")
+  job_lib.check_embedded_cache(c.backbone, embedded, "backbone")
   job = job_lib.build_job(c, settings)
-  train_ds, val_ds = job.load("train"), job.load("validation")
+  train_ds = job.load("train")
   if len(train_ds.source) == 0:
     raise ValueError(f"{c.dataset} has no train samples in {c.data_dir}.")
+  job_lib.check_batch_size("batch_size", c.batch_size, len(train_ds.source), f"{c.dataset}/train")
+  val_ds = job.load("validation")
   return Classification(**{f.name: getattr(job, f.name) for f in dataclasses.fields(Job)}, train_ds=train_ds,
                         val_ds=val_ds)

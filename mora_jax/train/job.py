@@ -6,6 +6,7 @@ only process 0 prints and prepares the shared files, which the others read once 
 """
 
 import dataclasses
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from mora_jax.data import pixel_store as pixel_store_lib
 from mora_jax.data.datasets import check_source
 from mora_jax.train import config as config_lib
 from mora_jax.train import prefix_cache
+from mora_jax.train import step as step_lib
 
 CONFIG_FILE = "config.json"  # in the workdir: the run's config, as JSON
 EVAL_FILE = "eval.json"  # in the workdir: the test results
@@ -89,7 +91,53 @@ def check_batching(c: ml_collections.ConfigDict) -> None:
 # The smallest meaningful value of each count in a classifier config (config.check_minimums).
 MINIMUMS = {"epochs": 1, "batch_size": 1, "accum_steps": 1, "max_steps": 0, "log_every_steps": 1, "seed": 0,
             "eval.batch_size": 1, "eval.patience": 1, "checkpoint.keep": 1, "checkpoint.every_steps": 0,
-            "data_threads": 1}
+            "data_threads": 1, "preprocessing.max_length": 1, "manifest.seed": 0, "missing.seed": 0}
+
+# The range of each optimizer setting (`check_optimizer`): its test and its description. NaN passes no test.
+POSITIVE = (lambda v: 0 < v < math.inf, "a finite number > 0")
+NON_NEGATIVE = (lambda v: 0 <= v < math.inf, "a finite number >= 0")
+BETA = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+OPTIMIZER_RANGES = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "b1": BETA, "b2": BETA, "eps": POSITIVE,
+                    "warmup_fraction": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+                    # per-partition factors of lr and weight_decay: each entry is checked
+                    "lr_mults": NON_NEGATIVE, "wd_mults": NON_NEGATIVE}
+
+
+def check_optimizer(section: ml_collections.ConfigDict, prefix: str) -> None:
+  """Refuses an optimizer setting of `section` (config.<prefix>) outside its range, naming it: a negative or
+  infinite learning rate or a b1 of 1.5 trains without complaint to a useless model (an infinite one to NaN), and a
+  warm-up longer than the run fails inside optax, naming no key. Checks the settings the section has (the
+  classifier's optim has them all, the MLLM's stages lr, weight_decay and warmup_fraction)."""
+  for key, (valid, allowed) in OPTIMIZER_RANGES.items():
+    if key not in section:
+      continue
+    value = section[key]
+    entries = ({f"{key}.{name}": v for name, v in value.items()} if isinstance(value, ml_collections.ConfigDict)
+               else {key: value})
+    for name, v in entries.items():
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not valid(v):
+        raise config_lib.ConfigError(f"config.{prefix}.{name}={v!r}: must be {allowed}.")
+  if "decay" in section and section.decay not in step_lib.DECAYS:
+    raise config_lib.ConfigError(f"config.{prefix}.decay={section.decay!r}: use one of {step_lib.DECAYS}.")
+
+
+def check_batch_size(key: str, batch_size: int, samples: int, split: str) -> None:
+  """A batch beyond the split holds padding only past its samples, and a batch of a size far beyond it runs out of
+  memory minutes later: refused once the split's size is known."""
+  if batch_size > samples:
+    raise config_lib.ConfigError(f"config.{key}={batch_size} is more than the {samples} samples of {split}; use "
+                                 f"at most {samples}.")
+
+
+def check_embedded_cache(section: ml_collections.ConfigDict, embedded_model, key: str) -> None:
+  """`section` (config.<key>) selects `embedded_model` (backbones.embedded or backbones.embedded_lm) with path
+  "embedded": its first use pre-trains it into cache_dir, so a cache_dir it cannot write is refused before that,
+  not when the minutes of pre-training are spent."""
+  if section.path != embedded_model.NAME:
+    return
+  cache = Path(section.cache_dir).expanduser()
+  if not embedded_model.is_built(cache / embedded_model.directory_name(section.seed)):
+    check_writable(cache, f"--config.{key}.cache_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +164,9 @@ def validate(config: ml_collections.ConfigDict, train: bool = True) -> Settings:
                             f"{config.dataset} download there (see its MANUAL_DOWNLOAD_INSTRUCTIONS in "
                             "mora_jax/data/builders/manual.py).")
   settings_manifest = manifest(config)
-  check_source(config.dataset, config.data_dir, config.manual_dir or None, settings_manifest)
+  builder = check_source(config.dataset, config.data_dir, config.manual_dir or None, settings_manifest)
+  if settings_manifest is not None:  # its builder has read the manifest's classes: no need to prepare it
+    check_metric(config, data.Classes(names=builder.contents.class_names, multi_label=builder.contents.multi_label))
   missing = data.Missing(**config.missing)
   try:
     adapter = adapters.from_config(config.adapter.to_dict())
@@ -124,6 +174,14 @@ def validate(config: ml_collections.ConfigDict, train: bool = True) -> Settings:
     raise ValueError(f"config.adapter: {e}") from e
   if config.head.type not in HEADS:
     raise ValueError(f"config.head.type={config.head.type!r}: use one of {HEADS}.")
+  if config.head.type == "mlp":  # the linear head has no hidden layer to size
+    config_lib.check_minimums(config, {"head.hidden": 1})
+  # missing_image and transparency, with the default image processing: the backbone's is known once it is loaded
+  # (after its pre-training, on a first run of the embedded one).
+  try:
+    data.Preprocessing(**config.preprocessing)
+  except ValueError as e:
+    raise ValueError(f"config.preprocessing: {e}") from e
   backbone_dtype = backbones.compute_dtype(config.backbone.dtype)
   if not config.backbone.path and not config.backbone.random_preset:
     raise ValueError("config.backbone: set `path` (a Hugging Face id, a checkpoint directory or 'embedded') or "
@@ -137,6 +195,7 @@ def validate(config: ml_collections.ConfigDict, train: bool = True) -> Settings:
                      "the main process) or a number of worker processes.")
   if train:
     check_batching(config)
+    check_optimizer(config.optim, "optim")
   return Settings(adapter=adapter, missing=missing, manifest=settings_manifest,
                   manual_dir=config.manual_dir or None, backbone_dtype=backbone_dtype)
 
@@ -165,9 +224,8 @@ class Job:
 
   def load(self, split: str, missing: data.Missing | None = None) -> data.Dataset:
     ds = load_split(self.config, self.settings, split, missing)
-    # A checkpoint fixes how many tokens its text tower reads; a random preset's is made max_length long.
-    positions = self.backbone.model.config.text.max_position_embeddings if self.config.backbone.path else None
-    truncation = data.truncation_warning(ds, self.backbone.tokenizer, self.prep.max_length, positions)
+    truncation = data.truncation_warning(ds, self.backbone.tokenizer, self.prep.max_length,
+                                         text_positions(self.config, self.backbone))
     if truncation:
       say(truncation)
     return ds
@@ -208,6 +266,21 @@ def decode_workers(config: ml_collections.ConfigDict) -> int:
     return config.data_workers
   cores = len(os.sched_getaffinity(0))
   return cores if cores > 2 else 0
+
+
+def text_positions(config: ml_collections.ConfigDict, backbone: backbones.Backbone) -> int | None:
+  """The most tokens the backbone's text tower reads where its checkpoint fixes it; None for a random preset,
+  whose tower is made preprocessing.max_length long."""
+  return backbone.model.config.text.max_position_embeddings if config.backbone.path else None
+
+
+def check_max_length(config: ml_collections.ConfigDict, backbone: backbones.Backbone) -> None:
+  """Texts padded past what the text tower reads would fail at the first step, after the data is prepared."""
+  positions = text_positions(config, backbone)
+  if positions is not None and config.preprocessing.max_length > positions:
+    raise config_lib.ConfigError(
+        f"--config.preprocessing.max_length={config.preprocessing.max_length} is more than the {positions} tokens "
+        f"the text tower of backbone {config.backbone.path!r} reads; use at most {positions}.")
 
 
 def manifest(config: ml_collections.ConfigDict) -> data.Manifest | None:
@@ -265,13 +338,12 @@ def build_job(config: ml_collections.ConfigDict, settings: Settings | None = Non
   mesh, rules = make_mesh(config.mesh)
   backbone = backbones.load(config.backbone, config.preprocessing.max_length, config.data_dir, mesh=mesh,
                             rules=rules, log=say)
+  check_max_length(config, backbone)
   prep = data.Preprocessing(image=backbone.image_processing, **config.preprocessing)
   classes = _main_process_first(
       lambda: data.classes(config.dataset, config.data_dir, settings.manual_dir, log=say, manifest=settings.manifest,
                            skip_corrupt=config.skip_corrupt),
       config.dataset)
-  if config.dataset == data.MANIFEST:
-    check_metric(config, classes)
   clf = adapters.build_classifier(backbone.model, settings.adapter, len(classes.names), classes.multi_label,
                                   seed=config.seed, head=config.head.type, head_hidden=config.head.hidden)
   graphdef, params = adapters.split(clf)

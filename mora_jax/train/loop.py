@@ -13,6 +13,7 @@ checkpointing, and all agree on a SIGTERM before acting on it.
 
 import dataclasses
 import json
+import math
 import signal
 import time
 from pathlib import Path
@@ -34,6 +35,10 @@ from mora_jax.train import tasks
 from mora_jax.train.job import CONFIG_FILE, EVAL_FILE
 from mora_jax.train.tasks import Stage, Task
 from mora_jax.train.writers import MetricWriter
+
+
+class Diverged(ValueError):
+  """The training loss is not finite: every later step and checkpoint would hold NaN."""
 
 
 class Preempted(Exception):
@@ -225,6 +230,10 @@ def train_epoch(run: Run, sigterm: _Sigterm, step_hook=None) -> None:
     bar.update(1)
     if run.step % c.log_every_steps == 0 or run.step == epoch_end:
       values = {k: float(sharding.replicated_value(v)) for k, v in metrics.items()}
+      # Checked where the loss comes to the host anyway: a check every step would wait for the devices.
+      if not math.isfinite(values["loss"]):
+        bar.close()
+        raise Diverged(_divergence(run, values["loss"]))
       rate = window_samples / (time.perf_counter() - window_start)
       values["samples_per_s"] = rate
       run.writer.write(run.step, stage.kind("train"), values)
@@ -240,6 +249,15 @@ def train_epoch(run: Run, sigterm: _Sigterm, step_hook=None) -> None:
       _preempt(run)
   bar.close()
   run.record.corrupt_skipped += sharding.sum_over_processes(corrupt)
+
+
+def _divergence(run: Run, loss: float) -> str:
+  """What a non-finite loss says, naming the stage's learning rate: the classifier's one stage reads config.optim,
+  each MLLM stage its own section (answering.Answering.stages)."""
+  section = run.stage.name or "optim"
+  where = f" of {run.stage.name}" if run.stage.name else ""
+  return (f"the train loss is {loss} at step {run.step}{where}: training diverged; lower --config.{section}.lr (now "
+          f"{run.config[section].lr}).")
 
 
 def validate(run: Run) -> None:
