@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from mora_jax.train import cli, config as config_lib, job
+from mora_jax.train import cli, config as config_lib, job, recipes
 from tests.helpers import CONFIG, ROOT, assert_one_line_error, memes_overrides, run_script
 
 
@@ -140,3 +140,107 @@ def test_help_lists_the_overrides_quickly_and_quietly(script, expected):
   for text in expected:
     assert text in proc.stdout
   assert seconds < 4, f"{script} --help took {seconds:.1f} s (budget 2 s; 4 s allows a loaded machine)"
+
+
+RECIPE = "from mora_jax.train import recipes\n\ndef get_config():\n  c = recipes.{}\n  {}\n  return c\n"
+BAD_CONFIG_FILES = {  # file name: (its text, a fragment of the error)
+    "syntax.py": ("def get_config(:\n", "SyntaxError: invalid syntax"),
+    "raises.py": ("def get_config():\n  raise RuntimeError('no data here')\n", "RuntimeError: no data here"),
+    "bad_import.py": ("import not_a_module\n", "ModuleNotFoundError: No module named 'not_a_module'"),
+    "a_dict.py": ("def get_config():\n  return {'seed': 1}\n", "get_config() returned dict, not an ml_collections"),
+    "none.py": ("def get_config():\n  return None\n", "get_config() returned NoneType"),
+    "wrong_type.py": (RECIPE.format("get('easy_vqa', 'mora')", "c.optim.lr = 'fast'"), "TypeError: Could not override"),
+    "no_seed.py": (RECIPE.format("get('easy_vqa', 'mora')", "del c.seed"), "lacks the key(s) seed"),
+    "mllm_no_lr.py": (RECIPE.format("mllm('moka')", "del c.stage1.lr"), "lacks the key(s) stage1.lr"),
+    "config.yaml": ("seed: 1\n", "is not a .py file"),
+    "a_folder": (None, "is a folder"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIG_FILES))
+def test_a_broken_config_file_is_one_error_naming_it(tmp_path, name, capsys):
+  text, fragment = BAD_CONFIG_FILES[name]
+  path = tmp_path / name
+  if text is None:
+    path.mkdir()
+  else:
+    path.write_text(text)
+  code = cli.train_main(["--config", str(path), "--workdir", str(tmp_path / "w")])
+  assert_one_line_error(capsys.readouterr().err, code, f"config file {path}", fragment)
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--config.data_dir", "--config.max_steps=2"], "--config.data_dir needs a value"),
+    (["--confg.epochs=2"], "did you mean --config.epochs=2?"),
+    (["--workdir", ""], "argument --workdir: empty path"),
+    (["--config", ""], "argument --config: empty path"),
+    (["--config.adapter=4"], "adapter is a section; set adapter.KEY"),
+    (["--config.adapter.rank.foo=1"], "adapter.rank is a value, not a section"),
+    (["--config.manifest.split_fractions=abc,0.1,0.1"], "manifest.split_fractions: item 'abc' is not a float")])
+def test_a_malformed_override_or_flag_is_one_error(tmp_path, args, fragment, capsys):
+  code = cli.train_main(["--workdir", str(tmp_path / "w"), *args])
+  assert_one_line_error(capsys.readouterr().err, code, fragment)
+  assert not (tmp_path / "w").exists() and not list(tmp_path.iterdir())
+
+
+def test_an_override_value_is_the_next_arg_only_when_it_is_not_a_flag():
+  overrides, rest = cli.split_overrides(["--config.a", "-1", "--config.b=", "--config.c=--x", "--workdir", "w"],
+                                        ["config"])
+  assert overrides == [("config", "a", "-1"), ("config", "b", ""), ("config", "c", "--x")]
+  assert rest == ["--workdir", "w"]
+
+
+def test_a_tuple_override_takes_the_type_of_its_items():
+  config = cli.default_config()
+  config_lib.override(config, "manifest.split_fractions", "1,0,0")
+  config_lib.override(config, "adapter.targets", "k_proj")
+  assert config.manifest.split_fractions == (1.0, 0.0, 0.0) and config.adapter.targets == ("k_proj",)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--mising.type=image"], "did you mean --missing.type=image?"),
+    (["--config.eval.batchsize=16"], "unknown config key 'eval.batchsize'. Did you mean eval.batch_size?"),
+    (["--config.eval.test_samples=16"], "unknown config key 'eval.test_samples'"),  # an MLLM run's key
+    (["--output", ""], "argument --output: empty path"),
+    (["--export_hf", "", "--no_test"], "argument --export_hf: empty path"),
+    (["--export_peft", "", "--no_test"], "argument --export_peft: empty path")])
+def test_eval_refuses_a_malformed_flag_or_unknown_key_in_one_line(tmp_path, args, fragment, capsys):
+  code = cli.eval_main(["--workdir", str(tmp_path / "run"), *args])
+  assert_one_line_error(capsys.readouterr().err, code, fragment)
+
+
+def has_key(config, key: str) -> bool:
+  try:
+    config_lib.locate(config, key)
+  except config_lib.ConfigError:
+    return False
+  return True
+
+
+def test_eval_may_change_each_listed_key_in_the_family_that_has_it():
+  configs = (cli.default_config(), recipes.mllm("moka"))
+  for key in cli.EVAL_OVERRIDABLE:
+    families = [config for config in configs if has_key(config, key)]
+    assert families, f"{key} is a key of no config"
+    cli.check_eval_overrides([(key, "1")], families[0])
+  assert "manifest.path" in cli.EVAL_OVERRIDABLE  # a moved manifest's error says to set it
+
+
+@pytest.mark.parametrize("flag,where,present", [
+    ("--export_hf", "run", None), ("--export_peft", "run", None), ("--export_hf", ".", None),
+    ("--export_hf", "out", "config.json"), ("--export_peft", "out", "adapter_config.json"),
+    ("--export_peft", "out", "head.safetensors")])
+def test_eval_refuses_an_export_that_would_overwrite_files(tmp_path, flag, where, present, capsys):
+  run = tmp_path / "run"
+  run.mkdir()
+  saved = config_lib.to_json(cli.default_config())
+  (run / "config.json").write_text(saved)
+  out = tmp_path / where
+  if present:
+    out.mkdir()
+    (out / present).write_text("{}")
+  code = cli.eval_main(["--workdir", str(run), flag, str(out), "--no_test"])
+  assert_one_line_error(capsys.readouterr().err, code, *(
+      [f"already holds {present}", "choose an empty or new folder"] if present else ["is or holds the run's workdir"]))
+  assert (run / "config.json").read_text() == saved

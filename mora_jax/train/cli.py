@@ -2,6 +2,7 @@
 overrides, multi-process start-up, and errors printed as one line (a traceback only with --debug)."""
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -36,6 +37,22 @@ most used keys:
 
 class ArgumentError(ValueError):
   """A malformed command line."""
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse's own errors (a missing or malformed flag) raised as ArgumentError, which run_main prints as one
+  `error:` line, instead of the usage and a message printed from inside the parser."""
+
+  def error(self, message):
+    raise ArgumentError(f"{message} (see {self.prog} --help)")
+
+
+def path_flag(text: str) -> str:
+  """argparse type of a path flag: an empty one (often an unset shell variable) would silently mean the default
+  folder, or the current one."""
+  if not text:
+    raise argparse.ArgumentTypeError("empty path; give a path, or leave the flag out")
+  return text
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -79,7 +96,7 @@ def split_overrides(args: Sequence[str], prefixes: Sequence[str]) -> tuple[list[
       key = arg[len(prefix) + 3:]
       if "=" in key:
         key, value = key.split("=", 1)
-      elif i + 1 < len(args):
+      elif i + 1 < len(args) and not args[i + 1].startswith("--"):  # not the next flag, taken as the value
         i += 1
         value = args[i]
       else:
@@ -129,16 +146,16 @@ def default_config():
 
 
 def train_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = Parser(
       description="Trains an adapter on a frozen CLIP, then tests the best checkpoint per missing scenario.",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog=OVERRIDES_HELP + """example:
   python train.py --config configs/food101_mora.py --config.adapter.method=lora --config.optim.lr=5e-3 \\
       --config.manual_dir=~/raw/food101 --workdir runs/food101_lora
 Re-running with the same --workdir resumes from its latest checkpoint.""")
-  parser.add_argument("--config", default=None,
+  parser.add_argument("--config", default=None, type=path_flag,
                       help=f"a config file (configs/*.py); default: the {DEFAULT_NAME} recipe")
-  parser.add_argument("--workdir", default=None, help="default: runs/<config file name>")
+  parser.add_argument("--workdir", default=None, type=path_flag, help="default: runs/<config file name>")
   add_common_flags(parser)
   return parser
 
@@ -146,7 +163,23 @@ Re-running with the same --workdir resumes from its latest checkpoint.""")
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str], prefixes: Sequence[str]):
   """(the `--<prefix>.KEY=VALUE` overrides, the parsed flags) of a command line."""
   overrides, rest = split_overrides(argv, prefixes)
-  return overrides, parser.parse_args(rest)
+  args, unknown = parser.parse_known_args(rest)
+  if unknown:
+    parser.error(unrecognized(unknown, prefixes))
+  return overrides, args
+
+
+def unrecognized(unknown: Sequence[str], prefixes: Sequence[str]) -> str:
+  """The error of flags the parser does not know; a dotted one is taken for an override with a mistyped prefix
+  (--confg.epochs=2), for which the closest prefix (else the last, config) is suggested."""
+  dotted = [arg for arg in unknown if arg.startswith("--") and "." in arg.split("=", 1)[0]]
+  if not dotted:
+    return f"unrecognized arguments: {' '.join(unknown)}"
+  head, tail = dotted[0][2:].split(".", 1)
+  close = difflib.get_close_matches(head, prefixes, n=1)
+  return (f"unrecognized argument {dotted[0]}: overrides are "
+          f"{' or '.join(f'--{prefix}.KEY=VALUE' for prefix in prefixes)}; did you mean "
+          f"--{close[0] if close else prefixes[-1]}.{tail}?")
 
 
 def train_main(argv=None) -> int:
@@ -167,7 +200,7 @@ def train_main(argv=None) -> int:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = Parser(
       description="Re-tests a trained run with merged weights, on any missing scenario, and exports it.",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="""missing scenario (default: the run's own):
@@ -178,16 +211,17 @@ def eval_parser() -> argparse.ArgumentParser:
   python eval.py --workdir runs/food101_mora --missing.type=image --missing.rate=1.0
   python eval.py --workdir runs/food101_mora --export_hf out/food101_mora --no_test""")
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--workdir", help="a train.py workdir (its best checkpoint is used)")
-  source.add_argument("--checkpoint", help="one checkpoint step directory, <workdir>/checkpoints/<step>")
-  parser.add_argument("--export_hf", default=None,
+  source.add_argument("--workdir", type=path_flag, help="a train.py workdir (its best checkpoint is used)")
+  source.add_argument("--checkpoint", type=path_flag,
+                      help="one checkpoint step directory, <workdir>/checkpoints/<step>")
+  parser.add_argument("--export_hf", default=None, type=path_flag,
                       help="write the merged model here: a Hugging Face CLIP checkpoint with its processor, the "
                       "head (head.safetensors, head.json) and a model card (README.md)")
-  parser.add_argument("--export_peft", default=None,
+  parser.add_argument("--export_peft", default=None, type=path_flag,
                       help="LoRA/DoRA: write the adapters here as a PEFT adapter directory (for transformers' "
                       "CLIPModel)")
   parser.add_argument("--no_test", action="store_true", help="with --export_hf/--export_peft: export without testing")
-  parser.add_argument("--output", default=None,
+  parser.add_argument("--output", default=None, type=path_flag,
                       help="results JSON (default: <workdir>/eval-<type>-<rate>.json next to eval.json)")
   add_common_flags(parser)
   return parser
@@ -195,16 +229,30 @@ def eval_parser() -> argparse.ArgumentParser:
 
 # What eval.py may change in a run's config: where the data is, how fast it is read and evaluated, the numeric
 # precision of the frozen backbone. Anything else (adapter, head, backbone weights, preprocessing, ...) would test
-# a model the run never trained and report it as the run's.
-EVAL_OVERRIDABLE = ("data_dir", "manual_dir", "manifest.image_root", "eval.batch_size", "eval.test_samples",
-                    "data_threads", "data_workers", "pixel_store", "prefix_cache", "prefix_cache_dtype",
-                    "prefix_cache_memory_gb", "prefix_cache_device_gb", "skip_corrupt", "mesh.data", "mesh.fsdp",
-                    "backbone.dtype", "backbone.cache_dir", "lm.cache_dir")
+# a model the run never trained and report it as the run's. A moved manifest is found again with manifest.path
+# (the checkpoint's data check still guards its content). Some keys are of one family only (eval.test_samples and
+# lm.cache_dir: MLLM runs; manual_dir, manifest.*, the data-reading, prefix_cache and mesh keys: classifier runs);
+# a key the run's config lacks is refused as unknown.
+EVAL_OVERRIDABLE = ("data_dir", "manual_dir", "manifest.path", "manifest.image_root", "eval.batch_size",
+                    "eval.test_samples", "data_threads", "data_workers", "pixel_store", "prefix_cache",
+                    "prefix_cache_dtype", "prefix_cache_memory_gb", "prefix_cache_device_gb", "skip_corrupt",
+                    "mesh.data", "mesh.fsdp", "backbone.dtype", "backbone.cache_dir", "lm.cache_dir")
 
 
-def check_eval_overrides(config_overrides) -> None:
-  """Refuses an eval.py override that changes the trained model, naming it and what may change."""
+def run_config(workdir: Path):
+  """The config train.py saved in `workdir`; the default run's where there is none (no run there, which
+  evaluate_run reports after the overrides are checked)."""
+  from mora_jax.train import config as config_lib, job  # pylint: disable=import-outside-toplevel
+  path = workdir / job.CONFIG_FILE
+  return config_lib.from_json(path.read_text()) if path.is_file() else default_config()
+
+
+def check_eval_overrides(config_overrides, config) -> None:
+  """Refuses an eval.py override of a key the run's `config` lacks (with the closest key, as train.py), then one
+  that changes the trained model, naming it and what may change."""
+  from mora_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   for key, _ in config_overrides:
+    config_lib.locate(config, key)
     if key not in EVAL_OVERRIDABLE:
       raise ArgumentError(f"--config.{key}: eval.py re-tests the model the run trained, which this would change; it "
                           f"may change only {', '.join(EVAL_OVERRIDABLE)} (train a new run for anything else).")
@@ -223,6 +271,31 @@ def check_outputs(args, workdir: Path) -> None:
   for flag, directory in (("--export_hf", args.export_hf), ("--export_peft", args.export_peft)):
     if directory is not None:
       check_creatable(Path(directory), flag)
+      check_export_folder(Path(directory), workdir, flag)
+
+
+def export_files() -> dict[str, tuple[str, ...]]:
+  """The files each export flag writes (the tokenizer's aside), which an existing export folder must not hold."""
+  # pylint: disable=import-outside-toplevel
+  from mora_jax.adapters import peft
+  from mora_jax.models import hf
+  from mora_jax.train import export
+  head = (export.HEAD_FILE, export.HEAD_INFO_FILE)
+  return {"--export_hf": (hf.CONFIG_FILE, hf.SAFETENSORS_FILE, hf.PREPROCESSOR_FILE, export.CARD_FILE, *head),
+          "--export_peft": (peft.CONFIG_FILE, peft.WEIGHTS_FILE, *head)}
+
+
+def check_export_folder(directory: Path, workdir: Path, flag: str) -> None:
+  """Refuses an export folder that is the run's workdir or holds it (the export's config.json would replace the
+  run's, its adapter_config.json make the run read as a PEFT folder), or that already holds a file the export
+  writes: either would be overwritten without a word. A folder inside the workdir (<workdir>/hf) is fine."""
+  if workdir.resolve().is_relative_to(directory.resolve()):
+    raise ArgumentError(f"{flag} {directory} is or holds the run's workdir {workdir}, whose files the export would "
+                        "overwrite or mix with; choose another folder (e.g. a new one outside the workdir).")
+  clashes = [name for name in export_files()[flag] if (directory / name).exists()]
+  if clashes:
+    raise ArgumentError(f"{flag} {directory} already holds {', '.join(clashes)}, which the export would overwrite; "
+                        "choose an empty or new folder.")
 
 
 def eval_main(argv=None) -> int:
@@ -240,8 +313,8 @@ def eval_main(argv=None) -> int:
     from mora_jax.train import answering, evaluation  # pylint: disable=import-outside-toplevel
     missing = {key: value for prefix, key, value in overrides if prefix == "missing"}
     config_overrides = [(key, value) for prefix, key, value in overrides if prefix == "config"]
-    check_eval_overrides(config_overrides)
     workdir = Path(args.workdir) if args.workdir else Path(args.checkpoint).parent.parent
+    check_eval_overrides(config_overrides, run_config(workdir))
     check_outputs(args, workdir)
     if answering.is_run(workdir):
       if args.export_hf or args.export_peft:
