@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,3 +210,12 @@ def assert_one_line_error(stderr: str, returncode: int, *fragments) -> None:
   assert len(error) == 1, stderr[-2000:]
   for fragment in fragments:
     assert fragment in error[0], error[0]
+
+
+def saved_checkpoint(directory: Path, step: int = 1) -> Path:
+  """`directory` holding one tiny checkpoint, as a run saves it (trained parameters {"w": 2 values}); its folder."""
+  ckpt = checkpoint.Checkpointer(directory)
+  ckpt.save(step, {"params": {"w": np.ones(2, np.float32)}}, iter(grain.MapDataset.range(2).to_iter_dataset()),
+            {"step": step})
+  ckpt.close()
+  return directory / str(step)

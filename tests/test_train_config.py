@@ -12,7 +12,7 @@ from flax import nnx
 
 from mora_jax import adapters, clip
 from mora_jax.train import config as config_lib
-from mora_jax.train import job, loop, recipes, tasks
+from mora_jax.train import cli, job, loop, recipes, tasks
 from tests.helpers import ROOT
 
 
@@ -192,3 +192,5 @@ def test_a_workdir_config_json_cut_short_is_named_with_its_fix(tmp_path):
   with pytest.raises(ValueError, match=rf"^{tmp_path}/config.json does not read as a JSON object .*restore it"):
     answering.is_run(tmp_path)
   assert not answering.is_run(tmp_path / "absent")
+  with pytest.raises(ValueError, match=rf"^{tmp_path}/config.json does not read as a JSON object"):
+    cli.run_config(tmp_path)  # eval.py's first read of it, for the overrides' keys

@@ -13,8 +13,8 @@ from PIL import Image
 from mora_jax import adapters, data
 from mora_jax.train import checkpoint, cli, config as config_lib, evaluation, export as export_lib
 from mora_jax.train import job as job_lib, loop
-from tests.helpers import ROOT, memes_config, memes_overrides, run_script, saved_test_results, train_losses
-from tests.test_train_init_from import saved_checkpoint
+from tests.helpers import (ROOT, memes_config, memes_overrides, run_script, saved_checkpoint, saved_test_results,
+                           train_losses)
 
 EXPORT_FILES = {"config.json", "model.safetensors", "head.safetensors", "head.json", "README.md",
                 "preprocessor_config.json", "tokenizer_config.json"}

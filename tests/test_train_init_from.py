@@ -2,16 +2,15 @@
 resumed run keeps its own; a different adapter is refused."""
 
 import json
-from pathlib import Path
 
-import grain
 import jax
 import numpy as np
 import pytest
 
 from mora_jax import sharding
 from mora_jax.train import checkpoint, cli, config as config_lib, evaluation, init_from, loop
-from tests.helpers import ROOT, assert_one_line_error, final_state, memes_config, memes_overrides
+from tests.helpers import (ROOT, assert_one_line_error, final_state, memes_config, memes_overrides,
+                           saved_checkpoint)
 
 
 def flat(tree) -> dict[str, np.ndarray]:
@@ -99,15 +98,6 @@ def test_parameters_of_other_shapes_are_refused():
   init_from.check_shapes({"adapter": {"lora_A": np.zeros((32, 4), np.float32)}}, target, "ckpt/3")
   with pytest.raises(ValueError, match=r"\['lora_A'\] \(64, 4\) \(this run: \(32, 4\)\)"):
     init_from.check_shapes({"adapter": {"lora_A": np.zeros((64, 4), np.float32)}}, target, "ckpt/3")
-
-
-def saved_checkpoint(directory: Path, step: int = 1) -> Path:
-  """`directory` holding one tiny checkpoint, as a run saves it (trained parameters {"w": 2 values}); its folder."""
-  ckpt = checkpoint.Checkpointer(directory)
-  ckpt.save(step, {"params": {"w": np.ones(2, np.float32)}}, iter(grain.MapDataset.range(2).to_iter_dataset()),
-            {"step": step})
-  ckpt.close()
-  return directory / str(step)
 
 
 @pytest.mark.parametrize("damaged", [True, False], ids=["damaged", "other shapes"])

@@ -15,7 +15,6 @@ here are small); each process assembles its rows of every global batch, as the c
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -52,14 +51,8 @@ MINIMUMS = {"epochs": 1, "batch_size": 1, "max_steps": 0, "log_every_steps": 1, 
 
 def is_run(workdir: str | Path) -> bool:
   """Whether `workdir` (a train.py workdir) holds an MLLM run."""
-  path = Path(workdir) / CONFIG_FILE
-  if not path.is_file():
-    return False
-  try:
-    return json.loads(path.read_text()).get("task") == MLLM
-  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-    raise ValueError(f"{path} does not read as a JSON object ({e}): cut short or edited? eval.py reads it to know the "
-                     "run's task; restore it (every checkpoint keeps the run's config in its meta/ folder).") from e
+  saved = job_lib.read_config_file(workdir)
+  return saved is not None and saved.get("task") == MLLM
 
 
 def method_name(c: ml_collections.ConfigDict) -> str:

@@ -243,8 +243,8 @@ def run_config(workdir: Path):
   """The config train.py saved in `workdir`; the default run's where there is none (no run there, which
   evaluate_run reports after the overrides are checked)."""
   from mora_jax.train import config as config_lib, job  # pylint: disable=import-outside-toplevel
-  path = workdir / job.CONFIG_FILE
-  return config_lib.from_json(path.read_text()) if path.is_file() else default_config()
+  saved = job.read_config_file(workdir)
+  return config_lib.from_json(json.dumps(saved)) if saved is not None else default_config()
 
 
 def check_eval_overrides(config_overrides, config) -> None:

@@ -6,6 +6,7 @@ only process 0 prints and prepares the shared files, which the others read once 
 """
 
 import dataclasses
+import json
 import math
 import os
 import tempfile
@@ -33,6 +34,22 @@ EVAL_FILE = "eval.json"  # in the workdir: the test results
 
 class NotWritable(Exception):
   """A folder the run writes to cannot be written."""
+
+
+def read_config_file(workdir: str | Path) -> dict | None:
+  """The config train.py wrote to `workdir` (JSON form), None where there is none. eval.py reads it to know the
+  run's task and keys, so one that does not read is an error naming it."""
+  path = Path(workdir) / CONFIG_FILE
+  if not path.is_file():
+    return None
+  try:
+    saved = json.loads(path.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    saved = e
+  if not isinstance(saved, dict):
+    raise ValueError(f"{path} does not read as a JSON object ({saved}): cut short or edited? eval.py reads it to "
+                     "know the run's task; restore it (every checkpoint keeps the run's config in its meta/ folder).")
+  return saved
 
 
 def check_writable(directory: Path, flag: str) -> None:
