@@ -21,7 +21,6 @@ batch already on the device / the loop's time.
 """
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -30,32 +29,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from mora_jax import data
 from mora_jax.data import pixel_store, preprocess, tokenizers
+from mora_jax.reproduce import throughput
 from mora_jax.train import config as config_lib
 from mora_jax.train import loop
-
-
-def write_photos(directory: Path, count: int, seed: int = 0) -> Path:
-  """A manifest of `count` JPEG 'photos' (smooth colour fields with noise) of 320-640 px and 77-token texts"""
-  rng = np.random.RandomState(seed)
-  directory.mkdir(parents=True, exist_ok=True)
-  lines = []
-  for i in range(count):
-    height, width = rng.randint(320, 641, size=2)
-    coarse = rng.randint(0, 256, (8, 8, 3)).astype(np.uint8)
-    image = np.asarray(Image.fromarray(coarse).resize((int(width), int(height)), Image.Resampling.BICUBIC))
-    image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
-    Image.fromarray(image).save(directory / f"{i}.jpg", quality=90)
-    # ~80 bytes: 77 tokens and a truncation with the byte-level tokenizer (no vocabulary download).
-    words = " ".join(f"w{rng.randint(1000):03d}" for _ in range(16))
-    split = {count - 2: "validation", count - 1: "test"}.get(i, "train")  # the manifest needs all three splits
-    lines.append(json.dumps({"image": f"{i}.jpg", "text": words, "label": f"class{i % 4}", "split": split}))
-  path = directory / "photos.jsonl"
-  path.write_text("\n".join(lines) + "\n")
-  return path
 
 
 def rate(iterator, batch_size: int, num_batches: int) -> float:
@@ -70,7 +49,7 @@ def decode_table(args) -> None:
   data_dir = Path(args.data_dir).expanduser()
   manifest = data_dir / f"photos{args.samples}" / "photos.jsonl"
   if not manifest.is_file():
-    write_photos(manifest.parent, args.samples)
+    throughput.write_photos(manifest.parent, args.samples)
   m = data.Manifest(path=str(manifest))
   ds = data.load(data.MANIFEST, "train", data_dir, manifest=m, missing=data.Missing(rate=0.0), log=lambda _: None)
   prep = data.Preprocessing(image=preprocess.ImageProcessing.clip(args.size))
@@ -137,13 +116,7 @@ def loop_table(args) -> None:
 def busy_table(args) -> None:
   with tempfile.TemporaryDirectory() as workdir:
     run = start_run(args.busy, Path(workdir), args.override)
-    loop.advance(run)  # compilation
-    jax.block_until_ready(run.state_leaves)
-    begin = time.perf_counter()
-    for _ in range(args.steps):
-      metrics, _ = loop.advance(run)
-    jax.block_until_ready(metrics)
-    loop_seconds = time.perf_counter() - begin
+    loop_seconds = throughput.steady_seconds(run, args.steps)
     batch, _ = run.task.device_batch([next(run.train_iter) for _ in range(run.stage.accum_steps)])
     state = run.state_leaves
     begin = time.perf_counter()

@@ -146,6 +146,14 @@ def write_food101(root, classes=101, per_split=(("train", 8), ("val", 4), ("test
   (root / "split.json").write_text(json.dumps(files))
 
 
+def write_arrow(path, columns: dict) -> None:
+  """An Arrow IPC file of `columns`, as the authors' preprocessed {train,val,test}.arrow files."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  table = pa.table(columns)
+  with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+    writer.write_table(table)
+
+
 def memes_config(tmp_path, overrides: dict):
   """The MoRA Hateful Memes config with `memes_overrides(tmp_path, **overrides)` applied."""
   config = config_lib.load(CONFIG)

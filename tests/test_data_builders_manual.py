@@ -12,6 +12,7 @@ from PIL import Image
 
 from mora_jax.data import preprocess
 from mora_jax.data.builders import manual
+from tests.helpers import write_arrow
 
 
 def image_bytes(size, mode="RGB", fmt="JPEG") -> bytes:
@@ -139,13 +140,6 @@ def test_authors_arrow_files(tmp_path):
   assert {k: [t.decode() for t in r["texts"]] for k, r in train.items()} == {
       "train-0": ["train one"], "train-1": ["train two"]}
   assert int(records(builder, "validation")["validation-1"]["label"]) == 0
-
-
-def write_arrow(path, columns: dict) -> None:
-  import pyarrow as pa  # pylint: disable=import-outside-toplevel
-  table = pa.table(columns)
-  with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-    writer.write_table(table)
 
 
 @pytest.mark.parametrize("dataset", ["hateful_memes", "mm_imdb"])
