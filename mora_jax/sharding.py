@@ -112,6 +112,15 @@ def gather_rows(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(arrays, tiled=True).items()}
 
 
+def on_every_process(flags) -> np.ndarray:
+  """Elementwise, whether each of `flags` holds on every process (every process must call it, with as many
+  flags): what processes that each looked at a shared filesystem agree on."""
+  flags = np.asarray(flags, bool)
+  if jax.process_count() == 1:
+    return flags
+  return np.all(multihost_utils.process_allgather(flags), axis=0)
+
+
 def sum_over_processes(value: int) -> int:
   """The sum of an integer over every process (every process must call it)."""
   if jax.process_count() == 1:

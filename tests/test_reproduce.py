@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mora_jax.reproduce import cli, command, render, runs, tables
+from mora_jax.reproduce import cli, command, render, runs, tables, throughput
 from mora_jax.reproduce.tables import Cell, Measure, Source, Table, Training
 from mora_jax.train import config as config_lib
 from tests.helpers import assert_one_line_error, coloured_png, write_arrow
@@ -28,7 +28,8 @@ def test_every_table_is_well_formed_and_every_run_config_builds():
     assert name == table.name
     keys = [(c.row, c.column) for c in table.cells]
     assert len(keys) == len(set(keys)), name
-    assert all(c.measures for c in table.cells)
+    not_run = {row for row, _ in table.not_run}
+    assert all(bool(c.measures) == (c.row not in not_run) for c in table.cells), name  # a reason per cell not run
     assert all((c.published is None) == (c.source is None) for c in table.cells), name
     for training in table.trainings:  # every override names a key of the recipe, with a value it takes
       config = runs.config_of(training, table.seeds[0], options, build_backbone=False)
@@ -42,7 +43,7 @@ def test_every_table_is_well_formed_and_every_run_config_builds():
 
 def fake_result(options, training, seed, value, metric="accuracy"):
   directory = runs.run_dir(options, training, seed)
-  directory.mkdir(parents=True)
+  directory.mkdir(parents=True, exist_ok=True)
   (directory / "eval.json").write_text(json.dumps({"metric": metric, "test": {"mix": {metric: value}}}))
 
 
@@ -64,12 +65,82 @@ def test_cells_average_their_measures_per_seed_then_report_mean_std_and_the_diff
   assert text_cell.mean == pytest.approx(55.0) and text_cell.difference == pytest.approx(5.0)
   render.write(table, results, tmp_path / "out", "the command", ["dataset x: skipped"])
   markdown = (tmp_path / "out" / "t.md").read_text()
+  assert "| BitFit |" not in markdown  # not in this table
   assert "| MoRA | 65.00 ± 7.07 [2/3] (60.00, +5.00) | 55.00 ± 5.00 (50.00, +5.00) |" in markdown
   assert "paper, Table 1, test" in markdown and "dataset x: skipped" in markdown and "`the command`" in markdown
   rows = list(csv.DictReader((tmp_path / "out" / "t.csv").open()))
   assert rows[0]["ours_mean"] == "65.0000" and rows[0]["seeds_done"] == "2" and rows[0]["per_seed"] == (
       "1:60.0000;2:70.0000")
   assert (tmp_path / "out" / "t.png").stat().st_size > 0
+
+
+def test_a_finished_run_of_another_config_stops_the_table_before_any_run(tmp_path):
+  options = runs.Options(workdir=tmp_path / "runs")
+  table = tables.TABLES["easy-vqa"].restricted(["MoRA", "LoRA"])
+  lora = Training("easy_vqa", "lora", backbone=tables.ALIGNED)
+  other = runs.config_of(lora, 1, runs.Options(workdir=options.workdir, overrides=(("optim.lr", "0.5"),)),
+                         build_backbone=False)
+  runs.run_dir(options, lora, 1).mkdir(parents=True)
+  (runs.run_dir(options, lora, 1) / "config.json").write_text(config_lib.to_json(other))
+  fake_result(options, lora, 1, 0.5)  # finished, at another lr: never a number of this table
+  with pytest.raises(ValueError, match=r"lora-backbone_aligned-both70/seed1 holds a run of another config"):
+    command.run_table(table, options, (0, 1), tmp_path / "out", "cmd")
+  assert not (tmp_path / "out").exists() and not runs.run_dir(options, Training(
+      "easy_vqa", "mora", backbone=tables.ALIGNED), 0).exists()  # stopped before the first run
+
+
+def test_the_published_numbers_are_the_papers(tmp_path):
+  """Pinned against the papers' tables as the issue lists them (rows, then the datasets or columns in order)."""
+  def published(table, rows):
+    t = tables.TABLES[table]
+    return {row: [c.published for c in t.cells if c.row == row] for row in rows}
+
+  assert published("mora-peft", ["MoRA", "DoRA", "LoRA", "DCP", "BitFit"]) == {
+      "MoRA": [52.97, 83.77, 70.15], "DoRA": [51.89, 82.34, 68.28], "LoRA": [51.35, 82.14, 67.97],
+      "DCP": [51.42, 81.87, 66.08], "BitFit": [48.57, 79.38, 64.10]}
+  assert published("mora-main", ["MoRA", "DCP"]) == {
+      "MoRA": [56.04, 51.96, 86.91, 82.09, 70.61, 68.56], "DCP": [52.92, 49.84, 85.49, 80.30, 64.27, 64.24]}
+  assert published("dcp-table4", ["DCP", "MMP"]) == {
+      "DCP": [48.52, 53.14, 51.42, 78.87, 87.32, 81.87, 62.82, 64.12, 66.08],
+      "MMP": [45.64, 50.52, 48.12, 76.52, 85.64, 79.12, 61.12, 63.24, 65.04]}
+  assert published("mora-ablation", ["without the specific path", "without the Gram coupling",
+                                     "with a learned Gram matrix"]) == {
+      "without the specific path": [51.18, 81.32, 68.71], "without the Gram coupling": [50.41, 80.31, 68.19],
+      "with a learned Gram matrix": [52.25, 83.37, 69.12]}
+  text_missing = [c for c in tables.TABLES["dcp-table4"].cells if c.column == "Food-101, text missing"]
+  assert {m.training.type for c in text_missing for m in c.measures} == {"text"}
+
+
+def test_the_estimate_is_the_formula_of_its_docstring(tmp_path):
+  config = runs.config_of(Training("hateful_memes", "mora"), 42, runs.Options(workdir=tmp_path, data_dir="none"),
+                          build_backbone=False)
+  n_train, n_val, n_test, classes, multi_label = throughput.SIZES["hateful_memes"]
+  measured = {"full": 2.0, "cached": 10.0, "prefix_bytes": 1000, "pixel_bytes": 7}
+  got = throughput.estimate(config, measured)
+  epochs = config.epochs
+  assert got.seconds == pytest.approx((n_train + n_val) / 2.0 + epochs * (n_train + n_val) / 10.0 + 2 * n_test / 2.0)
+  assert got.retest_seconds == pytest.approx(2 * n_test / 2.0)
+  trained = throughput.trainable_parameters(config, classes, multi_label)
+  assert got.checkpoint_bytes == (config.checkpoint.keep + 1) * trained * 3 * 4  # latest + best, params + 2 moments
+  assert got.prefix_cache_disk_bytes == 0  # 10 MB: in host memory
+  config.prefix_cache_memory_gb = 0.001
+  assert throughput.estimate(config, measured).prefix_cache_disk_bytes == 1000 * (n_train + 1 + n_val + 1)
+  config.prefix_cache = "off"  # every epoch at the full rate, images read every epoch from the pixel store
+  got = throughput.estimate(config, measured)
+  assert got.seconds == pytest.approx(epochs * (n_train + n_val) / 2.0 + 2 * n_test / 2.0)
+  assert got.pixel_store_bytes == 7 * (n_train + n_val + n_test)
+
+
+def test_rows_not_run_keep_their_published_numbers_and_say_why(tmp_path):
+  table = tables.TABLES["mora-peft"].restricted(["MoRA", "BitFit"])
+  results = render.collect(table, runs.Options(workdir=tmp_path), table.seeds)
+  render.write(table, results, tmp_path, "cmd")
+  markdown = (tmp_path / "mora-peft.md").read_text()
+  assert "| BitFit | not run (48.57) | not run (79.38) | not run (64.10) |" in markdown
+  assert "- BitFit: not run: BitFit (training the backbone's biases) is not a method of this library." in markdown
+  rows = {(r["row"], r["column"]): r for r in csv.DictReader((tmp_path / "mora-peft.csv").open())}
+  assert rows["BitFit", "Food-101"]["status"] == "not run" and rows["BitFit", "Food-101"]["published"] == "79.3800"
+  assert rows["MoRA", "Food-101"]["status"] == "" and rows["MoRA", "Food-101"]["ours_mean"] == ""
 
 
 def test_a_run_folder_of_another_config_is_refused_not_reused(tmp_path):
@@ -190,7 +261,7 @@ def test_mmimdb_raw_and_food101_arrow_fill_their_cells_and_retests_fill_other_sc
   assert all(r.mean is not None for r in results.values())
   mm_imdb = runs.run_dir(options, trained, 0)
   assert json.loads((mm_imdb / "eval.json").read_text())["metric"] == "f1_macro"
-  retest = json.loads((mm_imdb / "retests" / "image_0.9.json").read_text())
+  retest = json.loads((mm_imdb / "eval-image-0.9.json").read_text())  # where eval.py writes it
   assert retest["missing"]["type"] == "image" and retest["missing"]["rate"] == 0.9
   assert results["MM-IMDb image 90%"].mean == pytest.approx(100 * retest["test"]["mix"]["f1_macro"])
 
@@ -202,7 +273,14 @@ def test_the_command_refuses_mistakes_before_any_run_and_dry_runs_absent_data(tm
       (["mora-peft", "--config.optim.lrr=1"], ("optim.lrr",)),
       (["mora-peft", "--config.optim.lr=-1"], ("optim.lr",)),
       (["mora-peft", "--manual_dir", "food=x"], ("unknown dataset 'food'",)),
-      (["easy-vqa", "--seeds", "1", "1"], ("distinct seeds",))):
+      (["easy-vqa", "--seeds", "1", "1"], ("distinct seeds",)),
+      (["mora-peft", "--config.seed=7"], ("--config.seed: the table sets it per run", "--seeds")),
+      (["mora-peft", "--config.missing.rate=0.5"], ("--config.missing.rate", "--rows")),
+      (["mora-ablation", "--config.adapter.gram=none"], ("--config.adapter.gram",)),
+      (["mora-peft", "--no_measure"], ("--no_measure goes with --dry_run",)),
+      (["mora-peft", "--rows", "MoRA", "BitFitt"], ("no row 'BitFitt'", "BitFit")),
+      (["mora-peft", "--manual_dir", f"mm_imdb={tmp_path / 'typo'}"], ("is not a folder",)),
+      (["mora-peft", "--manual_dir", str(tmp_path)], ("holds none of mm_imdb/",))):
     returncode = cli.main(argv + common)
     assert_one_line_error(capsys.readouterr().err, returncode, *fragments)
   assert cli.main(["mora-peft", "--dry_run", "--no_measure", *common]) == 0

@@ -30,6 +30,7 @@ from mora_jax.models import hf
 from jax.experimental import multihost_utils
 
 NAME = "embedded"  # the backbone.path value that selects this backbone
+TOWERS_FILE = "towers.json"  # in a combine_towers folder: where each tower came from
 VERSION = 1  # part of the cache directory name: bump it when the recipe or the architecture changes
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 IMAGE_SIZE = 64
@@ -98,10 +99,7 @@ def ensure(cache_dir: str | Path, data_dir: str | Path, seed: int = 0, log=print
   `cache_dir` must be on a filesystem every process sees (as the workdir).
   """
   directory = Path(cache_dir).expanduser() / directory_name(seed)
-  built = is_built(directory)
-  if jax.process_count() > 1:
-    built = bool(np.all(multihost_utils.process_allgather(np.asarray(built))))
-  if built:
+  if sharding.on_every_process(is_built(directory)):
     return directory
   log(f"building the embedded backbone (first use of {directory}): pre-training a small CLIP on easy-VQA "
       "train images, a few minutes on 2 CPU cores; later runs load it from there")
@@ -147,6 +145,26 @@ def build(directory: str | Path, data_dir: str | Path, seed: int = 0, recipe: di
   return directory
 
 
+def ensure_combined(cache_dir: str | Path, data_dir: str | Path, vision_seed: int = 0, text_seed: int = 1,
+                    log=print) -> Path:
+  """The folder of `combine_towers` of two embedded backbones (each built first if absent): the vision tower of
+  seed `vision_seed`, the text tower of `text_seed`; written by process 0, seen by all (as `ensure`)."""
+  vision = ensure(cache_dir, data_dir, vision_seed, log)
+  text = ensure(cache_dir, data_dir, text_seed, log)
+  directory = Path(cache_dir).expanduser() / combined_name(vision_seed, text_seed)
+  if sharding.on_every_process((directory / TOWERS_FILE).is_file()):
+    return directory
+  if sharding.is_main_process():
+    combine_towers(vision, text, directory)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"combined {directory}")
+  return directory
+
+
+def combined_name(vision_seed: int, text_seed: int) -> str:
+  return f"easy_vqa_clip-v{VERSION}-vision-seed{vision_seed}-text-seed{text_seed}"
+
+
 def combine_towers(vision_dir: str | Path, text_dir: str | Path, out_dir: str | Path) -> Path:
   """A CLIP checkpoint whose vision tower (and projection, and temperature) come from `vision_dir` and whose
   text tower (and projection, and tokenizer) from `text_dir`: two towers that were never trained together.
@@ -164,5 +182,5 @@ def combine_towers(vision_dir: str | Path, text_dir: str | Path, out_dir: str | 
     if name not in (hf.SAFETENSORS_FILE, "pretraining.json"):
       shutil.copy(text_dir / name, out / name)
   safetensors.numpy.save_file(combined, out / hf.SAFETENSORS_FILE, metadata={"format": "pt"})
-  (out / "towers.json").write_text(json.dumps({"vision": str(vision_dir), "text": str(text_dir)}, indent=2) + "\n")
+  (out / TOWERS_FILE).write_text(json.dumps({"vision": str(vision_dir), "text": str(text_dir)}, indent=2) + "\n")
   return out

@@ -40,41 +40,50 @@ def absent_datasets(table: Table, options: runs.Options) -> dict[str, str]:
   return {dataset: line for dataset, line in lines.items() if line}
 
 
-def check_overrides(table: Table, options: runs.Options) -> None:
-  """Every run's config built and checked (job.validate; where its dataset is present, its files too) before any
-  work, so that a mistyped --config key or an impossible value stops the command at once, not after hours of
-  earlier runs."""
+def check_plan(table: Table, options: runs.Options, seeds) -> dict[str, str]:
+  """Everything that can be checked before the first run, so that a mistake stops the command at once, not after
+  hours of earlier runs: no --config override of a key the table sets per run; every run's config built and
+  checked (job.validate; where its dataset is present, its files too); no run folder holding another config's
+  run. Returns absent_datasets."""
+  runs.check_overrides(options.overrides, table.trainings)
   absent = absent_datasets(table, options)
   for training in table.trainings:
-    config = runs.config_of(training, table.seeds[0], options, build_backbone=False)
+    for seed in seeds:
+      config = runs.config_of(training, seed, options, build_backbone=False)
+      runs.check_same_run(runs.run_dir(options, training, seed), config)
     job.validate(config, sources=training.dataset not in absent)
+  return absent
 
 
 def run_table(table: Table, options: runs.Options, seeds, out: Path, command: str, step_hook=None):
   """Runs what is missing of `table` (each run resumed if it was interrupted), re-rendering `<out>/<table>.*`
-  after every finished run; returns the cell results."""
-  absent = absent_datasets(table, options)
+  after every finished run; returns the cell results (on process 0; [] on the others). With several processes
+  they agree on what is done (what each sees of the shared files) before each collective step."""
+  absent = check_plan(table, options, seeds)
   for line in absent.values():
     say(line)
   planned = plan(table, seeds, set(absent))
-  todo = [p for p in planned if not (runs.is_done(options, p.training, p.seed) and all(
-      runs.retest_file(runs.run_dir(options, p.training, p.seed), r).is_file() for r in p.retests))]
+  done = sharding.on_every_process([runs.is_done(options, p.training, p.seed, p.retests) for p in planned])
+  todo = [p for p, finished in zip(planned, done) if not finished]
   say(f"{table.name}: {len(planned)} runs, {len(planned) - len(todo)} done, {len(todo)} to run; workdir "
       f"{options.workdir}, tables in {out}")
 
   def write() -> list[render.CellResult]:
+    if not sharding.is_main_process():
+      return []
     results = render.collect(table, options, seeds, set(absent))
-    if sharding.is_main_process():
-      render.write(table, results, out, command, absent.values())
+    render.write(table, results, out, command, absent.values())
     return results
 
   results = write()
   for k, p in enumerate(todo, 1):
     say(f"[{k}/{len(todo)}] {p.training.dataset}/{p.training.name}, seed {p.seed}: "
         f"{runs.run_dir(options, p.training, p.seed)}")
-    directory = runs.train(options, p.training, p.seed, step_hook=step_hook)
+    if not sharding.on_every_process(runs.is_done(options, p.training, p.seed)):
+      runs.train(options, p.training, p.seed, step_hook=step_hook)
     for retest in p.retests:
-      runs.retest(directory, retest)
+      if not sharding.on_every_process(runs.is_done(options, p.training, p.seed, (retest,))):
+        runs.retest(options, p.training, p.seed, retest)
     results = write()
   say(f"{table.name}: written to {out / table.name}.md")
   return results
@@ -82,42 +91,50 @@ def run_table(table: Table, options: runs.Options, seeds, out: Path, command: st
 
 def dry_run(table: Table, options: runs.Options, seeds, measure: bool = True) -> str:
   """The table's runs, what is done, and the time and disk each run needs on this host (measured rates; see
-  throughput.py), as a markdown report."""
-  absent = absent_datasets(table, options)
+  throughput.py), as a markdown report. One process: its probes measure this host."""
+  absent = check_plan(table, options, seeds)
   planned = plan(table, seeds)
-  by_training = {}
-  for p in planned:
-    by_training.setdefault(p.training, []).append(p.seed)
-  lines = [f"{table.name}: {len(planned)} runs ({len(by_training)} configs x {len(seeds)} seeds: "
+  lines = [f"{table.name}: {len(planned)} runs ({len(table.trainings)} configs x {len(seeds)} seeds: "
            f"{' '.join(map(str, seeds))}); workdir {options.workdir}", ""]
   lines += [f"- {line}" for line in absent.values()]
-  lines += ["", "| run | done | re-tests | estimated time per run | checkpoints per run |", "|---|---|---|---:|---:|"]
-  left_seconds, unknown, shared = 0.0, 0, {}
-  for training, training_seeds in by_training.items():
-    config = runs.config_of(training, training_seeds[0], options, build_backbone=False)
+  lines += ["", "| run | done | re-tests | time per run | checkpoints per run |", "|---|---|---|---:|---:|"]
+  left_seconds, unknown, pixel_stores, prefix_caches = 0.0, 0, {}, {}
+  for training in table.trainings:
+    seeds_of = [p for p in planned if p.training == training]
+    retests = seeds_of[0].retests
+    config = runs.config_of(training, seeds_of[0].seed, options, build_backbone=False)
     with contextlib.redirect_stdout(sys.stderr):  # a probe's run prints as a run does; stdout is the report's
       measured = throughput.rates(config, options.workdir) if measure else None
     guess = throughput.estimate(config, measured)
-    done = [s for s in training_seeds if runs.is_done(options, training, s)]
-    walls = [w for w in (runs.wall_seconds(options, training, s) for s in done) if w is not None]
-    seconds = max(walls) if walls else guess.seconds
-    how = "measured" if walls else "estimated"
-    if seconds is None:
-      unknown += len(training_seeds) - len(done)
+    done = [p.seed for p in seeds_of if runs.is_done(options, training, p.seed, retests)]
+    walls = [w for w in (runs.wall_seconds(options, training, seed) for seed in done) if w is not None]
+    if walls:  # training, test and re-tests as they ran here
+      seconds, how = max(walls), "measured"
+    elif guess.seconds is not None:
+      seconds = guess.seconds + len(retests) * guess.retest_seconds
+      how = f"estimated{f', {len(retests)} re-tests included' if retests else ''}"
     else:
-      left_seconds += seconds * (len(training_seeds) - len(done))
-    retests = len({m.retest for c in table.cells for m in c.measures if m.training == training and m.retest})
-    lines.append(f"| {training.dataset}/{training.name} | {len(done)}/{len(training_seeds)} | {retests or ''} | "
+      seconds, how = None, "no rate for this backbone"
+    left = len(seeds_of) - len(done)
+    if seconds is None:
+      unknown += left
+    else:
+      left_seconds += seconds * left
+    lines.append(f"| {training.dataset}/{training.name} | {len(done)}/{len(seeds_of)} | {len(retests) or ''} | "
                  f"{_duration(seconds)} ({how}) | {_size(guess.checkpoint_bytes)} |")
-    entry = shared.setdefault(training.dataset, [0, 0])
-    entry[0] = max(entry[0], guess.pixel_store_bytes)
-    entry[1] = max(entry[1], guess.prefix_cache_disk_bytes)
+    pixel_stores[training.dataset] = max(pixel_stores.get(training.dataset, 0), guess.pixel_store_bytes)
+    # One prefix cache per dataset and first adapted layer (the linear probe's: the final features).
+    layer = (training.dataset, config.adapter.method == "linear", config.adapter.get("start_layer"))
+    prefix_caches[layer] = max(prefix_caches.get(layer, 0), guess.prefix_cache_disk_bytes)
   lines += ["", f"Left: {_duration(left_seconds)} on this host"
             + (f", plus {unknown} runs without an estimate" if unknown else "")
             + ("" if measure else " (rates not measured: --no_measure)") + "."]
-  for dataset, (pixel, prefix) in shared.items():
-    if pixel or prefix:
-      lines.append(f"- {dataset}, shared by its runs: pixel store {_size(pixel)}, prefix cache files {_size(prefix)}.")
+  for dataset in table.datasets:
+    prefix = sum(size for (name, *_), size in prefix_caches.items() if name == dataset)
+    parts = [f"{what} {_size(size)}" for what, size in (("pixel store", pixel_stores.get(dataset, 0)),
+                                                         ("prefix cache files", prefix)) if size]
+    if parts:
+      lines.append(f"- {dataset}, shared by its runs: {', '.join(parts)}.")
   return "\n".join(lines) + "\n"
 
 

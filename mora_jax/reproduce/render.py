@@ -14,7 +14,7 @@ from mora_jax.reproduce import runs
 from mora_jax.reproduce.tables import Cell, Table
 
 CSV_COLUMNS = ("table", "row", "column", "ours_mean", "ours_std", "seeds_done", "seeds_planned", "published",
-               "difference", "source", "per_seed")
+               "difference", "source", "per_seed", "status")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ def collect(table: Table, options: runs.Options, seeds, absent: set[str] = froze
   out = []
   for cell in table.cells:
     per_seed = {}
-    for seed in seeds:
+    for seed in seeds if cell.measures else ():
       values = [runs.value(options, m, seed) for m in cell.measures]
       if all(v is not None for v in values):
         per_seed[seed] = statistics.fmean(values)
@@ -51,7 +51,7 @@ def collect(table: Table, options: runs.Options, seeds, absent: set[str] = froze
 
 def _ours(r: CellResult) -> str:
   if r.mean is None:
-    return "absent" if r.absent else "…"
+    return "not run" if not r.cell.measures else "absent" if r.absent else "…"
   text = f"{r.mean:.2f}" + (f" ± {r.std:.2f}" if r.std is not None else "")
   return text + (f" [{len(r.per_seed)}/{r.planned}]" if len(r.per_seed) < r.planned else "")
 
@@ -75,11 +75,8 @@ def markdown(table: Table, results: list[CellResult], command: str, absent_lines
   for row in table.rows:
     lines.append(f"| {row} | " + " | ".join(_cell_text(by[row, c]) if (row, c) in by else "" for c in table.columns)
                  + " |")
-  for row, why in table.not_run:
-    lines.append(f"| {row} | " + " | ".join("not run" for _ in table.columns) + " |")
   lines.append("")
-  for row, why in table.not_run:
-    lines.append(f"- {row}: not run: {why}.")
+  lines += [f"- {row}: not run: {why}." for row, why in table.not_run]
   sources = sorted({str(r.cell.source) for r in results if r.cell.source is not None})
   lines += [f"- Published: {source}." for source in sources]
   if table.note:
@@ -92,12 +89,16 @@ def csv_text(table: Table, results: list[CellResult]) -> str:
   buffer = io.StringIO()
   writer = csv.writer(buffer, lineterminator="\n")
   writer.writerow(CSV_COLUMNS)
-  fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
   for r in results:
-    writer.writerow([table.name, r.cell.row, r.cell.column, fmt(r.mean), fmt(r.std), len(r.per_seed), r.planned,
-                     fmt(r.cell.published), fmt(r.difference), r.cell.source or "",
-                     ";".join(f"{seed}:{v:.4f}" for seed, v in r.per_seed.items())])
+    status = "not run" if not r.cell.measures else "absent" if r.absent and r.mean is None else ""
+    writer.writerow([table.name, r.cell.row, r.cell.column, _number(r.mean), _number(r.std), len(r.per_seed),
+                     r.planned, _number(r.cell.published), _number(r.difference), r.cell.source or "",
+                     ";".join(f"{seed}:{v:.4f}" for seed, v in r.per_seed.items()), status])
   return buffer.getvalue()
+
+
+def _number(value: float | None) -> str:
+  return "" if value is None else f"{value:.4f}"
 
 
 def plot(table: Table, results: list[CellResult], path: Path) -> None:

@@ -14,10 +14,10 @@ import dataclasses
 
 from mora_jax.data import missing as missing_lib
 
-# What the published tables report per dataset: (column name, headline metric).
-DATASETS = {"mm_imdb": ("MM-IMDb", "f1_macro"), "upmc_food101": ("Food-101", "accuracy"),
-            "hateful_memes": ("Hateful Memes", "auroc"), "easy_vqa": ("easy-VQA", "accuracy")}
-PAPERS = ("mm_imdb", "upmc_food101", "hateful_memes")
+# The published tables' datasets, in their column order, by the names the tables print (each cell reads the
+# dataset's headline metric: MM-IMDb F1-macro, Food-101 accuracy, Hateful Memes AUROC; data.metrics.PRIMARY).
+NAMES = {"mm_imdb": "MM-IMDb", "upmc_food101": "Food-101", "hateful_memes": "Hateful Memes"}
+PAPERS = tuple(NAMES)
 TYPE_NAMES = {"text": "text missing", "image": "image missing", "both": "both missing"}
 # easy-VQA: the study's two backbones (mora_jax.reproduce.runs.backbone_folder).
 ALIGNED, MISMATCHED = "aligned", "mismatched"
@@ -72,6 +72,7 @@ class Measure:
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
+  """`measures` () for a published cell this library does not run (its table's `not_run` says why)."""
   row: str
   column: str
   measures: tuple[Measure, ...]
@@ -88,6 +89,11 @@ class Table:
   note: str = ""  # printed under the table
   not_run: tuple[tuple[str, str], ...] = ()  # (row, why): published rows this library does not run
   plot_columns: tuple[str, ...] = ()  # () = every column
+
+  def __post_init__(self):
+    folders = [(t.dataset, t.name) for t in self.trainings]
+    if len(folders) != len(set(folders)):  # Training.name keeps the last part of each override key
+      raise ValueError(f"table {self.name}: two of its configs would share a run folder: {folders}.")
 
   @property
   def rows(self) -> list[str]:
@@ -116,7 +122,7 @@ class Table:
 
 def _by_dataset(row: str, method: str, published: tuple[float, ...], source: Source, **training) -> list[Cell]:
   """One row of a paper table at 70% both: a cell per dataset (PAPERS order)."""
-  return [Cell(row, DATASETS[d][0], (Measure(Training(d, method, **training)),), value, source)
+  return [Cell(row, NAMES[d], (Measure(Training(d, method, **training)),), value, source)
           for d, value in zip(PAPERS, published)]
 
 
@@ -124,9 +130,10 @@ def mora_peft() -> Table:
   rows = [("MoRA", "mora", (52.97, 83.77, 70.15)), ("DoRA", "dora", (51.89, 82.34, 68.28)),
           ("LoRA", "lora", (51.35, 82.14, 67.97)), ("DCP", "dcp", (51.42, 81.87, 66.08))]
   cells = [cell for row, method, published in rows for cell in _by_dataset(row, method, published, MORA_PEFT)]
-  cells += [Cell("linear probe", DATASETS[d][0], (Measure(Training(d, "linear")),)) for d in PAPERS]
+  cells += [Cell("linear probe", NAMES[d], (Measure(Training(d, "linear")),)) for d in PAPERS]
+  cells += [Cell("BitFit", NAMES[d], (), value, MORA_PEFT) for d, value in zip(PAPERS, (48.57, 79.38, 64.10))]
   return Table("mora-peft", "MoRA against PEFT methods: 70% missing, type both (F1-macro / accuracy / AUROC, %)",
-               tuple(cells), not_run=(("BitFit", "published 48.57 / 79.38 / 64.10; BitFit is not a method of this "
+               tuple(cells), not_run=(("BitFit", "BitFit (training the backbone's biases) is not a method of this "
                                                  "library"),),
                note="The linear probe is not in the published table; it is the floor every adapter should clear.")
 
@@ -139,7 +146,7 @@ def mora_main() -> Table:
     for dataset in PAPERS:
       for rate, value in zip((0.5, 0.9), published[method][dataset]):
         measures = tuple(Measure(Training(dataset, method, kind, rate)) for kind in missing_lib.TYPES)
-        cells.append(Cell(row, f"{DATASETS[dataset][0]} {round(100 * rate)}%", measures, value, MORA_MAIN))
+        cells.append(Cell(row, f"{NAMES[dataset]} {round(100 * rate)}%", measures, value, MORA_MAIN))
   return Table("mora-main", "MoRA and DCP at missing rates 50% and 90%, each the mean over the three missing types",
                tuple(cells))
 
@@ -149,7 +156,7 @@ def dcp_table4() -> Table:
                        "hateful_memes": (62.82, 64.12, 66.08)},
                "mmp": {"mm_imdb": (45.64, 50.52, 48.12), "upmc_food101": (76.52, 85.64, 79.12),
                        "hateful_memes": (61.12, 63.24, 65.04)}}
-  cells = [Cell(row, f"{DATASETS[dataset][0]}, {TYPE_NAMES[kind]}", (Measure(Training(dataset, method, kind)),),
+  cells = [Cell(row, f"{NAMES[dataset]}, {TYPE_NAMES[kind]}", (Measure(Training(dataset, method, kind)),),
                 value, DCP_TABLE4)
            for row, method in (("MMP", "mmp"), ("DCP", "dcp")) for dataset in PAPERS
            for kind, value in zip(missing_lib.TYPES, published[method][dataset])]
@@ -176,7 +183,7 @@ def cross_scenario() -> Table:
   for dataset in PAPERS:
     for kind in missing_lib.TYPES:
       training = Training(dataset, "mora", kind, 0.7)
-      row = f"{DATASETS[dataset][0]}, trained {TYPE_NAMES[kind]} 70%"
+      row = f"{NAMES[dataset]}, trained {TYPE_NAMES[kind]} 70%"
       for test_kind in missing_lib.TYPES:
         for rate in CROSS_RATES:
           retest = None if (test_kind, rate) == (kind, 0.7) else (test_kind, rate)

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from mora_jax import adapters
+from mora_jax import adapters, sharding
 from mora_jax.train import config as config_lib
 from mora_jax.train import recipes
 
@@ -201,9 +200,7 @@ class Checkpointer:
 
 
 def _on_every_process(flag: bool) -> bool:
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+  return bool(sharding.on_every_process(flag))
 
 
 def _not_an_unretrieved_future_error(record: logging.LogRecord) -> bool:

@@ -328,8 +328,8 @@ def eval_main(argv=None) -> int:
                                         test=not args.no_test)
     if args.no_test:
       return 0
-    output = Path(args.output) if args.output else (
-        workdir / f"eval-{results['missing']['type']}-{results['missing']['rate']}.json")
+    output = Path(args.output) if args.output else evaluation.retest_file(
+        workdir, results["missing"]["type"], results["missing"]["rate"])
     if sharding.is_main_process():
       output.write_text(json.dumps(results, indent=2) + "\n")
       print(f"written to {output}")

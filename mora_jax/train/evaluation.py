@@ -152,6 +152,11 @@ def check_classes(meta: dict, manifest: data.Manifest | None, where: Path) -> No
         "train a new run on this manifest.")
 
 
+def retest_file(workdir: str | Path, missing_type: str, rate: float) -> Path:
+  """Where eval.py writes a run's re-test at that missing setting (unless --output says otherwise)."""
+  return Path(workdir) / f"eval-{missing_type}-{rate}.json"
+
+
 def evaluate_run(workdir: str | Path | None = None, checkpoint: str | Path | None = None,
                  missing: dict | None = None, scenarios=data.SCENARIOS, export_hf: str | Path | None = None,
                  config_overrides=(), export_peft: str | Path | None = None, test: bool = True) -> dict:

@@ -168,6 +168,20 @@ class Settings:
   backbone_dtype: object  # the frozen backbone's compute dtype (config.backbone.dtype resolved)
 
 
+def check_sources(config: ml_collections.ConfigDict) -> data.Manifest | None:
+  """What the data is prepared from is there (a manual_dir, a manifest; data.check_source), and a manifest's
+  metric is one its labels allow; returns the manifest of dataset "manifest"."""
+  if config.manual_dir and not Path(config.manual_dir).expanduser().is_dir():
+    raise FileNotFoundError(f"config.manual_dir={config.manual_dir!r} does not exist; put the raw "
+                            f"{config.dataset} download there (see its MANUAL_DOWNLOAD_INSTRUCTIONS in "
+                            "mora_jax/data/builders/manual.py).")
+  settings_manifest = manifest(config)
+  builder = check_source(config.dataset, config.data_dir, config.manual_dir or None, settings_manifest)
+  if settings_manifest is not None:  # its builder has read the manifest's classes: no need to prepare it
+    check_metric(config, data.Classes(names=builder.contents.class_names, multi_label=builder.contents.multi_label))
+  return settings_manifest
+
+
 def validate(config: ml_collections.ConfigDict, train: bool = True, sources: bool = True) -> Settings:
   """Every check a config allows without reading data or weights, so that a mistake is reported before any
   download, data preparation or backbone pre-training (minutes, on a first run); returns the typed settings.
@@ -177,18 +191,7 @@ def validate(config: ml_collections.ConfigDict, train: bool = True, sources: boo
   if config.dataset not in (*data.BUILDERS, data.MANIFEST):
     raise ValueError(f"config.dataset={config.dataset!r}: use one of {sorted(data.BUILDERS)}, or "
                      f"{data.MANIFEST!r} with config.manifest.path for your own data.")
-  if not sources:
-    settings_manifest = None
-  elif config.manual_dir and not Path(config.manual_dir).expanduser().is_dir():
-    raise FileNotFoundError(f"config.manual_dir={config.manual_dir!r} does not exist; put the raw "
-                            f"{config.dataset} download there (see its MANUAL_DOWNLOAD_INSTRUCTIONS in "
-                            "mora_jax/data/builders/manual.py).")
-  else:
-    settings_manifest = manifest(config)
-    builder = check_source(config.dataset, config.data_dir, config.manual_dir or None, settings_manifest)
-    if settings_manifest is not None:  # its builder has read the manifest's classes: no need to prepare it
-      check_metric(config, data.Classes(names=builder.contents.class_names,
-                                        multi_label=builder.contents.multi_label))
+  settings_manifest = check_sources(config) if sources else None
   missing = data.Missing(**config.missing)
   try:
     adapter = adapters.from_config(config.adapter.to_dict())
