@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device check (docs/benchmarks.md, "The device check"): one run on a GPU or TPU host that prints one table of
 # the versions, the practical matmul rates, ViT-B/16's train step, the input feed, the default job's steady rate,
-# the cached MoRA epoch and the HF-parity tests, in under 8 minutes (the time limits below sum to 465 s).
+# the cached MoRA epoch, the reproduce command's measured rates and the HF-parity tests, in under 11 minutes (the time
+# limits below sum to 645 s).
 #   bash bench/device_check.sh [OUT]     # OUT: where each section's whole output goes (default ./device_check_out)
 # The summary table goes to stdout and OUT/summary.md. Each section runs under its own time limit; one that fails
 # or runs out of time says "failed (see FILE)" in its row, and the others still run. With a .device/wheels folder
@@ -105,6 +106,10 @@ section busy 60 table "python bench/feed.py --busy configs/easy_vqa_mora.py"
 section prefix_cache 100 "grep:^steady samples/s" "python bench/prefix_cache.py --configs ViT-B/16 --batch 256 \
   --dtype bfloat16 --cache_dtype auto --samples 4096 --data_threads $cores --eval_batch 256 --epochs 4 --no_peer \
   --no_uncached --whole_epochs --test_repeats 0"
+# The rates `python -m mora_jax.reproduce --dry_run` measures on this host (its probes: MoRA's recipe uncached and
+# cached, the prompt methods', the linear probe's), and the mora-peft table's time per run and in all from them.
+section reproduce 180 "grep:^Left|mora-both70|dcp-both70" "python -m mora_jax.reproduce mora-peft --dry_run \
+  --data_dir /tmp/none --workdir $out/reproduce && cat $out/reproduce/throughput.json"
 # The tests that compare with transformers' outputs (the whole three files take about 3 minutes on an H200).
 # pytest-xdist (pyproject's addopts) may be absent: one process. Optimizations on: the GPU's real kernels.
 if python -c "import pytest" > /dev/null 2>&1; then
