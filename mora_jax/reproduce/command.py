@@ -114,7 +114,7 @@ def dry_run(table: Table, options: runs.Options, seeds, measure: bool = True) ->
       seconds = guess.seconds + len(retests) * guess.retest_seconds
       how = f"estimated{f', {len(retests)} re-tests included' if retests else ''}"
     else:
-      seconds, how = None, "no rate for this backbone"
+      seconds, how = None, "no rate for this backbone" if measure else "not measured"
     left = len(seeds_of) - len(done)
     if seconds is None:
       unknown += left
