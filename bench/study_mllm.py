@@ -18,12 +18,13 @@ from pathlib import Path
 
 from mora_jax import data
 from mora_jax.train import config as config_lib
+from mora_jax.reproduce.tables import EASY_VQA_QUESTION_TYPES as QUESTION_TYPES
+from mora_jax.reproduce.tables import EASY_VQA_SCENARIOS as SCENARIO_NAMES
 from mora_jax.train import answering, job, loop, recipes
-from study_easyvqa import QUESTION_TYPES, SCENARIO_NAMES, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"moka": "MokA", "lora": "LoRA", "moka_lambda0": "MokA, lambda 0"}
-# Yes/no exact match of every two-tower method, with or without the image (docs/study_easyvqa.md): late fusion's
+# Yes/no exact match of every two-tower method, with or without the image (docs/easy-vqa.md): late fusion's
 # ceiling, drawn in the plot.
 LATE_FUSION_YES_NO_CEILING = 0.825
 
@@ -46,6 +47,11 @@ def run(name: str, seed: int, args) -> dict:
           "train_seconds": results["train_seconds"],
           "wall_seconds": float((workdir / "wall_seconds.txt").read_text())
           if (workdir / "wall_seconds.txt").is_file() else None}
+
+
+def mean_std(values: list[float]) -> str:
+  mean = 100 * statistics.fmean(values)
+  return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
 def summarise(records: list[dict]) -> dict[str, dict]:

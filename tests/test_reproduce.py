@@ -289,3 +289,6 @@ def test_the_command_refuses_mistakes_before_any_run_and_dry_runs_absent_data(tm
     assert f"{dataset}: skipped, not prepared" in report
   assert report.count("| 0/3 |") == 15 and "45 runs" in report
   assert not (tmp_path / "runs").exists()  # a dry run without measuring writes nothing
+  assert cli.main(["easy-vqa", "--render_only", *common, "--out", str(tmp_path / "out")]) == 0
+  assert "| MoRA | … | … |" in (tmp_path / "out" / "easy-vqa.md").read_text()  # rendered, nothing run
+  assert not (tmp_path / "runs").exists()

@@ -42,6 +42,8 @@ other values is refused, not reused. Runs are shared between tables: mora-peft's
   p.add_argument("--dry_run", action="store_true",
                  help="list the runs, what is done, time and disk per run on this host; run nothing (one process: "
                       "the multi-process flags are not used)")
+  p.add_argument("--render_only", action="store_true",
+                 help="write <out>/TABLE.md/.csv/.png from the runs that exist; run nothing")
   p.add_argument("--no_measure", action="store_true",
                  help="with --dry_run: do not measure this host's rates (a minute or more per recipe on a CPU)")
   cli.add_common_flags(p)
@@ -98,7 +100,8 @@ def main(argv=None) -> int:
       print(command.dry_run(table, options, seeds, measure=not args.no_measure), end="")
       return 0
     out = Path(args.out).expanduser() if args.out else options.workdir
-    command.run_table(table, options, seeds, out, "python -m mora_jax.reproduce " + shlex.join(argv))
+    command.run_table(table, options, seeds, out, "python -m mora_jax.reproduce " + shlex.join(argv),
+                      run=not args.render_only)
     return 0
 
   return cli.run_main(run, "--debug" in argv)

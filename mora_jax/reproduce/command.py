@@ -55,10 +55,11 @@ def check_plan(table: Table, options: runs.Options, seeds) -> dict[str, str]:
   return absent
 
 
-def run_table(table: Table, options: runs.Options, seeds, out: Path, command: str, step_hook=None):
+def run_table(table: Table, options: runs.Options, seeds, out: Path, command: str, step_hook=None, run=True):
   """Runs what is missing of `table` (each run resumed if it was interrupted), re-rendering `<out>/<table>.*`
   after every finished run; returns the cell results (on process 0; [] on the others). With several processes
-  they agree on what is done (what each sees of the shared files) before each collective step."""
+  they agree on what is done (what each sees of the shared files) before each collective step. `run=False`:
+  only renders what exists."""
   absent = check_plan(table, options, seeds)
   for line in absent.values():
     say(line)
@@ -76,7 +77,7 @@ def run_table(table: Table, options: runs.Options, seeds, out: Path, command: st
     return results
 
   results = write()
-  for k, p in enumerate(todo, 1):
+  for k, p in enumerate(todo if run else (), 1):
     say(f"[{k}/{len(todo)}] {p.training.dataset}/{p.training.name}, seed {p.seed}: "
         f"{runs.run_dir(options, p.training, p.seed)}")
     if not sharding.on_every_process(runs.is_done(options, p.training, p.seed)):
