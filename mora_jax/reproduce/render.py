@@ -124,13 +124,14 @@ def plot(table: Table, results: list[CellResult], path: Path) -> None:
     ax.set_title(f"{table.name}: {len(compared)} of {len(published)} cells measured", fontsize=10)
   else:
     columns = [c for c in table.columns if not table.plot_columns or c in table.plot_columns]
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, ax = plt.subplots(figsize=(13, 4.5))
     width = 0.8 / max(len(table.rows), 1)
     by = {(r.cell.row, r.cell.column): r for r in done}
+    colours = plt.get_cmap("tab20").colors  # a colour per row for up to 20 rows
     for i, row in enumerate(table.rows):
       positions = [k + (i - (len(table.rows) - 1) / 2) * width for k in range(len(columns))]
       cells = [by.get((row, c)) for c in columns]
-      ax.bar(positions, [r.mean if r else 0.0 for r in cells], width,
+      ax.bar(positions, [r.mean if r else 0.0 for r in cells], width, color=colours[i % len(colours)],
              yerr=[(r.std or 0.0) if r else 0.0 for r in cells], capsize=2, label=row)
       dots = [(x, v) for x, r in zip(positions, cells) if r for v in r.per_seed.values()]
       if dots:
@@ -139,7 +140,7 @@ def plot(table: Table, results: list[CellResult], path: Path) -> None:
     ax.set_ylim(0, 100)
     ax.set_ylabel("%")
     ax.set_title(table.title, fontsize=9)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
