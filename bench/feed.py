@@ -99,13 +99,7 @@ def loop_table(args) -> None:
       next(pipeline_it)
     pipeline_ms = 1e3 * (time.perf_counter() - begin) / steps
     run.train_step = trivial_step(run)
-    loop.advance(run)
-    jax.block_until_ready(run.state_leaves)
-    begin = time.perf_counter()
-    for _ in range(steps):
-      metrics, _ = loop.advance(run)
-    jax.block_until_ready(metrics)
-    loop_ms = 1e3 * (time.perf_counter() - begin) / steps
+    loop_ms = 1e3 * throughput.steady_seconds(run, steps) / steps
   inputs = "cached" if run.task.caches else "decoded"
   print(f"{args.loop}, batch {run.config.batch_size}, {steps} steps, {inputs} inputs, {jax.devices()[0].device_kind}")
   print("| host time per step | ms |\n|---|---|")
