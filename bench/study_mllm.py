@@ -8,6 +8,9 @@ Every run is `mora_jax.train.loop.train` with configs/easy_vqa_mllm_<run>.py (th
 the embedded LM, both frozen; 70% missing of type both in training; exact match per scenario and question
 type). A run whose workdir already holds eval.json is reused, so an interrupted study resumes. Writes
 docs/study_mllm.{json,md,png}.
+
+Superseded by `python -m mora_jax.reproduce mllm` (the same runs, and more rows; runs in
+<workdir>/easy_vqa/mllm-*/seed<seed>, not this script's folders); nothing in mora_jax imports this script.
 """
 
 import argparse

@@ -2,9 +2,11 @@
 machinery end to end on fixture data in the real formats (Hateful Memes and Food-101 as the authors' Arrow files
 with their missing-table files, MM-IMDb in its raw layout), a random tiny CLIP and 2-step runs: a table killed
 mid-run resumes without redoing finished runs, an absent dataset is skipped with one line, the dry run lists
-every run with this host's measured time, re-tests fill the cross-scenario cells."""
+every run with this host's measured time, re-tests fill the cross-scenario cells; the MLLM table on a random tiny
+CLIP vision tower and Llama."""
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -39,6 +41,46 @@ def test_every_table_is_well_formed_and_every_run_config_builds():
   main = tables.TABLES["mora-main"]
   assert {len(c.measures) for c in main.cells} == {3}  # the mean over the three missing types
   assert len(tables.TABLES["easy-vqa"].trainings) == len(tables.EASY_VQA_RUNS)
+
+
+def test_the_mllm_table_is_the_mllm_recipes_in_their_own_folders():
+  options = runs.Options(workdir=Path("unused"), cache_dir="/somewhere/cache")
+  table = tables.TABLES["mllm"]
+  assert len(table.trainings) == len(tables.MLLM_RUNS) and table.seeds == (42, 43, 44)
+  assert table.columns == [*tables.EASY_VQA_SCENARIOS.values(), "yes/no complete", "color complete", "shape complete"]
+  assert {m.metric for c in table.cells for m in c.measures} == {
+      "", "per_question_type.yes/no", "per_question_type.color", "per_question_type.shape"}
+  easy_vqa = {t.name for t in tables.TABLES["easy-vqa"].trainings}
+  assert all(t.name.startswith("mllm-") and t.name not in easy_vqa for t in table.trainings)
+  assert Training("easy_vqa", "moka").name == "moka-both70"  # a classifier run's folder as it always was
+  for training in table.trainings:
+    config = runs.config_of(training, 43, options)
+    assert config.task == "mllm" and config.seed == 43 and config.backbone.path == "embedded"
+    assert config.backbone.cache_dir == config.lm.cache_dir == "/somewhere/cache"
+    runs.validate(config)
+  linear = runs.config_of(Training("easy_vqa", "moka", overrides=(("projector", "linear"),), task="mllm"), 42, options)
+  lambda0 = runs.config_of(Training("easy_vqa", "moka_lambda0", task="mllm"), 42, options)
+  assert linear.projector == "linear" and lambda0.adapter.lam == 0.0
+  assert "lm.cache_dir" in runs.HOST_KEYS
+  with pytest.raises(ValueError, match="no dataset or study backbone"):
+    Training("easy_vqa", "moka", backbone=tables.ALIGNED, task="mllm")
+  with pytest.raises(ValueError, match="no re-test"):
+    Table("t", "t", (Cell("r", "c", (Measure(table.trainings[0], retest=("image", 0.9)),)),))
+
+
+def test_a_dotted_metric_reads_a_nested_result(tmp_path):
+  options = runs.Options(workdir=tmp_path)
+  training = Training("easy_vqa", "moka", task="mllm")
+  directory = runs.run_dir(options, training, 42)
+  directory.mkdir(parents=True)
+  complete = {"exact_match": 0.5, "samples": 8, "per_question_type": {"yes/no": 0.25, "color": 0.75}}
+  (directory / "eval.json").write_text(json.dumps({"metric": "exact_match", "test": {"complete": complete}}))
+  assert runs.value(options, Measure(training, "complete"), 42) == 50.0
+  assert runs.value(options, Measure(training, "complete", "per_question_type.color"), 42) == 75.0
+  assert runs.value(options, Measure(training, "complete", "per_question_type.yes/no"), 42) == 25.0
+  assert runs.value(options, Measure(training, "complete"), 43) is None  # not run
+  with pytest.raises(ValueError, match="has no 'per_question_type.shape' in its 'complete' test results"):
+    runs.value(options, Measure(training, "complete", "per_question_type.shape"), 42)
 
 
 def fake_result(options, training, seed, value, metric="accuracy"):
@@ -276,6 +318,7 @@ def test_the_command_refuses_mistakes_before_any_run_and_dry_runs_absent_data(tm
       (["easy-vqa", "--seeds", "1", "1"], ("distinct seeds",)),
       (["mora-peft", "--config.seed=7"], ("--config.seed: the table sets it per run", "--seeds")),
       (["mora-peft", "--config.missing.rate=0.5"], ("--config.missing.rate", "--rows")),
+      (["mllm", "--config.projector=linear"], ("--config.projector: the table sets it per run",)),
       (["mora-ablation", "--config.adapter.gram=none"], ("--config.adapter.gram",)),
       (["mora-peft", "--no_measure"], ("--no_measure goes with --dry_run",)),
       (["mora-peft", "--rows", "MoRA", "BitFitt"], ("no row 'BitFitt'", "BitFit")),
@@ -292,3 +335,56 @@ def test_the_command_refuses_mistakes_before_any_run_and_dry_runs_absent_data(tm
   assert cli.main(["easy-vqa", "--render_only", *common, "--out", str(tmp_path / "out")]) == 0
   assert "| MoRA | … | … |" in (tmp_path / "out" / "easy-vqa.md").read_text()  # rendered, nothing run
   assert not (tmp_path / "runs").exists()
+  assert cli.main(["mllm", "--dry_run", *common]) == 0  # MLLM runs are not probed, measuring or not
+  report = capsys.readouterr().out
+  assert report.count("| 0/3 |  | unknown (not measured) | unknown |") == len(tables.MLLM_RUNS)
+  assert not (tmp_path / "runs").exists()
+
+
+def tiny_lm(directory, data_dir):
+  """A random small Llama with the embedded LM's tokenizer (trained on easy-VQA's texts), as test_train_mllm's."""
+  from mora_jax.backbones import embedded_lm  # pylint: disable=import-outside-toplevel
+  from mora_jax.data import missing as missing_lib, vqa  # pylint: disable=import-outside-toplevel
+  from mora_jax.models import llama, llama_hf  # pylint: disable=import-outside-toplevel
+  train = vqa.load("train", data_dir, missing_lib.Missing(rate=0.0))
+  tokenizer = embedded_lm.train_tokenizer(embedded_lm.pretraining_texts(train), directory, 384)
+  config = llama.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+  llama_hf.save_pretrained(llama.init(config), directory)
+  return directory
+
+
+def test_the_mllm_table_runs_renders_per_question_type_and_times_its_other_runs(tmp_path, easy_vqa_data):
+  """MokA's row on a random tiny CLIP vision tower and Llama, 2 steps per stage, 32 test questions per scenario:
+  its run folder, its cells from eval.json (the question types from per_question_type), and the dry run's
+  estimate of LoRA's run from it (no probe)."""
+  tiny = (("lm.path", str(tiny_lm(tmp_path / "lm", easy_vqa_data))), ("backbone.path", ""),
+          ("backbone.random_preset", "tiny"), ("stage1.steps", "2"), ("stage1.batch_size", "8"), ("max_steps", "2"),
+          ("batch_size", "8"), ("eval.validation_samples", "32"), ("eval.test_samples", "32"),
+          ("eval.batch_size", "32"), ("log_every_steps", "1"))
+  options = runs.Options(workdir=tmp_path / "runs", data_dir=str(easy_vqa_data), cache_dir=str(tmp_path / "cache"),
+                         overrides=tiny)
+  command.run_table(tables.TABLES["mllm"].restricted(["MokA"]), options, (42,), tmp_path / "out", "cmd")
+  moka = Training("easy_vqa", "moka", task="mllm")
+  directory = runs.run_dir(options, moka, 42)
+  assert directory == tmp_path / "runs" / "easy_vqa" / "mllm-moka-both70" / "seed42"
+  results = json.loads((directory / "eval.json").read_text())
+  assert results["task"] == "mllm" and results["method"] == "moka"
+  markdown = (tmp_path / "out" / "mllm.md").read_text().splitlines()
+  header = next(line for line in markdown if line.startswith("| | "))
+  row = next(line for line in markdown if line.startswith("| MokA | "))
+  cells = dict(zip(header.split(" | ")[1:], row.split(" | ")[1:]))
+  complete = results["test"]["complete"]
+  assert cells["color complete"] == f"{100 * complete['per_question_type']['color']:.2f}"
+  assert cells["complete"] == f"{100 * complete['exact_match']:.2f}"
+  runs.check_same_run(directory, runs.config_of(moka, 42, dataclasses.replace(options, cache_dir="moved")))
+
+  report = command.dry_run(tables.TABLES["mllm"].restricted(["MokA", "LoRA"]), options, (42,))
+  wall = runs.wall_seconds(options, moka, 42)
+  assert "| easy_vqa/mllm-moka-both70 | 1/1 |" in report and "(measured)" in report
+  lora = next(line for line in report.splitlines() if line.startswith("| easy_vqa/mllm-lora-both70 | 0/1 |"))
+  assert "(estimated: the longest finished MLLM run)" in lora and "unknown" not in lora, report
+  assert f"{wall:.0f} s" in lora or wall >= 120
+  assert not (options.workdir / "throughput.json").exists()  # not probed

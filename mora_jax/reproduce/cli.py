@@ -38,7 +38,7 @@ other values is refused, not reused. Runs are shared between tables: mora-peft's
                  help="the raw downloads: DATASET=PATH per dataset, or one PATH holding a folder per dataset "
                       "(mm_imdb/, upmc_food101/, hateful_memes/); docs/protocol.md says what goes in them")
   p.add_argument("--cache_dir", default="~/.cache/mora_jax", type=cli.path_flag,
-                 help="where the embedded backbone is built (easy-vqa)")
+                 help="where the embedded backbone (easy-vqa, mllm) and the embedded LM (mllm) are built")
   p.add_argument("--dry_run", action="store_true",
                  help="list the runs, what is done, time and disk per run on this host; run nothing (one process: "
                       "the multi-process flags are not used)")

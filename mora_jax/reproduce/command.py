@@ -11,8 +11,7 @@ from pathlib import Path
 from mora_jax import sharding
 from mora_jax.console import say
 from mora_jax.reproduce import render, runs, throughput
-from mora_jax.reproduce.tables import Table, Training
-from mora_jax.train import job
+from mora_jax.reproduce.tables import MLLM, Table, Training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +42,7 @@ def absent_datasets(table: Table, options: runs.Options) -> dict[str, str]:
 def check_plan(table: Table, options: runs.Options, seeds) -> dict[str, str]:
   """Everything that can be checked before the first run, so that a mistake stops the command at once, not after
   hours of earlier runs: no --config override of a key the table sets per run; every run's config built and
-  checked (job.validate; where its dataset is present, its files too); no run folder holding another config's
+  checked (runs.validate; where its dataset is present, its files too); no run folder holding another config's
   run. Returns absent_datasets."""
   runs.check_overrides(options.overrides, table.trainings)
   absent = absent_datasets(table, options)
@@ -51,7 +50,7 @@ def check_plan(table: Table, options: runs.Options, seeds) -> dict[str, str]:
     for seed in seeds:
       config = runs.config_of(training, seed, options, build_backbone=False)
       runs.check_same_run(runs.run_dir(options, training, seed), config)
-    job.validate(config, sources=training.dataset not in absent)
+    runs.validate(config, sources=training.dataset not in absent)
   return absent
 
 
@@ -92,9 +91,12 @@ def run_table(table: Table, options: runs.Options, seeds, out: Path, command: st
 
 def dry_run(table: Table, options: runs.Options, seeds, measure: bool = True) -> str:
   """The table's runs, what is done, and the time and disk each run needs on this host (measured rates; see
-  throughput.py), as a markdown report. One process: its probes measure this host."""
+  throughput.py), as a markdown report. One process: its probes measure this host. MLLM runs are not probed:
+  the table's finished MLLM runs on this host time them (throughput.from_finished_runs)."""
   absent = check_plan(table, options, seeds)
   planned = plan(table, seeds)
+  finished_mllm = [runs.run_dir(options, p.training, p.seed) for p in planned
+                   if p.training.task == MLLM and runs.is_done(options, p.training, p.seed)]
   lines = [f"{table.name}: {len(planned)} runs ({len(table.trainings)} configs x {len(seeds)} seeds: "
            f"{' '.join(map(str, seeds))}); workdir {options.workdir}", ""]
   lines += [f"- {line}" for line in absent.values()]
@@ -104,18 +106,22 @@ def dry_run(table: Table, options: runs.Options, seeds, measure: bool = True) ->
     seeds_of = [p for p in planned if p.training == training]
     retests = seeds_of[0].retests
     config = runs.config_of(training, seeds_of[0].seed, options, build_backbone=False)
-    with contextlib.redirect_stdout(sys.stderr):  # a probe's run prints as a run does; stdout is the report's
-      measured = throughput.rates(config, options.workdir) if measure else None
-    guess = throughput.estimate(config, measured)
+    if training.task == MLLM:
+      guess = throughput.from_finished_runs(finished_mllm)
+    else:
+      with contextlib.redirect_stdout(sys.stderr):  # a probe's run prints as a run does; stdout is the report's
+        measured = throughput.rates(config, options.workdir) if measure else None
+      guess = throughput.estimate(config, measured)
     done = [p.seed for p in seeds_of if runs.is_done(options, training, p.seed, retests)]
     walls = [w for w in (runs.wall_seconds(options, training, seed) for seed in done) if w is not None]
     if walls:  # training, test and re-tests as they ran here
       seconds, how = max(walls), "measured"
     elif guess.seconds is not None:
       seconds = guess.seconds + len(retests) * guess.retest_seconds
-      how = f"estimated{f', {len(retests)} re-tests included' if retests else ''}"
+      how = "estimated: the longest finished MLLM run" if training.task == MLLM else (
+          f"estimated{f', {len(retests)} re-tests included' if retests else ''}")
     else:
-      seconds, how = None, "no rate for this backbone" if measure else "not measured"
+      seconds, how = None, "no rate for this backbone" if measure and training.task != MLLM else "not measured"
     left = len(seeds_of) - len(done)
     if seconds is None:
       unknown += left

@@ -15,19 +15,21 @@ import ml_collections
 
 from mora_jax import data, sharding
 from mora_jax.backbones import embedded
-from mora_jax.train import checkpoint
+from mora_jax.train import answering, checkpoint, job, tasks
 from mora_jax.train import config as config_lib
 from mora_jax.train import evaluation, loop, recipes
 from mora_jax.train.job import CONFIG_FILE, EVAL_FILE
-from mora_jax.reproduce.tables import ALIGNED, MISMATCHED, Measure, Training
+from mora_jax.reproduce.tables import ALIGNED, MISMATCHED, MLLM, Measure, Training
+
+assert MLLM == tasks.MLLM
 
 WALL_FILE = "wall_seconds.txt"  # seconds of training and testing, summed over the invocations that ran it
 # What a finished run may have differed in and still be reused: what a resumed run may change (checkpoint.CHANGEABLE)
-# but max_steps, which changes what is trained; and where the embedded backbone is cached.
-HOST_KEYS = (*(key for key in checkpoint.CHANGEABLE if key != "max_steps"), "backbone.cache_dir")
+# but max_steps, which changes what is trained; and where the embedded backbone (and an MLLM run's LM) is cached.
+HOST_KEYS = (*(key for key in checkpoint.CHANGEABLE if key != "max_steps"), "backbone.cache_dir", "lm.cache_dir")
 # Keys a table sets per run: overriding them for every run would put runs in the wrong folders and cells.
 TABLE_KEYS = {"seed": "--seeds", "dataset": "--rows", "missing.type": "--rows", "missing.rate": "--rows",
-              "adapter.method": "--rows"}
+              "adapter.method": "--rows", "task": "--rows"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +84,16 @@ def check_overrides(overrides, trainings) -> None:
 
 def config_of(training: Training, seed: int, options: Options, build_backbone: bool = True
               ) -> ml_collections.ConfigDict:
-  """The run's config: the dataset's recipe for the method, then the seed, the folders, the missing setting,
-  the training's overrides and the command line's. `build_backbone=False`: a study backbone's folder is named,
-  not built (to plan)."""
+  """The run's config: the dataset's recipe for the method (an MLLM run's: recipes.mllm), then the seed, the
+  folders, the missing setting, the training's overrides and the command line's. `build_backbone=False`: a study
+  backbone's folder is named, not built (to plan)."""
+  if training.task == MLLM:  # the embedded vision tower and LM, each built on first use in cache_dir
+    config = recipes.mllm(training.method)
+    values = [("seed", seed), ("data_dir", options.data_dir), ("backbone.cache_dir", options.cache_dir),
+              ("lm.cache_dir", options.cache_dir), ("missing.type", training.type), ("missing.rate", training.rate),
+              *training.overrides, *options.overrides]
+    config_lib.apply_overrides(config, [(key, str(value)) for key, value in values], log=lambda _: None)
+    return config
   config = recipes.get(training.dataset, training.method)
   values = [("seed", seed), ("data_dir", options.data_dir)]
   if training.backbone:
@@ -96,6 +105,15 @@ def config_of(training: Training, seed: int, options: Options, build_backbone: b
              ("missing.rate", training.rate), *training.overrides, *options.overrides]
   config_lib.apply_overrides(config, [(key, str(value)) for key, value in values], log=lambda _: None)
   return config
+
+
+def validate(config: ml_collections.ConfigDict, sources: bool = True) -> None:
+  """Every check of the run's config that reads no data or weights: job.validate's (`sources`: the dataset's
+  files too), or an MLLM run's answering.check."""
+  if not tasks.is_mllm(config):
+    job.validate(config, sources=sources)
+    return
+  answering.check(config)
 
 
 def _what_is_computed(config: dict) -> dict:
@@ -180,13 +198,20 @@ def retest(options: Options, training: Training, seed: int, retest_at: tuple[str
 
 
 def value(options: Options, measure: Measure, seed: int) -> float | None:
-  """The measure's number in % for one seed, or None while its run (or re-test) is not done."""
+  """The measure's number in % for one seed, or None while its run (or re-test) is not done. A metric with dots
+  is a path into the scenario's results ("per_question_type.color")."""
   directory = run_dir(options, measure.training, seed)
   path = retest_path(directory, measure.retest) if measure.retest else directory / EVAL_FILE
   if not path.is_file():
     return None
   results = read_json(path)
-  return 100 * results["test"][measure.scenario][measure.metric or results["metric"]]
+  metric = measure.metric or results["metric"]
+  node = results["test"][measure.scenario]
+  for key in metric.split("."):
+    if not isinstance(node, dict) or key not in node:  # e.g. a question type absent from a limited test
+      raise ValueError(f"{path} has no {metric!r} in its {measure.scenario!r} test results.")
+    node = node[key]
+  return 100 * node
 
 
 def wall_seconds(options: Options, training: Training, seed: int) -> float | None:

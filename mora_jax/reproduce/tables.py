@@ -1,7 +1,8 @@
 """The papers' tables as data: which runs each cell needs, what it reads from them, and the published number.
 
-A `Training` is one train.py run without its seed: a dataset's recipe (mora_jax.train.recipes.get) for a method,
-the missing type and rate it trains (and tests) with, and config overrides. A `Measure` is what a cell reads from
+A `Training` is one train.py run without its seed: a dataset's recipe (mora_jax.train.recipes.get) for a method, or
+for task "mllm" the easy-VQA multimodal-LLM recipe (mora_jax.train.recipes.mllm), the missing type and rate it
+trains (and tests) with, and config overrides. A `Measure` is what a cell reads from
 one training of one seed: a scenario's metric of its own test (eval.json), or of a re-test at another missing
 type and rate (eval.py's). A `Cell` averages its measures per seed (the MoRA paper's per-rate numbers are the
 mean over the three missing types), then reports mean ± std over seeds beside the published number.
@@ -21,6 +22,8 @@ PAPERS = tuple(NAMES)
 TYPE_NAMES = {"text": "text missing", "image": "image missing", "both": "both missing"}
 # easy-VQA: the study's two backbones (mora_jax.reproduce.runs.backbone_folder).
 ALIGNED, MISMATCHED = "aligned", "mismatched"
+# A Training's task: the CLIP classifier (recipes.get) or the multimodal LLM (recipes.mllm; tasks.MLLM).
+CLASSIFY, MLLM = "classify", "mllm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,18 +45,28 @@ DCP_TABLE4 = Source("DCP (NeurIPS 2024)", "Table 4, missing rate 70% per missing
 @dataclasses.dataclass(frozen=True)
 class Training:
   """One run's config without its seed. `overrides`: (key, value) pairs on the recipe; `backbone`: "" for the
-  recipe's own, or easy-VQA's ALIGNED / MISMATCHED study backbones."""
+  recipe's own, or easy-VQA's ALIGNED / MISMATCHED study backbones (CLASSIFY runs only); `task`: CLASSIFY, or
+  MLLM for the easy-VQA multimodal LLM (`method`: a recipes.mllm name, "moka", "lora" or "moka_lambda0")."""
   dataset: str
   method: str
   type: str = "both"
   rate: float = 0.7
   overrides: tuple[tuple[str, str], ...] = ()
   backbone: str = ""
+  task: str = CLASSIFY
+
+  def __post_init__(self):
+    if self.task not in (CLASSIFY, MLLM):
+      raise ValueError(f"unknown task {self.task!r}: use {CLASSIFY!r} or {MLLM!r}.")
+    if self.task == MLLM and (self.backbone or self.dataset != "easy_vqa"):
+      raise ValueError("an MLLM run is easy-VQA's, on its recipe's vision tower: no dataset or study backbone.")
 
   @property
   def name(self) -> str:
-    """The run's folder under <workdir>/<dataset>/: readable, and distinct for distinct configs."""
-    parts = [self.method, *(f"{key.rsplit('.', 1)[-1]}_{value}" for key, value in self.overrides)]
+    """The run's folder under <workdir>/<dataset>/: readable, and distinct for distinct configs (an MLLM run's
+    starts with "mllm-"; a classifier run's is as it always was)."""
+    parts = [*([MLLM] if self.task == MLLM else []), self.method,
+             *(f"{key.rsplit('.', 1)[-1]}_{value}" for key, value in self.overrides)]
     if self.backbone:
       parts.append(f"backbone_{self.backbone}")
     parts.append(f"{self.type}{round(100 * self.rate)}")
@@ -63,7 +76,9 @@ class Training:
 @dataclasses.dataclass(frozen=True)
 class Measure:
   """A cell's reading of one training: `scenario` ("complete", "text_missing", "image_missing" or "mix") and
-  `metric` ("" = the dataset's headline metric) of its test, or of the re-test at `retest` = (type, rate)."""
+  `metric` ("" = the run's headline metric, eval.json's "metric") of its test, or of the re-test at `retest` =
+  (type, rate). A metric with dots is a path into the scenario's results: "per_question_type.color" (an MLLM
+  run's exact match on the colour questions; "/" cannot separate, as in "yes/no")."""
   training: Training
   scenario: str = "mix"
   metric: str = ""
@@ -94,6 +109,8 @@ class Table:
     folders = [(t.dataset, t.name) for t in self.trainings]
     if len(folders) != len(set(folders)):  # Training.name keeps the last part of each override key
       raise ValueError(f"table {self.name}: two of its configs would share a run folder: {folders}.")
+    if any(m.retest and m.training.task == MLLM for c in self.cells for m in c.measures):
+      raise ValueError(f"table {self.name}: an MLLM run has no re-test here (runs.retest re-tests classifiers).")
 
   @property
   def rows(self) -> list[str]:
@@ -232,5 +249,31 @@ def easy_vqa() -> Table:
                     "independent pre-training runs (embedded seeds 0 and 1).")
 
 
+# The easy-VQA MLLM study (bench/study_mllm.py's, with more rows): name -> (recipes.mllm method, overrides).
+MLLM_RUNS = {
+    "MokA": ("moka", ()),
+    "LoRA": ("lora", ()),
+    "MokA, lambda 0": ("moka_lambda0", ()),
+    "MokA, 2 epochs": ("moka", (("epochs", "2"),)),
+    "MokA, stage 1 600 steps at lr 1e-2": ("moka", (("stage1.steps", "600"), ("stage1.lr", "0.01"))),
+    "MokA, linear projector": ("moka", (("projector", "linear"),)),
+}
+
+
+def mllm() -> Table:
+  cells = []
+  for row, (method, overrides) in MLLM_RUNS.items():
+    training = Training("easy_vqa", method, overrides=overrides, task=MLLM)
+    cells += [Cell(row, name, (Measure(training, scenario),)) for scenario, name in EASY_VQA_SCENARIOS.items()]
+    cells += [Cell(row, f"{question} complete", (Measure(training, "complete", f"per_question_type.{question}"),))
+              for question in EASY_VQA_QUESTION_TYPES]
+  return Table("mllm", "easy-VQA, MokA's native setting: the embedded CLIP vision tower and embedded LM (frozen), "
+               "LLaVA-style; exact match (%) of the generated answer per test scenario and question type",
+               tuple(cells), seeds=(42, 43, 44), plot_columns=tuple(EASY_VQA_SCENARIOS.values()),
+               note="Trained with 70% missing (both). Reference points: 82.5%, the late-fusion ceiling on yes/no "
+                    "(every two-tower method of the easy-vqa table, with or without the image); 66.8%, the "
+                    "question-only prior (the best overall answer without the image, bench/easyvqa_priors.py).")
+
+
 TABLES = {table.name: table for table in (mora_peft(), mora_main(), dcp_table4(), mora_ablation(), cross_scenario(),
-                                          easy_vqa())}
+                                          easy_vqa(), mllm())}

@@ -17,6 +17,9 @@ epochs at the cached rate; without, every epoch at the full rate; the test, two 
 upper bound (no backward). Disk: `checkpoint.keep` checkpoints and the best one of the trained parameters and AdamW's two moments
 (float32) per run; per dataset, shared by its runs, the pixel store (decoded images, when images are read more
 than once) and the prefix cache's files (beyond `prefix_cache_memory_gb`).
+
+MLLM runs (mora_jax.train.answering) are not probed: a finished MLLM run of the table on this host stands for the
+others (`from_finished_runs`), its wall time and the size of its checkpoint folders; none finished, none estimated.
 """
 
 import dataclasses
@@ -38,6 +41,7 @@ from mora_jax.backbones import embedded
 from mora_jax.data import array_files, pixel_store
 from mora_jax.models import hf
 from mora_jax.models.config import preset
+from mora_jax.reproduce.runs import WALL_FILE
 from mora_jax.train import config as config_lib
 from mora_jax.train import loop, prefix_cache, recipes
 
@@ -228,6 +232,20 @@ class Estimate:
   checkpoint_bytes: int | None
   pixel_store_bytes: int  # shared by the dataset's runs
   prefix_cache_disk_bytes: int  # shared by the runs with the same backbone and first adapted layer
+
+
+# An MLLM run's checkpoint folders: stage 1's (the projector) and stage 2's (answering.Answering.stages).
+MLLM_CHECKPOINT_DIRS = ("stage1", "checkpoints")
+
+
+def from_finished_runs(directories: list[Path]) -> Estimate:
+  """An MLLM run's estimate from finished runs' folders: the longest wall time (their WALL_FILE, training and
+  testing as they ran here) and the largest checkpoint folders; None for each without a finished run. The runs
+  differ in their settings (epochs, stage-1 steps): a rough estimate, not a measure of this config."""
+  walls = [float(path.read_text()) for d in directories if (path := d / WALL_FILE).is_file()]
+  stored = [sum(f.stat().st_size for name in MLLM_CHECKPOINT_DIRS for f in (d / name).rglob("*") if f.is_file())
+            for d in directories]
+  return Estimate(max(walls) if walls else None, 0.0, max(stored) if stored else None, 0, 0)
 
 
 def estimate(config: ml_collections.ConfigDict, measured: dict | None) -> Estimate:

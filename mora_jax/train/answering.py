@@ -243,20 +243,26 @@ def _adamw(schedule, weight_decay: float):
   return optim.adamw(schedule, weight_decay, b1=0.9, b2=0.999)
 
 
+def check(config: ml_collections.ConfigDict):
+  """Every check of an MLLM config that reads no data or weights; its missing setting and adapter method."""
+  config_lib.check_minimums(config, MINIMUMS)
+  for stage in ("stage1", "stage2"):
+    job_lib.check_optimizer(config[stage], stage)
+  missing = data.Missing(**config.missing)
+  try:
+    method = adapters.from_config(config.adapter.to_dict())
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.adapter: {e}") from e
+  if config.projector not in mllm_lib.PROJECTORS:
+    raise ValueError(f"config.projector={config.projector!r}: use one of {mllm_lib.PROJECTORS}.")
+  return missing, method
+
+
 def build(config: ml_collections.ConfigDict, workdir: Path | None) -> Answering:
   """The MLLM of config `c`: the embedded (or given) CLIP vision tower and LM, both frozen, with adapters on the LM
   and a projector; its tokenizer; the train and validation splits. `workdir` None: no folder is written (eval)."""
   c = config
-  config_lib.check_minimums(c, MINIMUMS)
-  for stage in ("stage1", "stage2"):
-    job_lib.check_optimizer(c[stage], stage)
-  missing = data.Missing(**c.missing)
-  try:
-    method = adapters.from_config(c.adapter.to_dict())
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"config.adapter: {e}") from e
-  if c.projector not in mllm_lib.PROJECTORS:
-    raise ValueError(f"config.projector={c.projector!r}: use one of {mllm_lib.PROJECTORS}.")
+  missing, method = check(c)
   if workdir is not None:
     check_writable(workdir / "checkpoints", "--workdir")
   job_lib.check_embedded_cache(c.backbone, embedded, "backbone")
