@@ -9,7 +9,7 @@ the embedded LM, both frozen; 70% missing of type both in training; exact match 
 type). A run whose workdir already holds eval.json is reused, so an interrupted study resumes. Writes
 docs/study_mllm.{json,md,png}.
 
-Superseded by `python -m mora_jax.reproduce mllm` (the same runs, and more rows; runs in
+Superseded by `python -m mora_jax.reproduce easy-vqa-mllm` (the same runs, and more rows; runs in
 <workdir>/easy_vqa/mllm-*/seed<seed>, not this script's folders); nothing in mora_jax imports this script.
 """
 

@@ -45,7 +45,7 @@ def test_every_table_is_well_formed_and_every_run_config_builds():
 
 def test_the_mllm_table_is_the_mllm_recipes_in_their_own_folders():
   options = runs.Options(workdir=Path("unused"), cache_dir="/somewhere/cache")
-  table = tables.TABLES["mllm"]
+  table = tables.TABLES["easy-vqa-mllm"]
   assert len(table.trainings) == len(tables.MLLM_RUNS) and table.seeds == (42, 43, 44)
   assert table.columns == [*tables.EASY_VQA_SCENARIOS.values(), "yes/no complete", "color complete", "shape complete"]
   assert {m.metric for c in table.cells for m in c.measures} == {
@@ -318,7 +318,7 @@ def test_the_command_refuses_mistakes_before_any_run_and_dry_runs_absent_data(tm
       (["easy-vqa", "--seeds", "1", "1"], ("distinct seeds",)),
       (["mora-peft", "--config.seed=7"], ("--config.seed: the table sets it per run", "--seeds")),
       (["mora-peft", "--config.missing.rate=0.5"], ("--config.missing.rate", "--rows")),
-      (["mllm", "--config.projector=linear"], ("--config.projector: the table sets it per run",)),
+      (["easy-vqa-mllm", "--config.projector=linear"], ("--config.projector: the table sets it per run",)),
       (["mora-ablation", "--config.adapter.gram=none"], ("--config.adapter.gram",)),
       (["mora-peft", "--no_measure"], ("--no_measure goes with --dry_run",)),
       (["mora-peft", "--rows", "MoRA", "BitFitt"], ("no row 'BitFitt'", "BitFit")),
@@ -335,7 +335,7 @@ def test_the_command_refuses_mistakes_before_any_run_and_dry_runs_absent_data(tm
   assert cli.main(["easy-vqa", "--render_only", *common, "--out", str(tmp_path / "out")]) == 0
   assert "| MoRA | … | … |" in (tmp_path / "out" / "easy-vqa.md").read_text()  # rendered, nothing run
   assert not (tmp_path / "runs").exists()
-  assert cli.main(["mllm", "--dry_run", *common]) == 0  # MLLM runs are not probed, measuring or not
+  assert cli.main(["easy-vqa-mllm", "--dry_run", *common]) == 0  # MLLM runs are not probed, measuring or not
   report = capsys.readouterr().out
   assert report.count("| 0/3 |  | unknown (not measured) | unknown |") == len(tables.MLLM_RUNS)
   assert not (tmp_path / "runs").exists()
@@ -366,7 +366,7 @@ def test_the_mllm_table_runs_renders_per_question_type_and_times_its_other_runs(
           ("eval.batch_size", "32"), ("log_every_steps", "1"))
   options = runs.Options(workdir=tmp_path / "runs", data_dir=str(easy_vqa_data), cache_dir=str(tmp_path / "cache"),
                          overrides=tiny)
-  command.run_table(tables.TABLES["mllm"].restricted(["MokA"]), options, (42,), tmp_path / "out", "cmd")
+  command.run_table(tables.TABLES["easy-vqa-mllm"].restricted(["MokA"]), options, (42,), tmp_path / "out", "cmd")
   moka = Training("easy_vqa", "moka", task="mllm")
   directory = runs.run_dir(options, moka, 42)
   assert directory == tmp_path / "runs" / "easy_vqa" / "mllm-moka-both70" / "seed42"
@@ -381,7 +381,7 @@ def test_the_mllm_table_runs_renders_per_question_type_and_times_its_other_runs(
   assert cells["complete"] == f"{100 * complete['exact_match']:.2f}"
   runs.check_same_run(directory, runs.config_of(moka, 42, dataclasses.replace(options, cache_dir="moved")))
 
-  report = command.dry_run(tables.TABLES["mllm"].restricted(["MokA", "LoRA"]), options, (42,))
+  report = command.dry_run(tables.TABLES["easy-vqa-mllm"].restricted(["MokA", "LoRA"]), options, (42,))
   wall = runs.wall_seconds(options, moka, 42)
   assert "| easy_vqa/mllm-moka-both70 | 1/1 |" in report and "(measured)" in report
   lora = next(line for line in report.splitlines() if line.startswith("| easy_vqa/mllm-lora-both70 | 0/1 |"))

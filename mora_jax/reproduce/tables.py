@@ -267,7 +267,7 @@ def mllm() -> Table:
     cells += [Cell(row, name, (Measure(training, scenario),)) for scenario, name in EASY_VQA_SCENARIOS.items()]
     cells += [Cell(row, f"{question} complete", (Measure(training, "complete", f"per_question_type.{question}"),))
               for question in EASY_VQA_QUESTION_TYPES]
-  return Table("mllm", "easy-VQA, MokA's native setting: the embedded CLIP vision tower and embedded LM (frozen), "
+  return Table("easy-vqa-mllm", "easy-VQA, MokA's native setting: the embedded CLIP vision tower and embedded LM (frozen), "
                "LLaVA-style; exact match (%) of the generated answer per test scenario and question type",
                tuple(cells), seeds=(42, 43, 44), plot_columns=tuple(EASY_VQA_SCENARIOS.values()),
                note="Trained with 70% missing (both). Reference points: 82.5%, the late-fusion ceiling on yes/no "
