@@ -195,11 +195,49 @@ def test_a_mixed_batch_equals_its_samples_one_at_a_time(adapter):
   assert np.abs(other - together[:1]).max() > 1e-3
 
 
-def test_mmp_starts_from_maps_one_hot_rows():
-  clf = adapters.build_classifier(clip.init(helpers.tiny_config()), adapters.MMPConfig(length=4, depth=2), 4)
+def test_mmp_map_init_is_maps_one_hot_rows():
+  clf = adapters.build_classifier(clip.init(helpers.tiny_config()),
+                                  adapters.MMPConfig(length=4, depth=2, init="map"), 4)
   vision = np.asarray(clf.prompts.vision[...])  # [case, layer, token, width]
   for case, row in prompts.MAP_ROW.items():
     assert np.all(vision[case, :, row] == 1) and np.abs(vision[case]).sum() == vision[case, :, row].size
+
+
+@pytest.mark.parametrize("std", [0.05, 0.3, 1.0])
+def test_mmp_normal_init_has_its_statistics(std):
+  cfg = adapters.MMPConfig(length=8, depth=2, init="normal", init_std=std)
+  model = clip.init(helpers.tiny_config())
+  clf = adapters.build_classifier(model, cfg, 4)
+  for values, width in ((clf.prompts.vision[...], model.config.vision.hidden_size),
+                        (clf.prompts.text[...], model.config.text.hidden_size)):
+    values = np.asarray(values)
+    assert values.shape == (prompts.CASES, 2, 8, width)
+    # >= 3 * 2 * 8 * 32 values: the sample std is within ~2% of init_std, the mean within ~0.03 std of 0.
+    assert abs(values.std() / std - 1) < 0.1 and abs(values.mean()) < 0.15 * std
+    # Every token its own draw: no two tokens of a case and layer alike, even after LayerNorm.
+    centred = values - values.mean(-1, keepdims=True)
+    normed = centred / centred.std(-1, keepdims=True)
+    gaps = np.abs(normed[:, :, :, None] - normed[:, :, None]).max(-1)  # [case, layer, token, token]
+    assert np.all(gaps + np.eye(8) * 10 > 0.5)
+
+
+def test_maps_init_gives_every_token_of_a_layer_the_same_gradient():
+  """MAP's rows are constant vectors, which the blocks' pre-LayerNorm maps to its bias alike: the tokens of a
+  case and layer are interchangeable, get bit-for-bit the same gradient, and so stay one token repeated `length`
+  times (MAP's ViLT breaks the tie with dropout; CLIP's towers have none). The normal init does not tie them."""
+  pixels, ids, mask = inputs()
+  probe = np.random.RandomState(2).randn(len(MISSING), 4).astype(np.float32)
+  spreads = {}
+  for init in ("map", "normal"):
+    clf = adapters.build_classifier(clip.init(helpers.tiny_config()),
+                                    adapters.MMPConfig(length=4, depth=2, init=init), 4)
+    _, grads = ours_logits_and_grads(clf, pixels, ids, mask, MISSING, probe)
+    for tower in ("vision", "text"):
+      g = grads[f"prompts/{tower}"]  # [case, layer, token, width]
+      assert np.abs(g).max() > 0
+      spreads[init, tower] = np.abs(g - g[:, :, :1]).max() / np.abs(g).max()
+  assert spreads["map", "vision"] < 1e-6 and spreads["map", "text"] < 1e-6, spreads
+  assert spreads["normal", "vision"] > 1e-2 and spreads["normal", "text"] > 1e-2, spreads
 
 
 @pytest.mark.parametrize("trainable_queries", [False, True])

@@ -31,11 +31,12 @@ PUBLISHED = {
                      prompting=dict(adapter=dict(depth=4), epochs=1, batch_size=64, decay="cosine")),
 }
 # The prompt baselines (MMP, DCP; docs/prompts.md) take the DCP code's recipe, the same for its three datasets:
-# prompts of 36 tokens in the first 6 layers, AdamW (b1 0.9, b2 0.98, eps 1e-8) at lr 1e-2 with weight decay
-# 0.02, batch 256 for 20 epochs, linear warm-up over the first 10% of the steps then linear decay to 0, and the
-# all-ones dummy image after normalisation. A dataset's `prompting` entry overrides parts of it.
+# prompts in the first 6 layers (DCP: 36 tokens a layer; MMP: 16, MAP's code's; each config's default), AdamW
+# (b1 0.9, b2 0.98, eps 1e-8) at lr 1e-2 with weight decay 0.02, batch 256 for 20 epochs, linear warm-up over the
+# first 10% of the steps then linear decay to 0, and the all-ones dummy image after normalisation. A dataset's
+# `prompting` entry overrides parts of it.
 PROMPT_METHODS = ("mmp", "dcp")
-PROMPTING = dict(adapter=dict(length=36, depth=6), epochs=20, batch_size=256, weight_decay=0.02, decay="linear",
+PROMPTING = dict(adapter=dict(depth=6), epochs=20, batch_size=256, weight_decay=0.02, decay="linear",
                  missing_image="ones_after_norm")
 
 
