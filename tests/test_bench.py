@@ -93,29 +93,6 @@ def test_train_bench_reports_temporaries_per_start_layer():
   assert float(rows[1][4]) >= float(rows[0][4]), out  # more adapted layers keep more activations
 
 
-def _record(name, seed, accuracy):
-  per_type = {f"accuracy_{q}": accuracy for q in ("yes/no", "color", "shape")}
-  return {"name": name, "seed": seed, "trainable_parameters": 1000, "ms_per_step": 10.0 + seed,
-          "test": {s: {"accuracy": accuracy - drop, **per_type}
-                   for s, drop in {"complete": 0.0, "text_missing": 0.4, "image_missing": 0.2, "mix": 0.3}.items()}}
-
-
-def test_study_tables_summarise_seeds_and_pair_aligned_with_mismatched():
-  spec = importlib.util.spec_from_file_location("study_easyvqa", os.path.join(ROOT, "bench", "study_easyvqa.py"))
-  study = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(study)
-  records = [_record("LoRA", 0, 0.79), _record("LoRA", 1, 0.81), _record("LoRA, mismatched towers", 0, 0.70),
-             _record("MoRA", 0, 0.85)]
-  text = study.tables(study.summarise(records))
-  lora = next(line for line in text.splitlines() if line.startswith("| LoRA | "))
-  assert lora == "| LoRA | 1,000 | 10.5 | 80.0 ± 1.4 | 40.0 ± 1.4 | 60.0 ± 1.4 | 50.0 ± 1.4 | 2 |", text
-  pairs = text.split("Aligned vs mismatched towers")[1].splitlines()
-  # MoRA has no mismatched run, so only LoRA is paired; drops are complete minus each missing scenario.
-  assert [line.split(" | ")[0] for line in pairs if line.startswith("| ") and "backbone" not in line] == [
-      "| LoRA", "| LoRA, mismatched towers"], text
-  assert "| LoRA, mismatched towers | 70.0 | 30.0 | 50.0 | 40.0 | 40.0 | 20.0 |" in text, text
-
-
 def test_inference_bench_runs():
   out = subprocess.run([sys.executable, "bench/inference.py", "--configs", "tiny", "--repeats", "1", "--batch", "4"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, check=True).stdout
