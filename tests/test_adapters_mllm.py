@@ -52,3 +52,20 @@ def test_projector_kinds():
     assert len(projector.kernels) == layers and projector(np.ones((2, 3, 8))).shape == (2, 3, 16)
   with pytest.raises(ValueError, match="projector='conv'"):
     mllm_lib.Projector("conv", 8, 16, rngs=nnx.Rngs(0))
+
+
+def test_image_tokens_are_the_penultimate_patches_and_optionally_the_last_class_token():
+  lm = llama.init(llama.LlamaConfig(vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, bos_token_id=1))
+  vision_config = config.preset("tiny").vision
+  vision = modeling.VisionTransformer(vision_config, dtype=np.float32, rngs=nnx.Rngs(0))
+  pixels = np.random.default_rng(0).normal(size=(2, 3, vision_config.image_size, vision_config.image_size))
+  hidden = vision(pixels.astype(np.float32)).hidden_states
+  patches = mllm_lib.MLLM(vision, lm, "linear", "patches", rngs=nnx.Rngs(0)).image_features(pixels)
+  both = mllm_lib.MLLM(vision, lm, "linear", "patches+class", rngs=nnx.Rngs(0)).image_features(pixels)
+  np.testing.assert_array_equal(patches, hidden[-2][:, 1:])
+  np.testing.assert_array_equal(both[:, :-1], patches)
+  np.testing.assert_array_equal(both[:, -1], hidden[-1][:, 0])
+  assert not np.allclose(hidden[-1][:, 0], hidden[-2][:, 0])
+  with pytest.raises(ValueError, match="image_tokens='cls'"):
+    mllm_lib.MLLM(vision, lm, "linear", "cls", rngs=nnx.Rngs(0))

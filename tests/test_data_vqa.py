@@ -67,3 +67,25 @@ def test_scenarios_and_captions():
   assert s.scenario("mix") is s
   with pytest.raises(ValueError, match="scenario"):
     s.scenario("both")
+
+
+def test_attribute_questions_ask_each_image_what_its_pairs_say_it_has():
+  """Stage 1's "questions" data: per image a colour and a shape question with the answer its question/answer
+  pairs imply (negations included), complete; an image whose pairs name neither attribute is left out, as
+  from the captions."""
+  names = ("red", "blue", "circle", "triangle", "yes", "no")
+  s = vqa.VQASplit(name="t", questions=("what color is the shape?", "is there not a circle?", "is there a triangle?",
+                                        "is there a blue shape?"),
+                   labels=np.array([0, 5, 4, 5]), question_type=np.array([1, 0, 0, 0]),
+                   image_index=np.array([0, 0, 1, 2]), images=(b"", b"", b""),
+                   table=np.array([2, 1, 0, 0], np.int8), answer_names=names, type_names=("yes/no", "color", "shape"),
+                   image_set="t")
+  questions = s.attribute_questions()
+  colour, shape = vqa.ATTRIBUTE_QUESTIONS["colour"], vqa.ATTRIBUTE_QUESTIONS["shape"]
+  assert [(questions.questions[i], questions.answer(i), int(questions.image_index[i])) for i in range(len(questions))] \
+      == [(colour, "red", 0), (shape, "circle", 0), (shape, "triangle", 1)]
+  np.testing.assert_array_equal(questions.question_type, [1, 2, 2])
+  assert questions.has_prompt and (questions.table == missing_lib.COMPLETE).all()
+  assert questions.images is s.images and questions.image_set == s.image_set
+  captions = s.captions()
+  assert list(captions.targets) == ["a red circle", "a triangle"] and list(captions.image_index) == [0, 1]

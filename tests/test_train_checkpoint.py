@@ -102,6 +102,20 @@ def test_an_adapter_field_added_since_a_checkpoint_takes_the_value_it_ran_with()
   checkpoint.check_config({"config": old}, mllm, "runs/x")
 
 
+def test_mllm_keys_added_since_a_checkpoint_take_the_values_it_ran_with():
+  """image_tokens and stage1.data came after the first MLLM runs: an older run's config reads "patches" and
+  "captions" (what it computed), whatever the recipe's defaults become."""
+  mllm = recipes.mllm("moka")
+  old = json.loads(config_lib.to_json(mllm))
+  del old["image_tokens"], old["stage1"]["data"]
+  saved = checkpoint.saved_config({"config": old})
+  assert saved["image_tokens"] == "patches" and saved["stage1"]["data"] == "captions"
+  assert saved["stage1"]["steps"] == mllm.stage1.steps
+  config_lib.override(mllm, "stage1.data", "questions")
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match="stage1.data: 'captions' -> 'questions'"):
+    checkpoint.check_config({"config": old}, mllm, "runs/x")
+
+
 def test_a_checkpoint_over_other_backbone_weights_is_refused():
   meta = {"backbone": {"source": "openai/clip-vit-base-patch16", "sha256": "a" * 64}}
   checkpoint.check_backbone(meta, {"source": "elsewhere", "sha256": "a" * 64}, "runs/x")

@@ -91,6 +91,8 @@ MLLM_BAD_CONFIGS = {
     "missing.type=audio": "missing type 'audio'",
     "adapter.rank=0": "rank=0 must be >= 1",
     "projector=mlp3": "config.projector='mlp3': use one of",
+    "image_tokens=cls": "config.image_tokens='cls': use one of",
+    "stage1.data=captionz": "config.stage1.data='captionz': use one of",
 }
 
 

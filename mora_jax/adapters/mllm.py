@@ -28,6 +28,9 @@ from mora_jax.models import llama
 from mora_jax.models.modeling import VisionTransformer
 
 PROJECTORS = ("linear", "mlp2x_gelu")
+# The vision tower's tokens that become image tokens: "patches", the penultimate layer's patch tokens (LLaVA's
+# choice); "patches+class", those and the last layer's class token (the contrastively trained summary; docs/mllm.md).
+IMAGE_TOKENS = ("patches", "patches+class")
 
 
 class Projector(nnx.Module):
@@ -80,15 +83,21 @@ class Sequence(NamedTuple):
 class MLLM(nnx.Module):
   partitions = partition.MLLM
 
-  def __init__(self, vision: VisionTransformer, lm: llama.LlamaForCausalLM, projector: str, *, rngs: nnx.Rngs):
+  def __init__(self, vision: VisionTransformer, lm: llama.LlamaForCausalLM, projector: str,
+               image_tokens: str = "patches", *, rngs: nnx.Rngs):
+    if image_tokens not in IMAGE_TOKENS:
+      raise ValueError(f"image_tokens={image_tokens!r}: use one of {IMAGE_TOKENS}.")
     self.vision = vision
     self.lm = lm
+    self.image_tokens = image_tokens
     vision_width = vision.embeddings.class_embedding.get_value().shape[-1]
     self.projector = Projector(projector, vision_width, lm.config.hidden_size, rngs=rngs)
 
   def image_features(self, pixel_values: jax.Array) -> jax.Array:
-    """The frozen vision tower's patch tokens of the penultimate layer (LLaVA's choice), [B, P, Dv]."""
-    return self.vision(pixel_values).hidden_states[-2][:, 1:]
+    """The frozen vision tower's tokens that the projector maps to image tokens (IMAGE_TOKENS), [B, P, Dv]."""
+    hidden = self.vision(pixel_values).hidden_states
+    patches = hidden[-2][:, 1:]
+    return patches if self.image_tokens == "patches" else jnp.concatenate([patches, hidden[-1][:, :1]], 1)
 
   def sequence(self, batch: Batch, rngs: nnx.Rngs | None = None) -> Sequence:
     """[<s>; image tokens; text tokens] with every invalid row moved to the front (a stable sort on validity), so

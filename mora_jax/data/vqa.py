@@ -26,6 +26,10 @@ def prompt(question: str) -> str:
   return f"question: {question} answer:"
 
 
+# Stage 1's questions per image attribute (stage1.data="questions"): easy-VQA's most frequent training wordings.
+ATTRIBUTE_QUESTIONS = {"colour": "what color is the shape?", "shape": "what shape is in the image?"}
+
+
 @dataclasses.dataclass(frozen=True)
 class VQASplit:
   """One split: per sample its question, answer (label id into `answer_names`), question type id and image index;
@@ -60,17 +64,36 @@ class VQASplit:
       raise ValueError(f"scenario {kind!r}: use one of {datasets.SCENARIOS}.")
     return dataclasses.replace(self, table=np.full_like(self.table, codes[kind]))
 
+  def _records(self) -> list[dict]:
+    """The split's question/answer pairs as the builder's records, an image's index as its id."""
+    return [{"text": q, "label": label, "image_id": int(m), "image": int(m)}
+            for q, label, m in zip(self.questions, self.labels, self.image_index)]
+
   def captions(self) -> "VQASplit":
     """One complete sample per image that the split's question/answer pairs describe ("a red circle", the
-    embedded CLIP's captions): the projector-alignment data of stage 1."""
-    records = [{"text": q, "label": label, "image_id": int(m), "image": int(m)}
-               for q, label, m in zip(self.questions, self.labels, self.image_index)]
-    pairs = easy_vqa.image_captions(records, list(self.answer_names))
+    embedded CLIP's captions): stage 1's alignment data (stage1.data="captions")."""
+    pairs = easy_vqa.image_captions(self._records(), list(self.answer_names))
     n = len(pairs)
     return dataclasses.replace(self, name=f"{self.name} captions", questions=("",) * n, labels=np.zeros(n, np.int64),
                                question_type=np.zeros(n, np.int64),
                                image_index=np.array([p["image"] for p in pairs], np.int64),
                                table=np.zeros(n, np.int8), has_prompt=False, targets=tuple(p["text"] for p in pairs))
+
+  def attribute_questions(self) -> "VQASplit":
+    """Per image that the split's pairs describe, one complete sample per known attribute: ATTRIBUTE_QUESTIONS'
+    colour question answered with its colour, its shape question with its shape (stage1.data="questions")."""
+    samples = [(question, attribute[kind], m) for attribute in easy_vqa.image_attributes(self._records(),
+                                                                                          list(self.answer_names))
+               for kind, question in ATTRIBUTE_QUESTIONS.items() if attribute[kind] is not None
+               for m in (int(attribute["id"]),)]
+    n = len(samples)
+    types = {"colour": self.type_names.index("color"), "shape": self.type_names.index("shape")}
+    kinds = {question: kind for kind, question in ATTRIBUTE_QUESTIONS.items()}
+    return dataclasses.replace(
+        self, name=f"{self.name} attribute questions", questions=tuple(q for q, _, _ in samples),
+        labels=np.array([self.answer_names.index(a) for _, a, _ in samples], np.int64),
+        question_type=np.array([types[kinds[q]] for q, _, _ in samples], np.int64),
+        image_index=np.array([m for _, _, m in samples], np.int64), table=np.zeros(n, np.int8))
 
 
 def load(split: str, data_dir: str | Path, missing: missing_lib.Missing, log=print) -> VQASplit:

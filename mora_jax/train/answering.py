@@ -4,8 +4,8 @@ setting (config.task == "mllm"; recipes: mora_jax.train.recipes.mllm).
     results = loop.train(config, workdir)           # eval.json, metrics.jsonl, config.json, as every task
     results = answering.evaluate_run(workdir)       # eval.py on such a workdir
 
-Two stages of the one training loop (mora_jax.train.loop): "stage1" aligns the projector on image captions
-(everything else frozen), checkpointed in <workdir>/stage1; "stage2" trains the LM adapters (and the projector
+Two stages of the one training loop (mora_jax.train.loop): "stage1" aligns the projector on image captions or
+attribute questions (`stage1.data`; everything else frozen), checkpointed in <workdir>/stage1; "stage2" trains the LM adapters (and the projector
 if `stage2.train_projector`) on question answering under the run's missing table, checkpointed in
 <workdir>/checkpoints and validated by generated exact match every epoch. Answers are generated greedily and
 scored by exact match, overall, per question type and per missing scenario.
@@ -44,6 +44,9 @@ METRIC = "exact_match"
 MAX_NEW_TOKENS = 3  # every easy-VQA answer is one word: its token(s) and </s>
 FEATURE_BATCH = 256  # images per call of the frozen vision tower when its features are cached
 # The smallest meaningful value of each count in an MLLM config (config.check_minimums).
+# Stage 1's alignment data from the train split: one caption per image ("a red circle", LLaVA's kind), or per image
+# a what-colour and a what-shape question with its answer (vqa.VQASplit.attribute_questions; docs/mllm.md).
+STAGE1_DATA = {"captions": vqa.VQASplit.captions, "questions": vqa.VQASplit.attribute_questions}
 MINIMUMS = {"epochs": 1, "batch_size": 1, "max_steps": 0, "log_every_steps": 1, "seed": 0, "stage1.steps": 1,
             "stage1.batch_size": 1, "eval.batch_size": 1, "eval.validation_samples": 0, "eval.test_samples": 0,
             "checkpoint.keep": 1, "checkpoint.every_steps": 0, "missing.seed": 0}
@@ -79,7 +82,7 @@ class Answering:
   prep: data.Preprocessing
   identity: dict
   missing: data.Missing  # config.missing, read once
-  splits: dict  # stage or split name -> vqa.VQASplit: "stage1" (captions), "stage2" (= "train"), "validation"
+  splits: dict  # stage or split name -> vqa.VQASplit: "stage1" (STAGE1_DATA), "stage2" (= "train"), "validation"
   encode_images: object  # float32 pixels [N, 3, H, W] -> the frozen vision tower's features [N, P, Dv], locally
   generate: object  # jitted (trained, frozen, Batch) -> greedy answer tokens [B, MAX_NEW_TOKENS]
   features: dict = dataclasses.field(default_factory=dict)  # image set -> float32 [N_images, P, Dv]
@@ -255,6 +258,10 @@ def check(config: ml_collections.ConfigDict):
     raise ValueError(f"config.adapter: {e}") from e
   if config.projector not in mllm_lib.PROJECTORS:
     raise ValueError(f"config.projector={config.projector!r}: use one of {mllm_lib.PROJECTORS}.")
+  if config.image_tokens not in mllm_lib.IMAGE_TOKENS:
+    raise ValueError(f"config.image_tokens={config.image_tokens!r}: use one of {mllm_lib.IMAGE_TOKENS}.")
+  if config.stage1.data not in STAGE1_DATA:
+    raise ValueError(f"config.stage1.data={config.stage1.data!r}: use one of {tuple(STAGE1_DATA)}.")
   return missing, method
 
 
@@ -269,8 +276,8 @@ def build(config: ml_collections.ConfigDict, workdir: Path | None) -> Answering:
   job_lib.check_embedded_cache(c.lm, embedded_lm, "lm")
   # The splits before the models, whose first build pre-trains them (minutes): the batches are checked against them.
   train, validation = (vqa.load(name, c.data_dir, missing, log=say) for name in ("train", "validation"))
-  splits = {"stage1": train.captions(), "stage2": train, "validation": validation}
-  job_lib.check_batch_size("stage1.batch_size", c.stage1.batch_size, len(splits["stage1"]), "easy_vqa/train captions")
+  splits = {"stage1": STAGE1_DATA[c.stage1.data](train), "stage2": train, "validation": validation}
+  job_lib.check_batch_size("stage1.batch_size", c.stage1.batch_size, len(splits["stage1"]), splits["stage1"].name)
   job_lib.check_batch_size("batch_size", c.batch_size, len(train), "easy_vqa/train")
   clip = backbone_lib.load(c.backbone, 77, c.data_dir, mesh=None, rules=sharding.REPLICATED_RULES, log=say)
   lm_dir = embedded_lm.ensure(c.lm.cache_dir, c.data_dir, c.lm.seed, log=say) if c.lm.path == embedded_lm.NAME \
@@ -278,7 +285,7 @@ def build(config: ml_collections.ConfigDict, workdir: Path | None) -> Answering:
   lm, tokenizer = embedded_lm.load(lm_dir)
   lm_identity = {"source": str(c.lm.path), "sha256": backbone_lib.weights_hash(llama_hf.to_hf_tensors(lm))}
   method.attach(lm, rngs=nnx.Rngs(c.seed))
-  model = mllm_lib.MLLM(clip.model.vision_model, lm, c.projector, rngs=nnx.Rngs(c.seed + 1))
+  model = mllm_lib.MLLM(clip.model.vision_model, lm, c.projector, c.image_tokens, rngs=nnx.Rngs(c.seed + 1))
   prep = data.Preprocessing(image=clip.image_processing, missing_image="white")
   identity = {"source": f"{clip.identity['source']} + {lm_identity['source']}",
               "sha256": clip.identity["sha256"][:32] + lm_identity["sha256"][:32], "clip": clip.identity,

@@ -226,14 +226,20 @@ def _drop_failed_restore_reports() -> None:
   sys.unraisablehook = drop_closed_event_loop
 
 
+# Multimodal-LLM config keys added after its first runs, with the values that give what those runs computed.
+MLLM_BEFORE_KEYS = {"image_tokens": "patches", "stage1": {"data": "captions"}}
+
+
 def saved_config(meta: dict) -> dict:
   """The config a checkpoint was saved with (JSON form), the keys added since then given their defaults, so that a
   run of an earlier version resumes and re-tests as it ran: the classifier config's (recipes.base), and the
-  adapter method's own fields (a multimodal-LLM run's config, which has a `task`, has other keys: only its
-  adapter is filled in)."""
+  adapter method's own fields; a multimodal-LLM run's config, which has a `task` and other keys: its adapter, and
+  MLLM_BEFORE_KEYS."""
   saved = meta["config"]
   if "task" not in saved:
     saved = config_lib.fill_absent(saved, json.loads(config_lib.to_json(recipes.base())), skip=("adapter",))
+  else:  # a multimodal-LLM run: the keys added since, with the behaviour it had before they existed
+    saved = config_lib.fill_absent(saved, MLLM_BEFORE_KEYS)
   try:
     method = adapters.to_config(adapters.from_config(saved["adapter"]))
   except (TypeError, ValueError):  # a field since removed: check_config names the difference

@@ -111,26 +111,28 @@ def _attribute(question: str, answer: str, words) -> str | None:
   return named[0] if says_yes else None
 
 
-def image_captions(source, answer_names) -> list[dict]:
-  """One record per image, {"id", "image", "text": "a <colour> <shape>", "label": 0}, the caption derived
-  from the image's question/answer pairs (what-colour/what-shape answers, and yes/no questions that name one
-  colour or shape, negations included: see `negated`). Images whose pairs name neither attribute are left out; a caption
-  names what is known ("a blue shape", "a circle")."""
+def image_attributes(source, answer_names) -> list[dict]:
+  """One record per image whose question/answer pairs name its colour or its shape (what-colour/what-shape
+  answers, and yes/no questions that name one colour or shape, negations included: see `negated`), in image-id
+  order: {"id", "index" (of its first pair in `source`), "colour", "shape"}, an unknown attribute None."""
   colours = [a for a in answer_names if a not in YES_NO and a not in SHAPES]
   known: dict[int, dict] = {}
   for i in range(len(source)):
     record = source[i]
     text = record["text"].decode() if isinstance(record["text"], bytes) else record["text"]
     answer = answer_names[int(record["label"])]
-    entry = known.setdefault(int(record["image_id"]), {"index": i})
+    entry = known.setdefault(int(record["image_id"]), {"index": i, "colour": None, "shape": None})
     for kind, words in (("colour", colours), ("shape", SHAPES)):
       value = _attribute(text, answer, words)
       if value is not None:
         entry[kind] = value
-  pairs = []
-  for image_id, entry in sorted(known.items()):
-    if "colour" not in entry and "shape" not in entry:
-      continue
-    caption = f"a {entry.get('colour', '')} {entry.get('shape', 'shape')}".replace("  ", " ")
-    pairs.append({"id": str(image_id), "image": source[entry["index"]]["image"], "text": caption, "label": 0})
-  return pairs
+  return [{"id": str(image_id), **entry} for image_id, entry in sorted(known.items())
+          if entry["colour"] is not None or entry["shape"] is not None]
+
+
+def image_captions(source, answer_names) -> list[dict]:
+  """One record per image of `image_attributes`, {"id", "image", "text": "a <colour> <shape>", "label": 0}: the
+  caption names what is known ("a blue shape", "a circle")."""
+  return [{"id": a["id"], "image": source[a["index"]]["image"], "label": 0,
+           "text": f"a {a['colour'] or ''} {a['shape'] or 'shape'}".replace("  ", " ")}
+          for a in image_attributes(source, answer_names)]
