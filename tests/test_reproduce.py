@@ -372,7 +372,7 @@ def test_the_mllm_table_runs_renders_per_question_type_and_times_its_other_runs(
   assert directory == tmp_path / "runs" / "easy_vqa" / "mllm-moka-both70" / "seed42"
   results = json.loads((directory / "eval.json").read_text())
   assert results["task"] == "mllm" and results["method"] == "moka"
-  markdown = (tmp_path / "out" / "mllm.md").read_text().splitlines()
+  markdown = (tmp_path / "out" / "easy-vqa-mllm.md").read_text().splitlines()
   header = next(line for line in markdown if line.startswith("| | "))
   row = next(line for line in markdown if line.startswith("| MokA | "))
   cells = dict(zip(header.split(" | ")[1:], row.split(" | ")[1:]))

@@ -249,14 +249,21 @@ def easy_vqa() -> Table:
                     "independent pre-training runs (embedded seeds 0 and 1).")
 
 
-# The easy-VQA MLLM study (bench/study_mllm.py's, with more rows): name -> (recipes.mllm method, overrides).
+# The easy-VQA MLLM study: name -> (recipes.mllm method, overrides). The recipe's image tokens and stage 1 came out
+# of this ablation (docs/mllm.md); FORMER is the LLaVA-style recipe before it.
+FORMER = (("image_tokens", "patches"), ("stage1.data", "captions"), ("stage1.steps", "150"), ("stage1.lr", "0.002"))
 MLLM_RUNS = {
     "MokA": ("moka", ()),
     "LoRA": ("lora", ()),
     "MokA, lambda 0": ("moka_lambda0", ()),
-    "MokA, 2 epochs": ("moka", (("epochs", "2"),)),
-    "MokA, stage 1 600 steps at lr 1e-2": ("moka", (("stage1.steps", "600"), ("stage1.lr", "0.01"))),
+    "MokA, without the class token": ("moka", (("image_tokens", "patches"),)),
+    "MokA, stage 1 on captions": ("moka", (("stage1.data", "captions"),)),
     "MokA, linear projector": ("moka", (("projector", "linear"),)),
+    "MokA, former recipe": ("moka", FORMER),
+    "LoRA, former recipe": ("lora", FORMER),
+    "MokA, former recipe, 2 epochs": ("moka", (*FORMER, ("epochs", "2"))),
+    "MokA, former recipe, stage 1 600 steps at lr 1e-2": ("moka", (*FORMER[:2], ("stage1.steps", "600"),
+                                                                    ("stage1.lr", "0.01"))),
 }
 
 

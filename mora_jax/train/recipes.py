@@ -165,14 +165,15 @@ def mllm(method: str) -> ml_collections.ConfigDict:
   c.lm = ml_collections.ConfigDict(dict(path="embedded", seed=0, cache_dir="~/.cache/mora_jax"))
   c.projector = "mlp2x_gelu"  # or "linear"
   # What the image tokens are: "patches" (the penultimate layer's patch tokens, LLaVA's) or "patches+class" (and the
-  # last layer's class token); mora_jax.adapters.mllm.IMAGE_TOKENS.
-  c.image_tokens = "patches"
+  # last layer's class token); mora_jax.adapters.mllm.IMAGE_TOKENS. docs/mllm.md has the ablation behind the
+  # defaults here and in stage1.
+  c.image_tokens = "patches+class"
   adapter_method, values = methods[method]
   c.adapter = adapter(adapter_method, **values)
   c.layout = ml_collections.ConfigDict(dataclasses.asdict(vqa.Layout()))
   # data: "captions" (LLaVA's kind: "a red circle" after the image) or "questions" (a what-colour and a what-shape
   # question per image; answering.STAGE1_DATA).
-  c.stage1 = ml_collections.ConfigDict(dict(steps=150, batch_size=64, lr=2e-3, data="captions"))
+  c.stage1 = ml_collections.ConfigDict(dict(steps=600, batch_size=64, lr=1e-2, data="questions"))
   c.stage2 = ml_collections.ConfigDict(dict(train_projector=True, lr=2e-3, weight_decay=0.0, warmup_fraction=0.03))
   c.epochs = 1
   c.batch_size = 64
