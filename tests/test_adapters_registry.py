@@ -72,12 +72,15 @@ def test_prompt_recipes_take_the_dcp_code_settings():
   for dataset in ("mm_imdb", "upmc_food101", "hateful_memes"):
     for method in recipes.PROMPT_METHODS:
       c = recipes.get(dataset, method)
-      assert (c.adapter.length, c.adapter.depth, c.epochs, c.batch_size) == (36, 6, 20, 256)
+      length = {"dcp": 36, "mmp": 16}[method]  # MMP: MAP's code's length (docs/prompts.md)
+      assert (c.adapter.length, c.adapter.depth, c.epochs, c.batch_size) == (length, 6, 20, 256)
       assert (c.optim.lr, c.optim.weight_decay, c.optim.decay) == (1e-2, 0.02, "linear")
       assert c.preprocessing.missing_image == "ones_after_norm"
   assert recipes.get("hateful_memes", "mora").optim.decay == "cosine"
   easy = recipes.get("easy_vqa", "dcp")  # the study's run settings, every layer of the 4-layer embedded CLIP
   assert (easy.adapter.depth, easy.epochs, easy.batch_size, easy.optim.decay) == (4, 1, 64, "cosine")
+  mmp = recipes.get("mm_imdb", "mmp").adapter
+  assert (mmp.init, mmp.init_std) == ("normal", 0.3)
 
 
 def test_recipes_give_each_method_its_own_fields_and_drop_nothing(monkeypatch):
