@@ -227,3 +227,19 @@ def saved_checkpoint(directory: Path, step: int = 1) -> Path:
             {"step": step})
   ckpt.close()
   return directory / str(step)
+
+
+def tiny_lm(directory, data_dir) -> Path:
+  """A random small Llama (2 layers, width 32) with the embedded LM's tokenizer trained on the easy-VQA data in
+  `data_dir`, saved in `directory`: the MLLM tests' LM."""
+  from mora_jax.backbones import embedded_lm  # pylint: disable=import-outside-toplevel
+  from mora_jax.data import missing as missing_lib, vqa  # pylint: disable=import-outside-toplevel
+  from mora_jax.models import llama, llama_hf  # pylint: disable=import-outside-toplevel
+  train = vqa.load("train", data_dir, missing_lib.Missing(rate=0.0))
+  tokenizer = embedded_lm.train_tokenizer(embedded_lm.pretraining_texts(train), directory, 384)
+  config = llama.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+  llama_hf.save_pretrained(llama.init(config), directory)
+  return Path(directory)

@@ -16,7 +16,7 @@ import pytest
 from mora_jax.reproduce import cli, command, render, runs, tables, throughput
 from mora_jax.reproduce.tables import Cell, Measure, Source, Table, Training
 from mora_jax.train import config as config_lib
-from tests.helpers import assert_one_line_error, coloured_png, write_arrow
+from tests.helpers import assert_one_line_error, coloured_png, tiny_lm, write_arrow
 
 # Every run of the end-to-end tests: a random tiny CLIP, 2 steps of 8 samples, a checkpoint every step.
 TINY = (("backbone.path", ""), ("backbone.random_preset", "tiny"), ("adapter.start_layer", "1"),
@@ -339,21 +339,6 @@ def test_the_command_refuses_mistakes_before_any_run_and_dry_runs_absent_data(tm
   report = capsys.readouterr().out
   assert report.count("| 0/3 |  | unknown (not measured) | unknown |") == len(tables.MLLM_RUNS)
   assert not (tmp_path / "runs").exists()
-
-
-def tiny_lm(directory, data_dir):
-  """A random small Llama with the embedded LM's tokenizer (trained on easy-VQA's texts), as test_train_mllm's."""
-  from mora_jax.backbones import embedded_lm  # pylint: disable=import-outside-toplevel
-  from mora_jax.data import missing as missing_lib, vqa  # pylint: disable=import-outside-toplevel
-  from mora_jax.models import llama, llama_hf  # pylint: disable=import-outside-toplevel
-  train = vqa.load("train", data_dir, missing_lib.Missing(rate=0.0))
-  tokenizer = embedded_lm.train_tokenizer(embedded_lm.pretraining_texts(train), directory, 384)
-  config = llama.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-  llama_hf.save_pretrained(llama.init(config), directory)
-  return directory
 
 
 def test_the_mllm_table_runs_renders_per_question_type_and_times_its_other_runs(tmp_path, easy_vqa_data):

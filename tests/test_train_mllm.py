@@ -17,12 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from mora_jax.backbones import embedded_lm
-from mora_jax.data import missing as missing_lib
-from mora_jax.data import vqa
-from mora_jax.models import llama, llama_hf
 from mora_jax.train import checkpoint, cli, config as config_lib, loop, writers
-from tests.helpers import ROOT, final_state, saved_test_results, two_processes
+from tests.helpers import ROOT, final_state, saved_test_results, tiny_lm, two_processes
 
 CONFIG = "configs/easy_vqa_mllm_moka.py"
 STAGE1_STEPS, MAX_STEPS = 2, 4
@@ -32,14 +28,7 @@ STAGE1_STEPS, MAX_STEPS = 2, 4
 def setup_dirs(tmp_path_factory, easy_vqa_data):
   root = tmp_path_factory.mktemp("mllm")
   data_dir = easy_vqa_data
-  train = vqa.load("train", data_dir, missing_lib.Missing(rate=0.0))
-  lm_dir = root / "lm"
-  tokenizer = embedded_lm.train_tokenizer(embedded_lm.pretraining_texts(train), lm_dir, 384)
-  config = llama.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-  llama_hf.save_pretrained(llama.init(config), lm_dir)
+  lm_dir = tiny_lm(root / "lm", data_dir)
   return root, data_dir, lm_dir
 
 
