@@ -5,16 +5,17 @@ setting (config.task == "mllm"; recipes: mora_jax.train.recipes.mllm).
     results = answering.evaluate_run(workdir)       # eval.py on such a workdir
 
 Two stages of the one training loop (mora_jax.train.loop): "stage1" aligns the projector on image captions or
-attribute questions (`stage1.data`; everything else frozen), checkpointed in <workdir>/stage1; "stage2" trains the LM adapters (and the projector
-if `stage2.train_projector`) on question answering under the run's missing table, checkpointed in
-<workdir>/checkpoints and validated by generated exact match every epoch. Answers are generated greedily and
-scored by exact match, overall, per question type and per missing scenario.
+attribute questions (`stage1.data`; everything else frozen), checkpointed in <workdir>/stage1; "stage2" trains
+the LM adapters (and the projector if `stage2.train_projector`) on question answering under the run's missing
+table, checkpointed in <workdir>/checkpoints and validated by generated exact match every epoch. Answers are
+generated greedily and scored by exact match, overall, per question type and per missing scenario.
 
 Data-parallel over every device of every process (batch sharded over the mesh, parameters replicated: the models
 here are small); each process assembles its rows of every global batch, as the classifier's loop does.
 """
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -43,10 +44,10 @@ from mora_jax.train.writers import MetricWriter
 METRIC = "exact_match"
 MAX_NEW_TOKENS = 3  # every easy-VQA answer is one word: its token(s) and </s>
 FEATURE_BATCH = 256  # images per call of the frozen vision tower when its features are cached
-# The smallest meaningful value of each count in an MLLM config (config.check_minimums).
 # Stage 1's alignment data from the train split: one caption per image ("a red circle", LLaVA's kind), or per image
 # a what-colour and a what-shape question with its answer (vqa.VQASplit.attribute_questions; docs/mllm.md).
 STAGE1_DATA = {"captions": vqa.VQASplit.captions, "questions": vqa.VQASplit.attribute_questions}
+# The smallest meaningful value of each count in an MLLM config (config.check_minimums).
 MINIMUMS = {"epochs": 1, "batch_size": 1, "max_steps": 0, "log_every_steps": 1, "seed": 0, "stage1.steps": 1,
             "stage1.batch_size": 1, "eval.batch_size": 1, "eval.validation_samples": 0, "eval.test_samples": 0,
             "checkpoint.keep": 1, "checkpoint.every_steps": 0, "missing.seed": 0}
@@ -304,7 +305,9 @@ def evaluate_run(workdir: str | Path, checkpoint: str | Path | None = None, miss
   """eval.py on an MLLM workdir: the stage-1 projector, then the best (or the given) stage-2 checkpoint, tested
   per missing scenario."""
   workdir = Path(workdir) if workdir else Path(checkpoint).parent.parent
-  c = config_lib.from_json((workdir / CONFIG_FILE).read_text())
+  # As saved, with the keys added since filled in as the run computed them (checkpoint_lib.saved_config).
+  saved = checkpoint_lib.saved_config({"config": json.loads((workdir / CONFIG_FILE).read_text())})
+  c = config_lib.from_json(json.dumps(saved))
   config_lib.apply_overrides(c, list(config_overrides))
   with c.unlocked():
     for key, value in (missing or {}).items():
