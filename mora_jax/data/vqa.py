@@ -82,18 +82,15 @@ class VQASplit:
   def attribute_questions(self) -> "VQASplit":
     """Per image that the split's pairs describe, one complete sample per known attribute: ATTRIBUTE_QUESTIONS'
     colour question answered with its colour, its shape question with its shape (stage1.data="questions")."""
-    samples = [(question, attribute[kind], m) for attribute in easy_vqa.image_attributes(self._records(),
-                                                                                          list(self.answer_names))
-               for kind, question in ATTRIBUTE_QUESTIONS.items() if attribute[kind] is not None
-               for m in (int(attribute["id"]),)]
-    n = len(samples)
     types = {"colour": self.type_names.index("color"), "shape": self.type_names.index("shape")}
-    kinds = {question: kind for kind, question in ATTRIBUTE_QUESTIONS.items()}
+    samples = [(question, self.answer_names.index(attribute[kind]), types[kind], int(attribute["id"]))
+               for attribute in easy_vqa.image_attributes(self._records(), list(self.answer_names))
+               for kind, question in ATTRIBUTE_QUESTIONS.items() if attribute[kind] is not None]
+    questions, labels, question_type, image_index = zip(*samples) if samples else ((), (), (), ())
     return dataclasses.replace(
-        self, name=f"{self.name} attribute questions", questions=tuple(q for q, _, _ in samples),
-        labels=np.array([self.answer_names.index(a) for _, a, _ in samples], np.int64),
-        question_type=np.array([types[kinds[q]] for q, _, _ in samples], np.int64),
-        image_index=np.array([m for _, _, m in samples], np.int64), table=np.zeros(n, np.int8))
+        self, name=f"{self.name} attribute questions", questions=tuple(questions),
+        labels=np.array(labels, np.int64), question_type=np.array(question_type, np.int64),
+        image_index=np.array(image_index, np.int64), table=np.zeros(len(samples), np.int8))
 
 
 def load(split: str, data_dir: str | Path, missing: missing_lib.Missing, log=print) -> VQASplit:

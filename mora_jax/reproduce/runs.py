@@ -21,7 +21,6 @@ from mora_jax.train import evaluation, loop, recipes
 from mora_jax.train.job import CONFIG_FILE, EVAL_FILE
 from mora_jax.reproduce.tables import ALIGNED, MISMATCHED, MLLM, Measure, Training
 
-assert MLLM == tasks.MLLM
 
 WALL_FILE = "wall_seconds.txt"  # seconds of training and testing, summed over the invocations that ran it
 # What a finished run may have differed in and still be reused: what a resumed run may change (checkpoint.CHANGEABLE)
@@ -87,22 +86,17 @@ def config_of(training: Training, seed: int, options: Options, build_backbone: b
   """The run's config: the dataset's recipe for the method (an MLLM run's: recipes.mllm), then the seed, the
   folders, the missing setting, the training's overrides and the command line's. `build_backbone=False`: a study
   backbone's folder is named, not built (to plan)."""
-  if training.task == MLLM:  # the embedded vision tower and LM, each built on first use in cache_dir
-    config = recipes.mllm(training.method)
-    values = [("seed", seed), ("data_dir", options.data_dir), ("backbone.cache_dir", options.cache_dir),
-              ("lm.cache_dir", options.cache_dir), ("missing.type", training.type), ("missing.rate", training.rate),
-              *training.overrides, *options.overrides]
-    config_lib.apply_overrides(config, [(key, str(value)) for key, value in values], log=lambda _: None)
-    return config
-  config = recipes.get(training.dataset, training.method)
+  mllm = training.task == MLLM  # its embedded vision tower and LM are built on first use in cache_dir
+  config = recipes.mllm(training.method) if mllm else recipes.get(training.dataset, training.method)
   values = [("seed", seed), ("data_dir", options.data_dir)]
   if training.backbone:
     builder = ensure_backbone if build_backbone else backbone_folder
     values.append(("backbone.path", builder(training.backbone, options)))
-  if options.manual_dir(training.dataset):
+  if options.manual_dir(training.dataset) and not mllm:
     values.append(("manual_dir", options.manual_dir(training.dataset)))
-  values += [("backbone.cache_dir", options.cache_dir), ("missing.type", training.type),
-             ("missing.rate", training.rate), *training.overrides, *options.overrides]
+  values += [("backbone.cache_dir", options.cache_dir), *([("lm.cache_dir", options.cache_dir)] if mllm else []),
+             ("missing.type", training.type), ("missing.rate", training.rate), *training.overrides,
+             *options.overrides]
   config_lib.apply_overrides(config, [(key, str(value)) for key, value in values], log=lambda _: None)
   return config
 
