@@ -85,6 +85,22 @@ def test_sigterm_right_after_a_save_exits_143_and_resumes(memes, straight, capsy
   assert_same_run(workdir, straight)
 
 
+def test_sigterm_during_the_test_writes_the_results_then_reaches_the_callers_handler(memes, straight, monkeypatch):
+  """Past the last step nothing is left to save: the test finishes, and the SIGTERM goes on to the handler that
+  was there before the run (a table of runs stops after this one; before, the signal was dropped)."""
+  workdir = copy_of(straight, memes / "sigterm_in_test")
+  real_test = loop.test
+  monkeypatch.setattr(loop, "test", lambda *a, **k: (os.kill(os.getpid(), signal.SIGTERM), real_test(*a, **k))[1])
+  received = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  try:
+    assert train(memes, workdir) == 0
+    assert received == [signal.SIGTERM]
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert_same_run(workdir, straight)
+
+
 @pytest.mark.parametrize("how", ["truncate", "delete"])
 def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumes(memes, straight, how, capsys):
   workdir = copy_of(straight, memes / f"damaged_{how}")

@@ -192,8 +192,13 @@ class _Sigterm:
       return self.requested
     return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
-  def restore(self):
+  def restore(self, resend: bool):
+    """Puts the previous handler back. With `resend`, a SIGTERM the loop did not act on (it came during the test,
+    after the last point where stopping saves anything) goes to that handler now: the finished run's results are
+    written, and the caller (a table of runs, a user's script, the default handler) still stops as asked."""
     signal.signal(signal.SIGTERM, self.previous)
+    if resend and self.requested:
+      signal.raise_signal(signal.SIGTERM)
 
 
 def _preempt(run: Run):
@@ -321,7 +326,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
     say(line)
   sigterm = _Sigterm()
   started = time.perf_counter()
-  writer = None
+  writer, preempted = None, False
   try:
     for stage in task.stages():
       run = start_stage(task, stage, workdir, writer)
@@ -334,7 +339,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, step_hook=N
       task.params = partition.combine(task.params, params)
       run.ckpt.close()
     return test(run, params, step, round(time.perf_counter() - started, 1))
+  except Preempted:
+    preempted = True
+    raise
   finally:
-    sigterm.restore()
     if writer is not None:  # also when a stage stops on SIGTERM or an error: its event files are complete
       writer.close()
+    sigterm.restore(resend=not preempted)
