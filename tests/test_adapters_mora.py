@@ -17,6 +17,7 @@ from flax import nnx
 
 from mora_jax import adapters, clip
 from mora_jax.adapters import mora, partition
+from mora_jax.train import recipes
 from tests import helpers
 
 ALPHA = 0.5  # large, so that the shared and specific updates move W' well above float32 rounding
@@ -283,6 +284,11 @@ def recipe_count(targets, rank, num_classes, **options):
 
 
 def test_published_trainable_counts():
+  """The datasets' MoRA recipes (configs/*_mora.py) on ViT-B/16."""
+  for dataset, (targets, rank) in {"upmc_food101": (("q_proj", "v_proj"), 4), "mm_imdb": (("q_proj", "k_proj"), 4),
+                                   "hateful_memes": (("k_proj", "v_proj"), 8)}.items():
+    recipe = adapters.from_config(recipes.get(dataset, "mora").adapter.to_dict())
+    assert (recipe.targets, recipe.rank, recipe.start_layer) == (targets, rank, 10), dataset
   food = recipe_count(("q_proj", "v_proj"), 4, 101)
   assert food["trainable"] == 164_965
   assert food["per_partition"]["head"] == 103_525
