@@ -1,6 +1,7 @@
 """Orbax checkpoints: what they hold, which they keep, and which they refuse to restore."""
 
 import json
+import shutil
 
 import grain
 import jax
@@ -126,14 +127,16 @@ def test_a_checkpoint_over_other_backbone_weights_is_refused():
 
 
 def test_checkpoint_of_another_method_is_refused(memes, one_device_run, capsys):
-  workdir = memes / "lora"
-  flags = memes_overrides(memes, max_steps=1)
-  assert cli.train_main(["--config", str(ROOT / "configs" / "hateful_memes_lora.py"), "--workdir", str(workdir),
-                         *flags]) == 0
+  """The LoRA recipe on a copy of the MoRA run's folder (same flags): refused before any work, nothing changed."""
+  workdir = memes / "lora_on_mora"
+  shutil.copytree(one_device_run, workdir)
+  before = sorted((p.relative_to(workdir), p.stat().st_mtime_ns) for p in workdir.rglob("*"))
   capsys.readouterr()
-  code = cli.train_main(["--config", CONFIG, "--workdir", str(workdir), *flags])
-  assert_one_line_error(capsys.readouterr().err, code, "another config", "adapter.method: 'lora' -> 'mora'",
+  code = cli.train_main(["--config", str(ROOT / "configs" / "hateful_memes_lora.py"), "--workdir", str(workdir),
+                         *memes_overrides(memes, max_steps=3)])
+  assert_one_line_error(capsys.readouterr().err, code, "another config", "adapter.method: 'mora' -> 'lora'",
                         "new --workdir")
+  assert sorted((p.relative_to(workdir), p.stat().st_mtime_ns) for p in workdir.rglob("*")) == before
 
 
 # Two processes save steps 1-3 into one folder; process 1 alone cannot restore step 3 (a damaged file as it sees

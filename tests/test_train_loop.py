@@ -102,12 +102,13 @@ def test_sigterm_then_resume_equals_a_straight_run_bitwise(memes, straight_run):
   assert saved_test_results(resumed) == saved_test_results(straight_run)
 
 
-def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(memes, straight_run):
-  """Killed right after the asynchronous save of step 4 starts; resuming (from step 3 or 4, whichever was
-  complete) ends with the parameters of the uninterrupted run (to 1e-6: the two runs are separate processes,
-  the straight one under the test session's jax flags)."""
+def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(memes, straight_run, capsys):
+  """Killed right after the asynchronous save of step 4 starts (train.py in a subprocess); resuming here (from step
+  3 or 4, whichever was complete) ends with the parameters of the uninterrupted run (to 1e-6: the killed process
+  ran without the test session's jax flags)."""
   workdir = memes / "killed"
-  flags = memes_overrides(memes, max_steps=6, prefix_cache="on", **{"checkpoint.every_steps": 1})
+  values = {"max_steps": 6, "prefix_cache": "on", "checkpoint.every_steps": 1}
+  flags = memes_overrides(memes, **values)
   script = ("import os, signal, sys; sys.argv = sys.argv[:1] + sys.argv[2:]; import train; "
             "from mora_jax.train import loop; original = loop.train; "
             "hook = lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == 4 else None; "
@@ -116,8 +117,9 @@ def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(memes, strai
   proc = subprocess.run([sys.executable, "-c", script, "-", "--config", CONFIG, "--workdir", str(workdir), *flags],
                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-  resumed = run_script("train.py", ["--config", CONFIG, "--workdir", workdir, *flags], devices=8)
-  assert "resumed from" in resumed.stdout + resumed.stderr
+  capsys.readouterr()
+  loop.train(memes_config(memes, values), workdir)
+  assert "resumed from" in capsys.readouterr().out
   (_, a), (_, b) = final_state(workdir), final_state(straight_run)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=0), a, b)
 
