@@ -259,6 +259,7 @@ MLLM_RUNS = {
     "MokA, without the class token": ("moka", (("image_tokens", "patches"),)),
     "MokA, stage 1 on captions": ("moka", (("stage1.data", "captions"),)),
     "MokA, linear projector": ("moka", (("projector", "linear"),)),
+    "MokA, 2 stage-2 epochs": ("moka", (("epochs", "2"),)),
     "MokA, former recipe": ("moka", FORMER),
     "LoRA, former recipe": ("lora", FORMER),
     "MokA, former recipe, 2 epochs": ("moka", (*FORMER, ("epochs", "2"))),
