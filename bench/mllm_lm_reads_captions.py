@@ -3,6 +3,7 @@ ceiling of what image tokens that stand for the caption could give it, per quest
 
     python bench/mllm_lm_reads_captions.py                                # the default embedded LM
     python bench/mllm_lm_reads_captions.py --recipe steps=1600 answer_weight=5
+    python bench/mllm_lm_reads_captions.py --questions match        # the matching task's questions
 
 Builds the LM of the recipe on first use (`embedded_lm.ensure`, in --cache_dir; its folder is printed, for
 `--config.lm.path`), then generates greedy answers for the first --samples validation questions whose image has a
@@ -41,6 +42,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE",
                       help=f"values of the LM's pre-training recipe to change: {embedded_lm.RECIPE}")
+  parser.add_argument("--questions", default="easy_vqa", choices=vqa.QUESTIONS,
+                      help="easy-VQA's own questions or the matching task's (config.questions)")
   parser.add_argument("--samples", type=int, default=1000)
   parser.add_argument("--data_dir", default="data")
   parser.add_argument("--cache_dir", default="~/.cache/mora_jax")
@@ -51,8 +54,10 @@ def main():
     parser.error(f"unknown recipe keys {unknown}; known: {sorted(embedded_lm.RECIPE)}")
   directory = embedded_lm.ensure(args.cache_dir, args.data_dir, recipe=recipe)
   lm, tokenizer = embedded_lm.load(directory)
-  split = vqa.load("validation", args.data_dir, data.Missing(rate=0.0), log=lambda _: None)
-  captions = split.captions()
+  no_missing = data.Missing(rate=0.0)
+  split = vqa.load("validation", args.data_dir, no_missing, log=lambda _: None, questions=args.questions)
+  # The captions of easy-VQA's own pairs: the matching task's images are theirs.
+  captions = vqa.load("validation", args.data_dir, no_missing, log=lambda _: None).captions()
   caption_of = dict(zip(captions.image_index.tolist(), captions.targets))
   rows = [i for i in range(len(split)) if int(split.image_index[i]) in caption_of][:args.samples]
   print(f"LM {directory} (recipe {({**embedded_lm.RECIPE, **recipe})}); {len(rows)} validation questions")

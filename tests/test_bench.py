@@ -80,7 +80,8 @@ def test_easyvqa_priors_bench_runs(easy_vqa_data):
   out = subprocess.run([sys.executable, "bench/easyvqa_priors.py", "--data_dir", str(easy_vqa_data)], cwd=ROOT,
                        env=ENV, capture_output=True, text=True, check=True).stdout
   lines = out.splitlines()  # after TFDS's own preparation messages
-  for start in ("question types in test: ", "majority answer (from train): ", "question words alone "):
+  for start in ("question types in test: ", "majority answer (from train): ", "question words alone ",
+                "matching task, the question alone ", "matching task, the image alone "):
     assert any(line.startswith(start) for line in lines), out
 
 

@@ -89,3 +89,53 @@ def test_attribute_questions_ask_each_image_what_its_pairs_say_it_has():
   assert questions.images is s.images and questions.image_set == s.image_set
   captions = s.captions()
   assert list(captions.targets) == ["a red circle", "a triangle"] and list(captions.image_index) == [0, 1]
+
+
+def test_match_questions_name_each_image_with_one_attribute_changed_for_no():
+  """The matching task: per image with both attributes known and per wording, a yes question naming its own
+  colour and shape and a no question with exactly one of them changed (its type says which); the same questions
+  on every call; an image with an unknown attribute is left out."""
+  names = ("red", "blue", "green", "circle", "triangle", "rectangle", "yes", "no")
+  s = vqa.VQASplit(name="t", questions=("what color is the shape?", "what shape is in the image?",
+                                        "what color is the shape?", "is there a blue shape?", "is there a circle?"),
+                   labels=np.array([0, 3, 1, 6, 6]), question_type=np.array([1, 2, 1, 0, 0]),
+                   image_index=np.array([0, 0, 1, 2, 2]), images=(b"", b"", b""),
+                   table=np.array([2, 1, 0, 0, 0], np.int8), answer_names=names,
+                   type_names=("yes/no", "color", "shape"), image_set="t")
+  match = s.match_questions()
+  assert match.type_names == vqa.MATCH_TYPES and match.images is s.images and match.image_set == s.image_set
+  assert (match.table == missing_lib.COMPLETE).all() and len(match) == 2 * 2 * len(vqa.MATCH_TEMPLATES)
+  own = {0: ("red", "circle"), 2: ("blue", "circle")}  # image 1's shape is unknown
+  for i in range(len(match)):
+    image, kind = int(match.image_index[i]), vqa.MATCH_TYPES[match.question_type[i]]
+    named = [(c, sh) for template in vqa.MATCH_TEMPLATES for c in names[:3] for sh in names[3:6]
+             if template.format(colour=c, shape=sh) == match.questions[i]]
+    assert len(named) == 1
+    (colour, shape), (own_colour, own_shape) = named[0], own[image]
+    assert match.answer(i) == ("yes" if kind == "same colour and shape" else "no")
+    assert (colour != own_colour, shape != own_shape) == {"same colour and shape": (False, False),
+                                                          "other colour": (True, False),
+                                                          "other shape": (False, True)}[kind]
+  again = s.match_questions()
+  assert again.questions == match.questions and (again.question_type == match.question_type).all()
+
+
+def test_match_questions_of_easy_vqa_are_not_answered_by_the_question_or_the_image_alone(easy_vqa_data):
+  """On easy-VQA's splits: every image has as many yes as no (the image alone is at chance), and the question's
+  majority answer on train scores near chance on test (the question alone is too); the missing tables are the
+  matching task's own (dataset easy_vqa_match), of its length."""
+  none = missing_lib.Missing(rate=0.0)
+  train, test = (vqa.load(name, easy_vqa_data, none, log=lambda _: None, questions="match")
+                 for name in ("train", "test"))
+  yes = train.answer_names.index("yes")
+  for split in (train, test):
+    asked = np.bincount(split.image_index) > 0
+    per_image = np.bincount(split.image_index, weights=split.labels == yes)[asked] / np.bincount(split.image_index)[asked]
+    assert np.all(per_image == 0.5)
+  majority = {q: np.mean(train.labels[np.asarray(train.questions) == q] == yes) >= 0.5 for q in set(train.questions)}
+  question_only = np.mean([majority[q] == (label == yes) for q, label in zip(test.questions, test.labels)])
+  assert 0.45 < question_only < 0.56, question_only
+  table = np.load(easy_vqa_data / "missing_tables" / missing_lib.generated_table_name("easy_vqa_match", "test", none))
+  assert len(table) == len(test)
+  with pytest.raises(ValueError, match="questions 'count': use one of"):
+    vqa.load("test", easy_vqa_data, none, questions="count")

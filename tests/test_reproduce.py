@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mora_jax.data import vqa
 from mora_jax.reproduce import cli, command, render, runs, tables, throughput
 from mora_jax.reproduce.tables import Cell, Measure, Source, Table, Training
 from mora_jax.train import config as config_lib
@@ -58,6 +59,10 @@ def test_the_mllm_table_is_the_mllm_recipes_in_their_own_folders():
     assert config.task == "mllm" and config.seed == 43 and config.backbone.path == "embedded"
     assert config.backbone.cache_dir == config.lm.cache_dir == "/somewhere/cache"
     runs.validate(config)
+  match = tables.TABLES["easy-vqa-match"]
+  assert match.columns == ["complete", "text missing", "image missing", *(f"{t} complete" for t in vqa.MATCH_TYPES)]
+  assert {(runs.config_of(t, 42, options).questions, t.rate) for t in match.trainings} == {("match", 0.0)}
+  assert not {t.name for t in match.trainings} & {t.name for t in table.trainings}
   linear = runs.config_of(Training("easy_vqa", "moka", overrides=(("projector", "linear"),), task="mllm"), 42, options)
   lambda0 = runs.config_of(Training("easy_vqa", "moka_lambda0", task="mllm"), 42, options)
   assert linear.projector == "linear" and lambda0.adapter.lam == 0.0

@@ -93,6 +93,7 @@ MLLM_BAD_CONFIGS = {
     "projector=mlp3": "config.projector='mlp3': use one of",
     "image_tokens=cls": "config.image_tokens='cls': use one of",
     "stage1.data=captionz": "config.stage1.data='captionz': use one of",
+    "questions=count": "config.questions='count': use one of",
 }
 
 

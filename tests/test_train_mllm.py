@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import pytest
 
+from mora_jax.data import missing as missing_lib
+from mora_jax.data import vqa
 from mora_jax.train import checkpoint, cli, config as config_lib, loop, writers
 from tests.helpers import ROOT, final_state, saved_test_results, tiny_lm, two_processes
 
@@ -101,6 +103,25 @@ def test_both_stages_checkpoints_eval_json_and_eval_py(straight):
   assert cli.eval_main(["--workdir", str(workdir)]) == 0
   again = json.loads((workdir / "eval-both-0.7.json").read_text())
   assert again["checkpoint_step"] == results["checkpoint_step"] and again["test"] == results["test"]
+
+
+def test_the_matching_task_trains_stage_2_on_its_questions_after_stage_1_on_easy_vqa(setup_dirs, capsys):
+  """config.questions="match": stage 1 aligns on easy-VQA's own train split as always, stage 2 trains and the
+  test scores on the matching task's questions, per its question types."""
+  workdir = setup_dirs[0] / "match"
+  loop.train(mllm_config(setup_dirs, questions="match", max_steps=1, **{"stage1.steps": 1,
+                                                                         "checkpoint.every_steps": 0}), workdir)
+  out = capsys.readouterr().out
+  data_dir = setup_dirs[1]
+  none = missing_lib.Missing(**mllm_config(setup_dirs).missing)
+  base, match = (vqa.load("train", data_dir, none, log=lambda _: None, questions=q) for q in ("easy_vqa", "match"))
+  assert "stage1: 8 train samples" in out and f"stage2: {len(match)} train samples" in out
+  assert len(match) != len(base)
+  results = json.loads((workdir / "eval.json").read_text())
+  assert results["questions"] == "match" and set(results["test"]) == {"complete", "text_missing", "image_missing",
+                                                                      "mix"}
+  for scenario in results["test"].values():
+    assert scenario["samples"] == 32 and set(scenario["per_question_type"]) <= set(vqa.MATCH_TYPES)
 
 
 def test_sigterm_in_stage_2_then_resume_equals_a_straight_run_bitwise(setup_dirs, straight):

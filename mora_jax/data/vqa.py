@@ -9,6 +9,7 @@ string; a missing image has no image tokens.
 """
 
 import dataclasses
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,15 @@ def prompt(question: str) -> str:
 
 # Stage 1's questions per image attribute (stage1.data="questions"): easy-VQA's most frequent training wordings.
 ATTRIBUTE_QUESTIONS = {"colour": "what color is the shape?", "shape": "what shape is in the image?"}
+
+# What a run is asked (config.questions): easy-VQA's own questions, or the matching task (`VQASplit.match_questions`),
+# whose yes/no questions name a colour and a shape together, so that neither the question nor the image alone
+# tells the answer: a late-fusion model cannot do better than chance, early fusion must read both.
+QUESTIONS = ("easy_vqa", "match")
+MATCH_TEMPLATES = ("is there a {colour} {shape} in the image?", "does the image contain a {colour} {shape}?")
+# The matching task's question types: yes (the image's own colour and shape), no with the colour changed, no with the
+# shape changed.
+MATCH_TYPES = ("same colour and shape", "other colour", "other shape")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +102,42 @@ class VQASplit:
         labels=np.array(labels, np.int64), question_type=np.array(question_type, np.int64),
         image_index=np.array(image_index, np.int64), table=np.zeros(len(samples), np.int8))
 
+  def match_questions(self) -> "VQASplit":
+    """The matching task: per image whose colour and shape the split's pairs both name, and per MATCH_TEMPLATES
+    wording, a question naming its own colour and shape (yes) and one naming the same with one attribute changed
+    (no): the colour or the shape, evenly, the new value drawn uniformly among the others. Every image has as many
+    yes as no; so has every question, up to how the split's colours and shapes are spread. Drawn from a generator
+    seeded by the split's name: every run of a split is asked the same questions. The table is all complete."""
+    colours = [a for a in self.answer_names if a not in easy_vqa.YES_NO and a not in easy_vqa.SHAPES]
+    rng = np.random.default_rng(zlib.crc32(self.name.encode()))
+    yes, no = self.answer_names.index("yes"), self.answer_names.index("no")
+    samples = []
+    for attribute in easy_vqa.image_attributes(self._records(), list(self.answer_names)):
+      colour, shape = attribute["colour"], attribute["shape"]
+      if colour is None or shape is None:
+        continue
+      for template in MATCH_TEMPLATES:
+        samples.append((template.format(colour=colour, shape=shape), yes, 0, int(attribute["id"])))
+        if rng.random() < 0.5:
+          other = rng.choice([c for c in colours if c != colour])
+          samples.append((template.format(colour=other, shape=shape), no, 1, int(attribute["id"])))
+        else:
+          other = rng.choice([s for s in easy_vqa.SHAPES if s != shape])
+          samples.append((template.format(colour=colour, shape=other), no, 2, int(attribute["id"])))
+    questions, labels, question_type, image_index = zip(*samples) if samples else ((), (), (), ())
+    return dataclasses.replace(
+        self, name=f"{self.name} match questions", questions=tuple(questions), labels=np.array(labels, np.int64),
+        question_type=np.array(question_type, np.int64), image_index=np.array(image_index, np.int64),
+        table=np.zeros(len(samples), np.int8), type_names=MATCH_TYPES)
 
-def load(split: str, data_dir: str | Path, missing: missing_lib.Missing, log=print) -> VQASplit:
-  """easy-VQA's `split` with its missing table (the same tables as the CLIP runs). Images are not decoded here."""
+
+def load(split: str, data_dir: str | Path, missing: missing_lib.Missing, log=print, questions: str = "easy_vqa"
+         ) -> VQASplit:
+  """easy-VQA's `split` asked `questions` (QUESTIONS), with its missing table: easy-VQA's own questions get the
+  same tables as the CLIP runs; the matching task's are tables of dataset "easy_vqa_match". Images are not decoded
+  here."""
+  if questions not in QUESTIONS:
+    raise ValueError(f"questions {questions!r}: use one of {QUESTIONS}.")
   builder = datasets.prepare("easy_vqa", data_dir, log=log)
   source = datasets.encoded_source(builder, split)
   records = source.__getitems__(range(len(source)))
@@ -103,13 +146,17 @@ def load(split: str, data_dir: str | Path, missing: missing_lib.Missing, log=pri
   image_ids = np.array([int(r["image_id"]) for r in records])
   distinct, first, image_index = np.unique(image_ids, return_index=True, return_inverse=True)
   del distinct
-  table = missing_lib.load_or_build(Path(data_dir) / "missing_tables", "easy_vqa", split, len(records), missing)
-  log(f"easy_vqa/{split}: missing {missing.type} {missing.rate}: {table.describe()}")
-  return VQASplit(name=f"easy_vqa/{split}", questions=tuple(r["text"].decode() for r in records),
-                  labels=np.array([int(r["label"]) for r in records]), answer_names=tuple(names),
-                  question_type=np.array([int(r["question_type"]) for r in records]),
-                  image_index=image_index.astype(np.int64), images=tuple(records[i]["image"] for i in first),
-                  table=table.codes, type_names=type_names, image_set=f"easy_vqa/{split}")
+  asked = VQASplit(name=f"easy_vqa/{split}", questions=tuple(r["text"].decode() for r in records),
+                   labels=np.array([int(r["label"]) for r in records]), answer_names=tuple(names),
+                   question_type=np.array([int(r["question_type"]) for r in records]),
+                   image_index=image_index.astype(np.int64), images=tuple(records[i]["image"] for i in first),
+                   table=np.zeros(len(records), np.int8), type_names=type_names, image_set=f"easy_vqa/{split}")
+  dataset = "easy_vqa"
+  if questions == "match":
+    asked, dataset = asked.match_questions(), "easy_vqa_match"
+  table = missing_lib.load_or_build(Path(data_dir) / "missing_tables", dataset, split, len(asked), missing)
+  log(f"{asked.name}: missing {missing.type} {missing.rate}: {table.describe()}")
+  return dataclasses.replace(asked, table=table.codes)
 
 
 def decode_images(split: VQASplit, prep: pipeline.Preprocessing) -> np.ndarray:

@@ -206,20 +206,21 @@ class Answering:
 
   def test(self, trained: dict, step: int, writer, record, train_seconds: float | None) -> tuple[dict, str]:
     c = self.config
-    test_split = vqa.load("test", c.data_dir, self.missing, log=say)
+    test_split = vqa.load("test", c.data_dir, self.missing, log=say, questions=c.questions)
     frozen = partition.rest(self.params, partition.MLLM[1:])
     trained = partition.combine(partition.select(self.params, partition.MLLM[1:]), trained)
     per_scenario = {kind: self.exact_match(trained, frozen, test_split.scenario(kind), c.eval.test_samples)
                     for kind in data.SCENARIOS}
     n = partition.count(self.params)
-    results = {"task": MLLM, "dataset": c.dataset, "method": method_name(c), "metric": METRIC,
-               "checkpoint_step": step, "best_validation": None if record is None else record.best_metric,
+    results = {"task": MLLM, "dataset": c.dataset, "questions": c.questions, "method": method_name(c),
+               "metric": METRIC, "checkpoint_step": step, "best_validation": None if record is None else record.best_metric,
                "missing": c.missing.to_dict(), "test": per_scenario,
                "parameters": {"frozen": n["backbone"], "adapter": n["adapter/decoder"], "projector": n["projector"]}}
     if train_seconds is not None:
       results["train_seconds"] = train_seconds
     writer.write(step, "test", {k: v[METRIC] for k, v in per_scenario.items()})
-    table = (f"test (easy-VQA MLLM, {results['method']}, checkpoint of step {step}; missing {c.missing.type} "
+    asked = "" if c.questions == "easy_vqa" else f", {c.questions} questions"
+    table = (f"test (easy-VQA MLLM{asked}, {results['method']}, checkpoint of step {step}; missing {c.missing.type} "
              f"{c.missing.rate}):\n" + evaluation.format_table(per_scenario, METRIC))
     return results, table
 
@@ -261,6 +262,8 @@ def check(config: ml_collections.ConfigDict):
     raise ValueError(f"config.projector={config.projector!r}: use one of {mllm_lib.PROJECTORS}.")
   if config.image_tokens not in mllm_lib.IMAGE_TOKENS:
     raise ValueError(f"config.image_tokens={config.image_tokens!r}: use one of {mllm_lib.IMAGE_TOKENS}.")
+  if config.questions not in vqa.QUESTIONS:
+    raise ValueError(f"config.questions={config.questions!r}: use one of {vqa.QUESTIONS}.")
   if config.stage1.data not in STAGE1_DATA:
     raise ValueError(f"config.stage1.data={config.stage1.data!r}: use one of {tuple(STAGE1_DATA)}.")
   return missing, method
@@ -276,10 +279,13 @@ def build(config: ml_collections.ConfigDict, workdir: Path | None) -> Answering:
   job_lib.check_embedded_cache(c.backbone, embedded, "backbone")
   job_lib.check_embedded_cache(c.lm, embedded_lm, "lm")
   # The splits before the models, whose first build pre-trains them (minutes): the batches are checked against them.
-  train, validation = (vqa.load(name, c.data_dir, missing, log=say) for name in ("train", "validation"))
-  splits = {"stage1": STAGE1_DATA[c.stage1.data](train), "stage2": train, "validation": validation}
+  # Stage 1 aligns on easy-VQA's own train split whatever stage 2 is asked (config.questions).
+  train, validation = (vqa.load(name, c.data_dir, missing, log=say, questions=c.questions)
+                       for name in ("train", "validation"))
+  aligned = train if c.questions == "easy_vqa" else vqa.load("train", c.data_dir, missing, log=say)
+  splits = {"stage1": STAGE1_DATA[c.stage1.data](aligned), "stage2": train, "validation": validation}
   job_lib.check_batch_size("stage1.batch_size", c.stage1.batch_size, len(splits["stage1"]), splits["stage1"].name)
-  job_lib.check_batch_size("batch_size", c.batch_size, len(train), "easy_vqa/train")
+  job_lib.check_batch_size("batch_size", c.batch_size, len(train), train.name)
   clip = backbone_lib.load(c.backbone, 77, c.data_dir, mesh=None, rules=sharding.REPLICATED_RULES, log=say)
   lm_dir = embedded_lm.ensure(c.lm.cache_dir, c.data_dir, c.lm.seed, log=say) if c.lm.path == embedded_lm.NAME \
       else hf.resolve(c.lm.path)

@@ -227,7 +227,7 @@ def _drop_failed_restore_reports() -> None:
 
 
 # Multimodal-LLM config keys added after its first runs, with the values that give what those runs computed.
-MLLM_BEFORE_KEYS = {"image_tokens": "patches", "stage1": {"data": "captions"}}
+MLLM_BEFORE_KEYS = {"image_tokens": "patches", "stage1": {"data": "captions"}, "questions": "easy_vqa"}
 
 
 def saved_config(meta: dict) -> dict:

@@ -153,6 +153,9 @@ def mllm(method: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "mllm"
   c.dataset = "easy_vqa"
+  # What stage 2 and the test ask: "easy_vqa" (the dataset's own questions) or "match" (yes/no questions naming a
+  # colour and a shape together, which need the question and the image together: mora_jax.data.vqa.QUESTIONS).
+  c.questions = "easy_vqa"
   c.data_dir = "data"
   c.missing = ml_collections.ConfigDict(dict(rate=0.7, type="both", seed=0))
   # missing_image: "none" (the sample has no image tokens) or "white" (the white image's tokens).
