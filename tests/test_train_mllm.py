@@ -3,14 +3,17 @@ embedded LM's tokenizer), through the training loop the CLIP runs use (`loop.tra
 eval.json, eval.py on the workdir, SIGTERM and resume, a damaged checkpoint, and two processes.
 
 One straight run in this process (module fixture) is the reference of the others; the runs in this process save
-every step (`checkpoint.every_steps=1`), so a finished one keeps stage-2 checkpoints 3 and 4.
+every step (`checkpoint.every_steps=1`), so a finished one keeps stage-2 checkpoints 3 and 4. They ask the matching
+task's questions (config.questions="match": stage 1 on easy-VQA's own, stage 2 and the test on the matching
+task's); tests/test_reproduce.py runs an MLLM on easy-VQA's own questions end to end.
 """
 
+import io
 import json
 import os
 import shutil
 import signal
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import jax
@@ -38,7 +41,7 @@ def overrides(data_dir, lm_dir, **extra) -> list[str]:
   values = {"data_dir": data_dir, "lm.path": lm_dir, "backbone.path": "", "backbone.random_preset": "tiny",
             "stage1.steps": STAGE1_STEPS, "stage1.batch_size": 8, "max_steps": MAX_STEPS, "checkpoint.every_steps": 1,
             "eval.validation_samples": 32, "eval.test_samples": 32, "eval.batch_size": 32, "batch_size": 8,
-            "log_every_steps": 1, **extra}
+            "log_every_steps": 1, "questions": "match", **extra}
   return [f"--config.{k}={v}" for k, v in values.items()]
 
 
@@ -76,18 +79,24 @@ def sigterm_fails_the_test():
 
 @pytest.fixture(scope="module")
 def straight(setup_dirs):
-  """(workdir, the steps the step_hook saw) of 2 stage-1 and 4 stage-2 steps without interruption, 8 devices."""
-  workdir, calls = setup_dirs[0] / "straight", []
-  loop.train(mllm_config(setup_dirs), workdir, step_hook=calls.append)
-  return workdir, calls
+  """(workdir, the steps the step_hook saw, its output) of 2 stage-1 and 4 stage-2 steps without interruption, 8
+  devices."""
+  workdir, calls, out = setup_dirs[0] / "straight", [], io.StringIO()
+  with redirect_stdout(out):
+    loop.train(mllm_config(setup_dirs), workdir, step_hook=calls.append)
+  return workdir, calls, out.getvalue()
 
 
-def test_both_stages_checkpoints_eval_json_and_eval_py(straight):
+def test_both_stages_checkpoints_eval_json_and_eval_py(setup_dirs, straight):
   """The straight run: step_hook after every optimizer step of both stages (each counting from 1), stage 1 in
   <workdir>/stage1 and stage 2 in <workdir>/checkpoints, one metrics.jsonl line per step and the validation of the
   stop mid-epoch saved without validation (as every task's loop does: validation comes at epochs' ends), eval.json
-  of that checkpoint per missing scenario; eval.py on the workdir re-tests the same."""
-  workdir, calls = straight
+  of that checkpoint per missing scenario; eval.py on the workdir re-tests the same. Stage 1 trained on easy-VQA's
+  own questions, stage 2 and the test on the matching task's."""
+  workdir, calls, out = straight
+  match = vqa.load("train", setup_dirs[1], missing_lib.Missing(rate=0.0), log=lambda _: None, questions="match")
+  assert f"stage2: {len(match)} train samples" in out, out
+  assert "easy_vqa/train: missing" in out and "easy_vqa/train match questions: missing" in out, out  # stage 1's, 2's
   assert calls == [1, 2, 1, 2, 3, 4]
   assert saved_steps(workdir / "stage1")[-1] == STAGE1_STEPS and saved_steps(workdir / "checkpoints") == [3, 4]
   assert steps_of(workdir, "stage1/train") == [1, 2] and steps_of(workdir, "stage2/train") == [1, 2, 3, 4]
@@ -95,40 +104,22 @@ def test_both_stages_checkpoints_eval_json_and_eval_py(straight):
   assert not [r for r in writers.read_metrics(workdir) if r["kind"] == "stage2/val"]
   results = json.loads((workdir / "eval.json").read_text())
   assert results["task"] == "mllm" and results["method"] == "moka" and results["checkpoint_step"] == MAX_STEPS
+  assert results["questions"] == "match"
   assert results["best_validation"] is None
   assert set(results["test"]) == {"complete", "text_missing", "image_missing", "mix"}
   for scenario in results["test"].values():
     assert scenario["samples"] == 32 and 0.0 <= scenario["exact_match"] <= 1.0
-    assert set(scenario["per_question_type"]) <= {"yes/no", "color", "shape"}
+    assert set(scenario["per_question_type"]) <= set(vqa.MATCH_TYPES)
   assert cli.eval_main(["--workdir", str(workdir)]) == 0
   again = json.loads((workdir / "eval-both-0.7.json").read_text())
   assert again["checkpoint_step"] == results["checkpoint_step"] and again["test"] == results["test"]
-
-
-def test_the_matching_task_trains_stage_2_on_its_questions_after_stage_1_on_easy_vqa(setup_dirs, capsys):
-  """config.questions="match": stage 1 aligns on easy-VQA's own train split as always, stage 2 trains and the
-  test scores on the matching task's questions, per its question types."""
-  workdir = setup_dirs[0] / "match"
-  loop.train(mllm_config(setup_dirs, questions="match", max_steps=1, **{"stage1.steps": 1,
-                                                                         "checkpoint.every_steps": 0}), workdir)
-  out = capsys.readouterr().out
-  data_dir = setup_dirs[1]
-  none = missing_lib.Missing(**mllm_config(setup_dirs).missing)
-  base, match = (vqa.load("train", data_dir, none, log=lambda _: None, questions=q) for q in ("easy_vqa", "match"))
-  assert "stage1: 8 train samples" in out and f"stage2: {len(match)} train samples" in out
-  assert len(match) != len(base)
-  results = json.loads((workdir / "eval.json").read_text())
-  assert results["questions"] == "match" and set(results["test"]) == {"complete", "text_missing", "image_missing",
-                                                                      "mix"}
-  for scenario in results["test"].values():
-    assert scenario["samples"] == 32 and set(scenario["per_question_type"]) <= set(vqa.MATCH_TYPES)
 
 
 def test_sigterm_in_stage_2_then_resume_equals_a_straight_run_bitwise(setup_dirs, straight):
   """SIGTERM after stage-2 step 2 saves that step and raises loop.Preempted; running again (with another max_steps:
   it may change between runs) skips the finished stage 1, trains stage-2 steps 3 and 4, and ends with the straight
   run's losses of both stages, its final checkpoint bit for bit, and its test results."""
-  reference, _ = straight
+  reference, _, _ = straight
   workdir, calls = setup_dirs[0] / "preempted", []
 
   def hook(step):
@@ -164,7 +155,7 @@ def test_a_damaged_latest_stage_2_checkpoint_is_moved_aside_and_the_previous_one
   """A copy of the straight run without eval.json, its stage-2 checkpoint 4 truncated: running again warns once,
   moves it to checkpoints/damaged/4, resumes from step 3, trains step 4 again (the straight run's loss, bit for
   bit), and ends with the straight run's final state and test results."""
-  reference, _ = straight
+  reference, _, _ = straight
   workdir = setup_dirs[0] / "damaged"
   shutil.copytree(reference, workdir)
   (workdir / "eval.json").unlink()
@@ -195,7 +186,7 @@ def test_two_processes_give_the_one_process_losses(setup_dirs, straight):
   devices in this process: data parallelism changes only the order of the sums, to 1e-6 here, and a 1 x 4
   subprocess as reference would cost a cold start); both stages save their last step; the test covers all 32
   samples of each scenario, not one process's share."""
-  reference, _ = straight
+  reference, _, _ = straight
   _, data_dir, lm_dir = setup_dirs
   workdir = setup_dirs[0] / "two_processes"
   flags = overrides(data_dir, lm_dir, **{"checkpoint.every_steps": 0})  # only the stages' last steps: quicker
