@@ -76,9 +76,11 @@ def test_mora_init_bench_runs():
   assert all(float(row[4]) > 0 and 0 < float(row[7]) <= 1 for row in rows), out
 
 
-def test_easyvqa_priors_bench_runs(easy_vqa_data):
-  out = subprocess.run([sys.executable, "bench/easyvqa_priors.py", "--data_dir", str(easy_vqa_data)], cwd=ROOT,
-                       env=ENV, capture_output=True, text=True, check=True).stdout
+def test_easyvqa_priors_bench_runs(easy_vqa_data, monkeypatch, capsys):
+  """In process: it computes on the host only (TFDS and scikit-learn), no device."""
+  monkeypatch.setattr(sys, "argv", ["easyvqa_priors.py", "--data_dir", str(easy_vqa_data)])
+  _bench_module("easyvqa_priors").main()
+  out = capsys.readouterr().out
   lines = out.splitlines()  # after TFDS's own preparation messages
   for start in ("question types in test: ", "majority answer (from train): ", "question words alone ",
                 "matching task, the question alone ", "matching task, the image alone "):
