@@ -298,8 +298,6 @@ MATCH = (("questions", "match"), ("epochs", "3"))
 MATCH_RUNS = {"MokA": ("moka", MATCH), "LoRA": ("lora", MATCH), "MokA, lambda 0": ("moka_lambda0", MATCH),
               **{f"{row}, 6 epochs": (method, (MATCH[0], ("epochs", "6")))
                  for row, method in (("MokA", "moka"), ("LoRA", "lora"), ("MokA, lambda 0", "moka_lambda0"))}}
-
-
 MATCH_SCENARIOS = {k: v for k, v in EASY_VQA_SCENARIOS.items() if k != "mix"}  # trained complete: mix = complete
 
 

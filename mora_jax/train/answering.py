@@ -213,7 +213,8 @@ class Answering:
                     for kind in data.SCENARIOS}
     n = partition.count(self.params)
     results = {"task": MLLM, "dataset": c.dataset, "questions": c.questions, "method": method_name(c),
-               "metric": METRIC, "checkpoint_step": step, "best_validation": None if record is None else record.best_metric,
+               "metric": METRIC, "checkpoint_step": step,
+               "best_validation": None if record is None else record.best_metric,
                "missing": c.missing.to_dict(), "test": per_scenario,
                "parameters": {"frozen": n["backbone"], "adapter": n["adapter/decoder"], "projector": n["projector"]}}
     if train_seconds is not None:
