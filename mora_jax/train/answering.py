@@ -37,7 +37,7 @@ from mora_jax.train import config as config_lib
 from mora_jax.train import evaluation
 from mora_jax.train import job as job_lib
 from mora_jax.train import step as step_lib
-from mora_jax.train.job import CONFIG_FILE, check_writable
+from mora_jax.train.job import check_writable
 from mora_jax.train.tasks import MLLM, Stage, epoch_steps
 from mora_jax.train.writers import MetricWriter
 
@@ -313,7 +313,7 @@ def evaluate_run(workdir: str | Path, checkpoint: str | Path | None = None, miss
   per missing scenario."""
   workdir = Path(workdir) if workdir else Path(checkpoint).parent.parent
   # As saved, with the keys added since filled in as the run computed them (checkpoint_lib.saved_config).
-  saved = checkpoint_lib.saved_config({"config": json.loads((workdir / CONFIG_FILE).read_text())})
+  saved = checkpoint_lib.saved_config({"config": job_lib.read_config_file(workdir)})
   c = config_lib.from_json(json.dumps(saved))
   config_lib.apply_overrides(c, list(config_overrides))
   with c.unlocked():
