@@ -302,9 +302,8 @@ MATCH_SCENARIOS = {k: v for k, v in EASY_VQA_SCENARIOS.items() if k != "mix"}  #
 
 
 def mllm_match() -> Table:
-  return Table("easy-vqa-match", "easy-VQA's images asked matching questions (\"is there a red circle in the "
-               "image?\": yes for the image's own colour and shape, no with one changed), the MLLM of the "
-               "easy-vqa-mllm table; exact match (%) per test scenario and question type",
+  return Table("easy-vqa-match", "The easy-VQA MLLM on matching questions (\"is there a red circle in the image?\"): "
+               "exact match (%) per test scenario and question type",
                _mllm_cells(MATCH_RUNS, vqa.MATCH_TYPES, rate=0.0, scenarios=MATCH_SCENARIOS), seeds=(42, 43, 44),
                plot_columns=tuple(MATCH_SCENARIOS.values()),
                note="Trained on complete samples. Reference points (bench/easyvqa_priors.py): the question alone "
